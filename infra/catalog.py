@@ -149,3 +149,56 @@ def load_catalog(data_dir: Path = DATA_DIR) -> Catalog:
 @cache
 def default_catalog() -> Catalog:
     return load_catalog()
+
+
+def arch_from_hf_config(config: dict[str, Any], *, source: str, hf_repo: str | None = None) -> ModelArch:
+    """Build a ModelArch from a Hugging Face ``config.json`` mapping.
+
+    An explicit ``head_dim`` wins over hidden_size / num_attention_heads: models such as
+    Mistral-Nemo and Qwen3 set it to something else, and vLLM sizes the KV cache from it.
+    ``params`` is not in config.json; it is computed from the architecture (dense and MoE
+    decoder layouts), which the catalog tests check against published counts.
+    """
+    text_config = config.get("text_config", config)
+    try:
+        hidden = int(text_config["hidden_size"])
+        heads = int(text_config["num_attention_heads"])
+        layers = int(text_config["num_hidden_layers"])
+        vocab = int(text_config["vocab_size"])
+        intermediate = int(text_config["intermediate_size"])
+    except KeyError as missing:
+        raise ValueError(f"config.json has no {missing.args[0]!r}") from None
+    kv_heads = int(text_config.get("num_key_value_heads") or heads)
+    head_dim = int(text_config.get("head_dim") or hidden // heads)
+    experts = text_config.get("num_local_experts") or text_config.get("num_experts")
+    tied = bool(text_config.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    attention = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
+    if text_config.get("attention_bias") or text_config.get("model_type") == "qwen2":
+        attention += heads * head_dim + 2 * kv_heads * head_dim
+    mlp = 3 * hidden * intermediate
+    per_layer = attention + mlp * (int(experts) if experts else 1) + 2 * hidden
+    if experts:
+        per_layer += hidden * int(experts)  # router
+    embeddings = vocab * hidden * (1 if tied else 2)
+    params = layers * per_layer + embeddings + hidden
+    archs = config.get("architectures") or ["unknown"]
+    return ModelArch(
+        hf_repo=hf_repo or str(config.get("_name_or_path") or "local"),
+        architecture=str(archs[0]),
+        params=params,
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=int(text_config.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=tied,
+        num_experts=int(experts) if experts else None,
+        num_experts_per_tok=text_config.get("num_experts_per_tok") if experts else None,
+        torch_dtype=str(text_config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
+        params_source="computed from config.json by infra.catalog.arch_from_hf_config",
+        source=source,
+        read=dt.date.today(),
+    )
