@@ -11,6 +11,8 @@ PACKAGES=(
   systemd-container # systemd-nspawn
   haproxy           # local load balancer for the key-rotation test
   iproute2          # veth pairs for the two-node test
+  prometheus-alertmanager  # amtool check-config on the rendered alertmanager.yml
+  prometheus-node-exporter # a real node_exporter for the monitoring contract test
 )
 
 missing=()
