@@ -1,0 +1,342 @@
+"""Typed stack configuration.
+
+A stack file ``stacks/Pulumi.<stack>.yaml`` holds ``config:`` keys in the project's
+namespace (``vllm-fleet:model``, ``vllm-fleet:serving`` …) plus provider keys such as
+``aws:region``. The same pydantic model reads them from the file directly (offline
+``plan``/``size``) or through ``pulumi.Config`` (a real ``pulumi up``), so both paths
+validate identically. Unknown keys are errors: a typo must never be silently ignored.
+Every error becomes one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from infra.catalog import ModelArch, arch_from_hf_config, default_catalog
+from infra.errors import FleetError
+
+PROJECT = "vllm-fleet"
+STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
+
+QuantizationName = Literal["fp16", "bf16", "fp8", "int8", "awq", "gptq"]
+Market = Literal["on-demand", "spot", "capacity-block"]
+WeightSourceName = Literal["huggingface", "s3", "ebs-initialized", "ebs-lazy", "local-nvme"]
+
+
+class Section(BaseModel):
+    """Stack-file sections: camelCase keys in YAML, snake_case in code, nothing unknown."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class ModelSection(Section):
+    """Which model: a catalog name, or a Hugging Face repo plus its architecture."""
+
+    catalog: str | None = Field(default=None, description="a name from infra/data/models.yaml")
+    repo: str | None = Field(default=None, description="Hugging Face repo id, e.g. org/name")
+    revision: str = Field(
+        default="main", description="commit sha to pin; 'main' is allowed only for dev stacks"
+    )
+    config_json: str | None = Field(default=None, description="path to the model's config.json")
+    architecture: dict[str, Any] | None = Field(default=None, description="config.json inline")
+    served_name: str | None = Field(default=None, description="--served-model-name; default: repo id")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSection:
+        given = [k for k in ("catalog", "config_json", "architecture") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of catalog, configJson or architecture "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        if self.catalog is None and self.repo is None:
+            raise ValueError("repo is required with configJson or architecture")
+        return self
+
+
+class ServingSection(Section):
+    quantization: QuantizationName
+    max_model_len: int = Field(ge=256, le=1_048_576)
+    concurrency: int = Field(
+        ge=1, le=4096, description="sequences each replica holds at full context (--max-num-seqs)"
+    )
+    port: int = Field(default=8000, ge=1024, le=65535)
+    weights_source: WeightSourceName = "huggingface"
+    extra_args: list[str] = Field(default_factory=list, description="more vllm serve flags, validated")
+    shutdown_timeout_s: int = Field(default=120, ge=5, le=3600)
+
+
+class CapacitySection(Section):
+    min_replicas: int = Field(default=1, ge=0, le=64)
+    max_replicas: int = Field(default=1, ge=1, le=64)
+    instance_types: list[str] = Field(
+        default_factory=list,
+        description="allowed instance types or families (e.g. p5, g6e.12xlarge); empty: all",
+    )
+    market: Market = "on-demand"
+    on_demand_base: int = Field(default=1, ge=0, description="replicas always on demand (spot market)")
+    capacity_reservation_id: str | None = Field(default=None, pattern=r"^cr-[0-9a-f]{8,17}$")
+    max_nodes_per_replica: int = Field(default=4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> CapacitySection:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas {self.min_replicas} exceeds maxReplicas {self.max_replicas}"
+            )
+        if self.market == "capacity-block" and not self.capacity_reservation_id:
+            raise ValueError("market capacity-block needs capacityReservationId")
+        return self
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR block like 10.0.0.0/16") from None
+    return value
+
+
+class NetworkSection(Section):
+    mode: Literal["new", "existing"] = "new"
+    vpc_cidr: str = "10.42.0.0/16"
+    availability_zones: int = Field(default=2, ge=2, le=6)
+    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
+    private_subnet_ids: list[str] = Field(default_factory=list)
+    public_subnet_ids: list[str] = Field(default_factory=list)
+    egress: Literal["nat", "endpoints-only"] = "nat"
+
+    _cidr = field_validator("vpc_cidr")(_check_cidr)
+
+    @model_validator(mode="after")
+    def _existing_needs_ids(self) -> NetworkSection:
+        if self.mode == "existing" and (not self.vpc_id or len(self.private_subnet_ids) < 2):
+            raise ValueError("mode existing needs vpcId and at least 2 privateSubnetIds")
+        return self
+
+
+class EndpointSection(Section):
+    type: Literal["alb", "nlb"] = "alb"
+    internal: bool = True
+    allowed_cidrs: list[str] = Field(default_factory=lambda: ["10.0.0.0/8"])
+    certificate_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:acm:")
+    idle_timeout_s: int = Field(default=600, ge=60, le=4000)
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        return [_check_cidr(v) for v in values]
+
+
+class MonitoringSection(Section):
+    mode: Literal["self-hosted", "managed", "shared", "none"] = "self-hosted"
+    allowed_cidrs: list[str] = Field(default_factory=list)
+    ttft_p95_slo_s: float = Field(default=1.0, gt=0)
+    sns_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:")
+    webhook_url: str | None = Field(default=None, pattern=r"^https://")
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        return [_check_cidr(v) for v in values]
+
+
+class ImageSection(Section):
+    ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
+    ssm_parameter: str | None = Field(default=None, pattern=r"^/")
+
+
+class ScalingSection(Section):
+    metric: Literal["waiting-requests", "kv-cache-usage"] = "waiting-requests"
+    target: float | None = Field(default=None, gt=0, description="default derived from the plan")
+    night_floor: int | None = Field(default=None, ge=0)
+
+
+class StackConfig(Section):
+    """All of a stack's ``vllm-fleet:*`` keys, plus the provider region."""
+
+    stack: str
+    region: str = Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+    model: ModelSection
+    serving: ServingSection
+    capacity: CapacitySection = CapacitySection()
+    network: NetworkSection = NetworkSection()
+    endpoint: EndpointSection = EndpointSection()
+    monitoring: MonitoringSection = MonitoringSection()
+    image: ImageSection = ImageSection()
+    scaling: ScalingSection = ScalingSection()
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("stack")
+    @classmethod
+    def _stack_name(cls, value: str) -> str:
+        if not value.replace("-", "").isalnum() or not value[:1].isalpha():
+            raise ValueError(f"{value!r} must be letters, digits and dashes")
+        return value
+
+
+# Config keys a stack file may carry besides ours: provider settings that Pulumi itself reads.
+FOREIGN_NAMESPACES = ("aws:", "pulumi:", "random:")
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic error location into the key as written in the stack file."""
+    head, *rest = [str(p) for p in loc]
+    if head == "region":
+        return "aws:region"
+    key = f"{PROJECT}:{head}"
+    for part in rest:
+        key += f"[{part}]" if part.isdigit() else f".{part}"
+    return key
+
+
+def _lookup(raw: dict[str, Any], loc: tuple[int | str, ...]) -> Any:
+    node: Any = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{_key_path(loc)}: unknown key (check its spelling; see stacks/README.md for keys)"
+    if first["type"] == "missing":
+        return f"{_key_path(loc)}: required key is missing"
+    value = _lookup(raw, loc)
+    shown = f" = {json.dumps(value)}" if value is not None and not isinstance(value, dict) else ""
+    return f"{_key_path(loc)}{shown}: {message}"
+
+
+def parse_stack_config(stack: str, values: dict[str, Any]) -> StackConfig:
+    """Validate a stack's config mapping (keys as in the file: ``vllm-fleet:model``…)."""
+    ours: dict[str, Any] = {"stack": stack}
+    for key, value in values.items():
+        if key == "aws:region":
+            ours["region"] = value
+        elif key.startswith(f"{PROJECT}:"):
+            ours[key.split(":", 1)[1]] = value
+        elif not key.startswith(FOREIGN_NAMESPACES):
+            raise FleetError(
+                f"{key}: unknown config key (allowed: {PROJECT}:<section>, aws:*, pulumi:*)"
+            )
+    if "region" not in ours:
+        raise FleetError("aws:region: required key is missing (e.g. us-east-1)")
+    try:
+        config = StackConfig.model_validate(ours)
+    except ValidationError as err:
+        raise FleetError(_one_line(err, ours)) from None
+    validate_against_catalog(config)
+    return config
+
+
+def validate_against_catalog(config: StackConfig) -> None:
+    """Cross-checks that need the fact catalogs: names must exist there."""
+    catalog = default_catalog()
+    if config.model.catalog is not None and config.model.catalog not in catalog.models:
+        raise FleetError(
+            f"{PROJECT}:model.catalog = {json.dumps(config.model.catalog)}: not in the model catalog "
+            f"(allowed: {', '.join(sorted(catalog.models))}; or give repo + configJson)"
+        )
+    known = set(catalog.instances) | {it.family for it in catalog.instances.values()}
+    for i, name in enumerate(config.capacity.instance_types):
+        if name not in known:
+            raise FleetError(
+                f"{PROJECT}:capacity.instanceTypes[{i}] = {json.dumps(name)}: unknown instance type "
+                f"or family (allowed: {', '.join(sorted(known))})"
+            )
+
+
+def stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> Path:
+    return stacks_dir / f"Pulumi.{stack}.yaml"
+
+
+def load_stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> StackConfig:
+    """Read ``stacks/Pulumi.<stack>.yaml`` without the Pulumi engine."""
+    path = stack_file(stack, stacks_dir)
+    if not path.is_file():
+        available = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+        raise FleetError(f"stack {stack!r}: no file {path} (stacks here: {', '.join(available)})")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise FleetError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise FleetError(f"{path}: expected a mapping with a 'config:' section")
+    unknown_top = set(doc) - {"config", "environment", "secretsprovider", "encryptedkey", "encryptionsalt"}
+    if unknown_top:
+        raise FleetError(f"{path}: unknown top-level key {sorted(unknown_top)[0]!r} (allowed: config)")
+    return parse_stack_config(stack, doc["config"])
+
+
+def load_from_pulumi() -> StackConfig:
+    """Read the same keys through ``pulumi.Config`` during a real ``pulumi up``."""
+    import pulumi  # imported here: config parsing must not need Pulumi when no engine runs
+
+    from pulumi.runtime import config as runtime_config
+
+    values: dict[str, Any] = {}
+    for key, raw in runtime_config.get_config_env().items():
+        try:
+            values[key] = json.loads(raw)
+        except (TypeError, json.JSONDecodeError):
+            values[key] = raw
+    aws_region = pulumi.Config("aws").get("region")
+    if aws_region:
+        values["aws:region"] = aws_region
+    return parse_stack_config(pulumi.get_stack(), values)
+
+
+def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[str, ModelArch]:
+    """The model's display name and architecture, from the catalog or its config.json."""
+    section = config.model
+    catalog = default_catalog()
+    if section.catalog is not None:
+        return section.catalog, catalog.models[section.catalog]
+    if section.architecture is not None:
+        doc, source = section.architecture, f"inline in {stack_file(config.stack, stacks_dir)}"
+    else:
+        assert section.config_json is not None
+        path = Path(section.config_json)
+        if not path.is_absolute():
+            path = stacks_dir.parent / path
+        doc, source = load_config_json(path, key=f"{PROJECT}:model.configJson"), str(path)
+    return str(section.repo), arch_from_config_doc(doc, source=source, repo=section.repo)
+
+
+def load_config_json(path: Path, *, key: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FleetError(f"{key} = {json.dumps(str(path))}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise FleetError(f"{key} = {json.dumps(str(path))}: not JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(doc, dict):
+        raise FleetError(f"{key} = {json.dumps(str(path))}: expected a JSON object")
+    return doc
+
+
+def arch_from_config_doc(doc: dict[str, Any], *, source: str, repo: str | None) -> ModelArch:
+    try:
+        return arch_from_hf_config(doc, source=source, hf_repo=repo)
+    except (ValueError, TypeError, ValidationError) as err:
+        detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+        raise FleetError(f"{PROJECT}:model ({source}): {detail}") from None

@@ -1,0 +1,455 @@
+"""The sizing planner: from model, quantization, context and concurrency to hardware and
+vLLM parallelism, by memory math over the fact catalogs. Pure functions, no Pulumi.
+
+For every allowed instance type it enumerates the layouts vLLM can run:
+  * one node: tensor parallel TP × pipeline parallel PP GPUs, TP × PP dividing the node's
+    GPU count, and as many replicas per node as fit (two TP=4 replicas on an 8-GPU node);
+  * several nodes: TP = the node's GPUs (TP stays inside a node, where NVLink is) and
+    PP = the number of nodes (PP crosses the network), on EFA-capable types only.
+Each layout is checked against vLLM's rules (attention heads divisible by TP, KV heads
+divisible by TP or TP by KV heads, quantization supported by the GPU's compute capability)
+and against the memory budget: per GPU,
+    weights + activation + non-torch + CUDA graphs + NCCL + KV(concurrency × max_model_len)
+        ≤ gpu_memory_utilization × GPU memory.
+The cheapest feasible layout per replica wins; ties go to fewer GPUs, then fewer nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from infra.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog, read_yaml
+from infra.errors import FleetError
+from infra.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
+
+GiB = 1024**3
+GB = 1000**3
+
+
+class Overheads(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    activation_bytes_per_token_per_hidden: int
+    cuda_graph_bytes_per_hidden: int
+    non_torch_bytes: int
+    nccl_bytes_per_gpu: int
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    kv_block_tokens: int
+    concurrency: int
+    root_volume_base_gib: int
+
+
+class Startup(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    instance_boot_s: float
+    import_vllm_s: float
+    engine_init_cold_s: float
+    engine_init_warm_s: float
+    timeout_safety_factor: float
+
+
+@dataclass(frozen=True)
+class ServingFacts:
+    overheads: Overheads
+    defaults: Defaults
+    startup: Startup
+
+
+@cache
+def serving_facts() -> ServingFacts:
+    doc = read_yaml(DATA_DIR / "serving_overheads.yaml")
+    return ServingFacts(
+        overheads=Overheads.model_validate(doc["overheads"]),
+        defaults=Defaults.model_validate(doc["defaults"]),
+        startup=Startup.model_validate(doc["startup"]),
+    )
+
+
+@dataclass(frozen=True)
+class SizingRequest:
+    model_name: str
+    arch: ModelArch
+    quantization: str
+    max_model_len: int
+    concurrency: int
+    instance_types: tuple[str, ...] = ()  # allowed types or families; empty: the whole catalog
+    max_nodes_per_replica: int = 4
+    weights_source: str = "huggingface"
+    prewarmed_image: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """One GPU's memory, term by term (bytes)."""
+
+    gpu_total: int
+    usable: int
+    weights: int
+    activation: int
+    non_torch: int
+    cuda_graphs: int
+    nccl: int
+    kv_cache: int
+
+    @property
+    def fixed(self) -> int:
+        return self.weights + self.activation + self.non_torch + self.cuda_graphs + self.nccl
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A way to run one replica of the model on one instance type."""
+
+    instance_type: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    nodes_per_replica: int
+    replicas_per_node: int
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    feasible: bool
+    reason: str  # why it is infeasible, or a one-line summary when feasible
+    memory: MemoryBudget | None = None
+    kv_cache_tokens: int = 0
+    hourly_usd_per_replica: float | None = None
+
+    @property
+    def sort_key(self) -> tuple[float, int, int, int, str]:
+        """Cheapest first; ties go to fewer GPUs, fewer nodes, then fewer pipeline stages
+        (TP within a node has lower latency than PP, which only helps divisibility)."""
+        cost = self.hourly_usd_per_replica if self.hourly_usd_per_replica is not None else math.inf
+        lay = self.layout
+        return (
+            round(cost, 6), lay.gpus_per_replica, lay.nodes_per_replica,
+            lay.pipeline_parallel_size, lay.instance_type,
+        )
+
+
+@dataclass(frozen=True)
+class TimeToReady:
+    instance_boot_s: float
+    weights_download_s: float
+    import_vllm_s: float
+    engine_init_s: float
+    weights_source: str
+
+    @property
+    def total_s(self) -> float:
+        return self.instance_boot_s + self.weights_download_s + self.import_vllm_s + self.engine_init_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: SizingRequest
+    chosen: Candidate
+    gpu_name: str
+    quantization: Quantization
+    weights_bytes: int
+    kv_cache_bytes_per_token: int
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    time_to_ready: TimeToReady
+    time_to_ready_by_source: dict[str, float]
+    alternatives: list[Candidate] = field(default_factory=list)  # best per other type, + rejects
+    fallbacks: list[Candidate] = field(default_factory=list)  # ladder for the ASG, chosen first
+
+    @property
+    def layout(self) -> Layout:
+        return self.chosen.layout
+
+    @property
+    def concurrent_full_context_seqs(self) -> int:
+        return self.chosen.kv_cache_tokens // self.request.max_model_len
+
+    @property
+    def startup_timeout_s(self) -> int:
+        """What systemd and the ASG wait for, derived from the modeled time-to-ready."""
+        factor = serving_facts().startup.timeout_safety_factor
+        return int(math.ceil(self.time_to_ready.total_s * factor / 60.0) * 60)
+
+    def summary(self) -> dict[str, Any]:
+        lay = self.layout
+        hourly = self.chosen.hourly_usd_per_replica
+        return {
+            "model": self.request.model_name,
+            "quantization": self.request.quantization,
+            "max_model_len": self.request.max_model_len,
+            "max_num_seqs": self.request.concurrency,
+            "instance_type": lay.instance_type,
+            "gpu": self.gpu_name,
+            "gpus_per_replica": lay.gpus_per_replica,
+            "tensor_parallel_size": lay.tensor_parallel_size,
+            "pipeline_parallel_size": lay.pipeline_parallel_size,
+            "nodes_per_replica": lay.nodes_per_replica,
+            "replicas_per_node": lay.replicas_per_node,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token,
+            "kv_cache_tokens": self.chosen.kv_cache_tokens,
+            "concurrent_full_context_seqs": self.concurrent_full_context_seqs,
+            "hourly_usd": round(hourly, 4) if hourly is not None else None,
+            "time_to_ready_s": round(self.time_to_ready.total_s),
+            "startup_timeout_s": self.startup_timeout_s,
+            "weights_source": self.time_to_ready.weights_source,
+            "time_to_ready_by_source_s": {k: round(v) for k, v in self.time_to_ready_by_source.items()},
+            "fallback_instance_types": [c.layout.instance_type for c in self.fallbacks],
+        }
+
+
+def allowed_instance_types(catalog: Catalog, allowed: tuple[str, ...]) -> list[str]:
+    """Expand families (``p5``) and exact types into catalog instance types, catalog order."""
+    if not allowed:
+        return list(catalog.instances)
+    wanted = set(allowed)
+    return [name for name, it in catalog.instances.items() if name in wanted or it.family in wanted]
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+    return [p for p in (1, 2, 4, 8, 16) if p <= n and n % p == 0]
+
+
+def tp_rule_violation(arch: ModelArch, tp: int) -> str | None:
+    """vLLM's divisibility rules for tensor parallelism (vllm/config/model.py)."""
+    if arch.num_attention_heads % tp:
+        return f"{arch.num_attention_heads} attention heads are not divisible by TP {tp}"
+    if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
+        return f"{arch.num_kv_heads} KV heads and TP {tp}: neither divides the other"
+    return None
+
+
+def enumerate_layouts(catalog: Catalog, instance_type: str, max_nodes: int) -> list[Layout]:
+    gpus = catalog.instances[instance_type].gpu_count
+    layouts: list[Layout] = []
+    for group in _powers_of_two_dividing(gpus):
+        for tp in _powers_of_two_dividing(group):
+            layouts.append(Layout(instance_type, tp, group // tp, 1, gpus // group))
+    for nodes in range(2, max_nodes + 1):
+        layouts.append(Layout(instance_type, gpus, nodes, nodes, 1))
+    return layouts
+
+
+def memory_budget(
+    req: SizingRequest, quant: Quantization, layout: Layout, gpu_memory_gib: float, utilization: float
+) -> tuple[MemoryBudget, int]:
+    """Per-GPU budget and the replica's KV-cache capacity in tokens (whole blocks)."""
+    facts = serving_facts()
+    over, defaults = facts.overheads, facts.defaults
+    arch = req.arch
+    total = int(gpu_memory_gib * GiB)
+    usable = int(total * utilization)
+    weights = math.ceil(weights_bytes(arch, quant) / layout.gpus_per_replica)
+    batched = defaults.max_num_batched_tokens
+    activation = batched * arch.hidden_size * over.activation_bytes_per_token_per_hidden
+    cuda_graphs = arch.hidden_size * over.cuda_graph_bytes_per_hidden
+    nccl = over.nccl_bytes_per_gpu if layout.gpus_per_replica > 1 else 0
+    fixed = weights + activation + over.non_torch_bytes + cuda_graphs + nccl
+    kv_bytes = max(0, usable - fixed)
+    per_token = kv_cache_bytes_per_token(
+        arch, layout.tensor_parallel_size, layout.pipeline_parallel_size, quant.kv_cache_dtype_bytes
+    )
+    block = defaults.kv_block_tokens
+    tokens = (kv_bytes // per_token) // block * block
+    budget = MemoryBudget(total, usable, weights, activation, over.non_torch_bytes, cuda_graphs, nccl, kv_bytes)
+    return budget, tokens
+
+
+def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
+    instance = catalog.instances[layout.instance_type]
+    gpu = catalog.gpus[instance.gpu]
+    quant = catalog.quantizations[req.quantization]
+    facts = serving_facts()
+    if gpu.compute_capability < quant.min_compute_capability:
+        return Candidate(
+            layout, False,
+            f"{req.quantization} needs compute capability {quant.min_compute_capability}; "
+            f"{gpu.name} has {gpu.compute_capability}",
+        )
+    violation = tp_rule_violation(req.arch, layout.tensor_parallel_size)
+    if violation:
+        return Candidate(layout, False, violation)
+    if layout.pipeline_parallel_size > req.arch.num_layers:
+        return Candidate(layout, False, f"PP {layout.pipeline_parallel_size} exceeds {req.arch.num_layers} layers")
+    if layout.nodes_per_replica > 1 and instance.efa_interfaces == 0:
+        return Candidate(layout, False, f"{layout.instance_type} has no EFA for multi-node replicas")
+    if instance.on_demand_usd_per_hour is None:
+        return Candidate(layout, False, f"{layout.instance_type} is not sold on demand (capacity blocks only)")
+    utilization = facts.defaults.gpu_memory_utilization
+    budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization)
+    hourly = instance.on_demand_usd_per_hour * layout.nodes_per_replica / layout.replicas_per_node
+    needed = req.concurrency * req.max_model_len
+    if budget.fixed >= budget.usable:
+        return Candidate(
+            layout, False,
+            f"weights and overheads need {budget.fixed / GiB:.1f} GiB per GPU; "
+            f"{utilization:.0%} of {gpu.name} is {budget.usable / GiB:.1f} GiB",
+            budget, 0, hourly,
+        )
+    if tokens < needed:
+        return Candidate(
+            layout, False,
+            f"KV cache holds {tokens:,} tokens; {req.concurrency} × {req.max_model_len:,} needs {needed:,}",
+            budget, tokens, hourly,
+        )
+    return Candidate(layout, True, f"fits with {tokens // req.max_model_len} full-context sequences", budget, tokens, hourly)
+
+
+def time_to_ready(req: SizingRequest, weights: int, source: str, catalog: Catalog) -> TimeToReady:
+    start = serving_facts().startup
+    throughput = catalog.weight_sources[source].throughput_mb_s * 1e6
+    # A staged image carries the weights on its root volume: reading them is the load.
+    download = weights / throughput
+    init = start.engine_init_warm_s if req.prewarmed_image else start.engine_init_cold_s
+    return TimeToReady(start.instance_boot_s, download, start.import_vllm_s, init, source)
+
+
+def plan_candidates(req: SizingRequest, catalog: Catalog) -> list[Candidate]:
+    candidates: list[Candidate] = []
+    for name in allowed_instance_types(catalog, req.instance_types):
+        for layout in enumerate_layouts(catalog, name, req.max_nodes_per_replica):
+            candidates.append(evaluate(req, layout, catalog))
+    return candidates
+
+
+def _validate_request(req: SizingRequest, catalog: Catalog) -> None:
+    if req.quantization not in catalog.quantizations:
+        raise FleetError(
+            f"quantization = {req.quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
+        )
+    if req.max_model_len > req.arch.max_position_embeddings:
+        raise FleetError(
+            f"max_model_len = {req.max_model_len}: exceeds {req.model_name}'s "
+            f"max_position_embeddings {req.arch.max_position_embeddings}"
+        )
+    if req.weights_source not in catalog.weight_sources:
+        raise FleetError(
+            f"weights_source = {req.weights_source!r}: not known (allowed: {', '.join(catalog.weight_sources)})"
+        )
+    if not allowed_instance_types(catalog, req.instance_types):
+        raise FleetError(f"instance_types = {list(req.instance_types)}: none is in the instance catalog")
+
+
+def make_plan(req: SizingRequest, catalog: Catalog | None = None) -> Plan:
+    """Choose the cheapest feasible layout, or raise FleetError saying why and what would fit."""
+    catalog = catalog or default_catalog()
+    _validate_request(req, catalog)
+    candidates = plan_candidates(req, catalog)
+    feasible = sorted((c for c in candidates if c.feasible), key=lambda c: c.sort_key)
+    if not feasible:
+        raise FleetError(explain_infeasible(req, candidates, catalog))
+    chosen = feasible[0]
+    quant = catalog.quantizations[req.quantization]
+    weights = weights_bytes(req.arch, quant)
+    best_per_type: dict[str, Candidate] = {}
+    for cand in feasible:
+        best_per_type.setdefault(cand.layout.instance_type, cand)
+    alternatives = [c for name, c in best_per_type.items() if name != chosen.layout.instance_type]
+    alternatives += [c for c in candidates if c.layout.instance_type not in best_per_type and not c.feasible]
+    # The ladder: other types that run a replica the same way (single node, same packing),
+    # each with its own vLLM settings, so the ASG can fall back when capacity is short.
+    fallbacks = [chosen] + [
+        c for c in best_per_type.values()
+        if c is not chosen
+        and c.layout.nodes_per_replica == chosen.layout.nodes_per_replica == 1
+        and c.layout.replicas_per_node == chosen.layout.replicas_per_node
+    ][:3]
+    ttr_by_source = {
+        source: time_to_ready(req, weights, source, catalog).total_s for source in catalog.weight_sources
+    }
+    return Plan(
+        request=req,
+        chosen=chosen,
+        gpu_name=catalog.gpu_of(chosen.layout.instance_type).name,
+        quantization=quant,
+        weights_bytes=weights,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(req.arch, dtype_bytes=quant.kv_cache_dtype_bytes),
+        gpu_memory_utilization=serving_facts().defaults.gpu_memory_utilization,
+        max_num_batched_tokens=serving_facts().defaults.max_num_batched_tokens,
+        time_to_ready=time_to_ready(req, weights, req.weights_source, catalog),
+        time_to_ready_by_source=ttr_by_source,
+        alternatives=alternatives,
+        fallbacks=fallbacks,
+    )
+
+
+def _node_gpu_bytes(catalog: Catalog, name: str) -> float:
+    it = catalog.instances[name]
+    return it.gpu_count * catalog.gpus[it.gpu].memory_gib * GiB
+
+
+def explain_infeasible(req: SizingRequest, candidates: list[Candidate], catalog: Catalog) -> str:
+    """One line: what the model needs, the most the allowed hardware offers, and what would fit."""
+    quant = catalog.quantizations[req.quantization]
+    weights = weights_bytes(req.arch, quant)
+    allowed = allowed_instance_types(catalog, req.instance_types)
+    biggest = max(allowed, key=lambda n: _node_gpu_bytes(catalog, n))
+    head = (
+        f"{req.model_name} {req.quantization} at {req.max_model_len:,} tokens × {req.concurrency} sequences "
+        f"needs {weights / GB:,.0f} GB of weights plus "
+        f"{kv_cache_bytes_per_token(req.arch, dtype_bytes=quant.kv_cache_dtype_bytes) * req.concurrency * req.max_model_len / GB:,.0f} GB of KV cache; "
+        f"largest node allowed ({biggest}) has {_node_gpu_bytes(catalog, biggest) / GB:,.0f} GB of GPU memory"
+    )
+    if not any(c.memory is not None for c in candidates):
+        reasons = sorted({c.reason for c in candidates})
+        head = f"{req.model_name} {req.quantization}: no allowed instance can run it ({'; '.join(reasons[:2])})"
+    suggestions: list[str] = []
+    others = [n for n in catalog.instances if n not in allowed]
+    if others:
+        widened = _cheapest_feasible(req, catalog, tuple(others))
+        if widened:
+            suggestions.append(f"allow {widened.layout.instance_type}" + _nodes_note(widened))
+    if req.max_nodes_per_replica < 8:
+        more_nodes = _cheapest_feasible(
+            SizingRequest(**{**req.__dict__, "max_nodes_per_replica": 8}), catalog, req.instance_types
+        )
+        if more_nodes and more_nodes.layout.nodes_per_replica > req.max_nodes_per_replica:
+            suggestions.append(f"use {more_nodes.layout.nodes_per_replica} nodes per replica")
+    for q in ("fp8", "int8", "awq"):
+        if q == req.quantization or catalog.quantizations[q].weight_bytes >= quant.weight_bytes:
+            continue
+        lighter = _cheapest_feasible(SizingRequest(**{**req.__dict__, "quantization": q}), catalog, req.instance_types)
+        if lighter:
+            suggestions.append(f"quantize to {q} ({lighter.layout.instance_type}{_nodes_note(lighter)})")
+            break
+    shorter = req.concurrency > 1 and _cheapest_feasible(
+        SizingRequest(**{**req.__dict__, "concurrency": 1}), catalog, req.instance_types
+    )
+    if shorter and not suggestions:
+        suggestions.append("lower concurrency or max_model_len (one sequence fits)")
+    tail = ": " + ", ".join(suggestions) if suggestions else ""
+    return head + tail
+
+
+def _nodes_note(c: Candidate) -> str:
+    return f" × {c.layout.nodes_per_replica} nodes" if c.layout.nodes_per_replica > 1 else ""
+
+
+def _cheapest_feasible(req: SizingRequest, catalog: Catalog, types: tuple[str, ...]) -> Candidate | None:
+    probe = SizingRequest(**{**req.__dict__, "instance_types": types})
+    feasible = [c for c in plan_candidates(probe, catalog) if c.feasible]
+    return min(feasible, key=lambda c: c.sort_key) if feasible else None
+
+
+def describe_kv_heads(arch: ModelArch, tp: int) -> str:
+    per_gpu = kv_heads_per_gpu(arch, tp)
+    replicated = " (replicated)" if tp > arch.num_kv_heads else ""
+    return f"{per_gpu} KV head{'s' if per_gpu > 1 else ''} per GPU{replicated}"
