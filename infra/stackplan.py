@@ -24,6 +24,14 @@ class StackPlan:
     serve_argv: list[str]
     argv_validation: str  # VALIDATED, or the loud reason validation was skipped
     artifacts: dict[str, str] = field(default_factory=dict)  # relative path → content
+    # cloud-init user-data per instance type of the fallback ladder (each type runs vLLM
+    # with its own parallelism), filled from infra/node/render.py.
+    user_data: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_key_secret_name(self) -> str:
+        """Deterministic, so user-data can name it without waiting for a Pulumi Output."""
+        return f"vllm-fleet/{self.config.stack}/api-key"
 
 
 def sizing_request(config: StackConfig) -> SizingRequest:
