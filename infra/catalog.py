@@ -38,6 +38,10 @@ class ModelArch(Cited):
     num_attention_heads: int = Field(gt=0)
     num_kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
+    head_dim_in_config: bool = Field(
+        default=False,
+        description="config.json states head_dim; otherwise head_dim = hidden_size / num_attention_heads",
+    )
     vocab_size: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
     tie_word_embeddings: bool = False
@@ -94,6 +98,17 @@ class InstanceType(Cited):
     quota_code: str = Field(pattern=r"^L-[0-9A-F]{8}$", description="Service Quotas on-demand vCPU code")
     spot_quota_code: str = Field(pattern=r"^L-[0-9A-F]{8}$")
     price_source: str | None = None
+    unverified_fields: list[str] = Field(
+        default_factory=list,
+        description="fields whose value no source read for this entry confirmed; re-check before relying on them",
+    )
+
+    @model_validator(mode="after")
+    def _unverified_names_fields(self) -> InstanceType:
+        unknown = sorted(set(self.unverified_fields) - set(type(self).model_fields))
+        if unknown:
+            raise ValueError(f"unverified_fields names unknown fields {unknown}")
+        return self
 
 
 class WeightSource(Cited):
@@ -192,6 +207,7 @@ def arch_from_hf_config(config: dict[str, Any], *, source: str, hf_repo: str | N
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
+        head_dim_in_config=bool(text_config.get("head_dim")),
         vocab_size=vocab,
         max_position_embeddings=int(text_config.get("max_position_embeddings", 4096)),
         tie_word_embeddings=tied,
