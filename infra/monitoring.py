@@ -228,13 +228,21 @@ def _validate(spec: MonitoringSpec) -> None:
     if spec.serving_tag is not None and (not spec.serving_tag[0] or not spec.serving_tag[1]):
         raise _fail("serving_tag", spec.serving_tag, "use (tag key, tag value), both non-empty, or None")
     if not (math.isfinite(spec.time_to_ready_s) and spec.time_to_ready_s > 0):
-        raise _fail("time_to_ready_s", spec.time_to_ready_s, "use the plan's seconds from launch to ready, > 0")
+        raise _fail(
+            "time_to_ready_s", spec.time_to_ready_s, "use the plan's seconds from launch to ready, > 0"
+        )
     if not (math.isfinite(spec.instance_hourly_usd) and spec.instance_hourly_usd > 0):
-        raise _fail("instance_hourly_usd", spec.instance_hourly_usd, "use the instance's USD price per hour, > 0")
+        raise _fail(
+            "instance_hourly_usd", spec.instance_hourly_usd, "use the instance's USD price per hour, > 0"
+        )
     if not spec.model_name or not spec.instance_type:
-        raise _fail("model_name/instance_type", (spec.model_name, spec.instance_type), "both must be non-empty")
+        raise _fail(
+            "model_name/instance_type", (spec.model_name, spec.instance_type), "both must be non-empty"
+        )
     if not _ASG_NAME.match(spec.autoscaling_group_name):
-        raise _fail("autoscaling_group_name", spec.autoscaling_group_name, "use the ASG's name, 1-255 characters")
+        raise _fail(
+            "autoscaling_group_name", spec.autoscaling_group_name, "use the ASG's name, 1-255 characters"
+        )
     ttft_bounds = default_metric_catalog().bucket_bounds("vllm:time_to_first_token_seconds")
     if spec.ttft_p95_slo_s not in ttft_bounds:
         raise _fail(
@@ -262,7 +270,11 @@ def _validate(spec: MonitoringSpec) -> None:
     if spec.sns_topic_arn is None and spec.webhook_url is None:
         raise _fail("receivers", None, "give sns_topic_arn, webhook_url or both, or alerts go nowhere")
     if spec.sns_topic_arn is not None and not _SNS_ARN.match(spec.sns_topic_arn):
-        raise _fail("sns_topic_arn", spec.sns_topic_arn, "use a standard SNS topic ARN arn:aws:sns:REGION:ACCOUNT:NAME")
+        raise _fail(
+            "sns_topic_arn",
+            spec.sns_topic_arn,
+            "use a standard SNS topic ARN arn:aws:sns:REGION:ACCOUNT:NAME",
+        )
     if spec.webhook_url is not None and not _WEBHOOK.match(spec.webhook_url):
         raise _fail("webhook_url", spec.webhook_url, "use an http:// or https:// URL")
 
@@ -276,7 +288,7 @@ def _yaml_str(value: object) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def _number(value: float | int) -> str:
+def _number(value: float) -> str:
     """PromQL/YAML number literal: ints stay ints, floats use Python's shortest repr."""
     if isinstance(value, bool):
         raise TypeError("a bool is not a number here")
@@ -387,7 +399,9 @@ def _cloudwatch_asg_target(ref_id: str, target: dict[str, Any], spec: Monitoring
     }
 
 
-def _panel(panel_id: int, panel: dict[str, Any], grid: dict[str, int], spec: MonitoringSpec) -> dict[str, Any]:
+def _panel(
+    panel_id: int, panel: dict[str, Any], grid: dict[str, int], spec: MonitoringSpec
+) -> dict[str, Any]:
     ref_ids = (chr(ord("A") + i) for i in range(26))
     if "cloudwatch_asg" in panel:
         targets = [_cloudwatch_asg_target(next(ref_ids), t, spec) for t in panel["cloudwatch_asg"]]
@@ -531,8 +545,12 @@ def rule_groups(rules_yaml: str) -> list[dict[str, Any]]:
 
 
 def recording_rule_names(rules_yaml: str) -> set[str]:
-    return {rule["record"] for group in rule_groups(rules_yaml) for rule in group["rules"] if "record" in rule}
+    return {
+        rule["record"] for group in rule_groups(rules_yaml) for rule in group["rules"] if "record" in rule
+    }
 
 
 def alert_rules(rules_yaml: str) -> dict[str, dict[str, Any]]:
-    return {rule["alert"]: rule for group in rule_groups(rules_yaml) for rule in group["rules"] if "alert" in rule}
+    return {
+        rule["alert"]: rule for group in rule_groups(rules_yaml) for rule in group["rules"] if "alert" in rule
+    }
