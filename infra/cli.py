@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from infra.catalog import default_catalog
-from infra.config import PROJECT, arch_from_config_doc, load_config_json, load_stack_file
+from infra.config import PROJECT, STACKS_DIR, arch_from_config_doc, load_config_json, load_stack_file
 from infra.errors import FleetError
 from infra.planner import GB, GiB, Candidate, Plan, SizingRequest, make_plan, serving_facts
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
@@ -93,9 +92,10 @@ def plan(
     stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="artifact directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
-    config = load_stack_file(stack)
+    config = load_stack_file(stack, stacks_dir)
     stack_plan = build_stack_plan(config)
     target = out_dir or Path("build") / stack
     written = write_artifacts(stack_plan, target)
@@ -229,11 +229,15 @@ def main() -> None:
     except FleetError as err:
         print(f"{PROJECT}: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print(f"{PROJECT}: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as err:
-        print(f"{PROJECT}: error: {err.format_message()}", file=sys.stderr)
+    except typer.exceptions.TyperException as err:
+        # Usage errors (unknown option, a value of the wrong type): one line, like ours.
+        param = getattr(err, "param_hint", None) or getattr(getattr(err, "param", None), "opts", None)
+        hint = f"{param if isinstance(param, str) else '/'.join(param)}: " if param else ""
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        print(f"{PROJECT}: error: {hint}{message}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
 
 

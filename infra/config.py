@@ -10,6 +10,7 @@ Every error becomes one line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 from pathlib import Path
@@ -211,12 +212,28 @@ def _lookup(raw: dict[str, Any], loc: tuple[int | str, ...]) -> Any:
     return node
 
 
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The camelCase keys allowed where an unknown key was found."""
+    model: Any = StackConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
 def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A typo'd key also makes the real key "missing": report the typo, it is the cause.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"{_key_path(loc)}: unknown key (check its spelling; see stacks/README.md for keys)"
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"{_key_path(loc)}: unknown key ({hint}allowed: {', '.join(allowed)})"
     if first["type"] == "missing":
         return f"{_key_path(loc)}: required key is missing"
     value = _lookup(raw, loc)
