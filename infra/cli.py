@@ -19,6 +19,7 @@ from infra.catalog import default_catalog
 from infra.config import PROJECT, STACKS_DIR, arch_from_config_doc, load_config_json, load_stack_file
 from infra.errors import FleetError
 from infra.planner import GB, GiB, Candidate, Plan, SizingRequest, make_plan, serving_facts
+from infra.ops.commands import register as register_ops_commands
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(
@@ -221,6 +222,9 @@ def _print_stack_extras(stack_plan: StackPlan) -> None:
         out.print("argv: accepted by vLLM's own parser (pinned version)")
     else:
         out.print(f"[bold red]WARNING: {validation}[/bold red]")
+
+
+register_ops_commands(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Operations on a deployed fleet: preflight, smoke test, key rotation (boto3, openai)."""
