@@ -72,6 +72,12 @@ class ServingSection(Section):
     )
     port: int = Field(default=8000, ge=1024, le=65535)
     weights_source: WeightSourceName = "huggingface"
+    weights_s3_uri: str | None = Field(
+        default=None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$",
+        description="s3://bucket/prefix/ with the weights (weightsSource s3); "
+        "default: s3://vllm-fleet-weights-<account>-<region>/<repo>/<revision>/",
+    )
     extra_args: list[str] = Field(default_factory=list, description="more vllm serve flags, validated")
     shutdown_timeout_s: int = Field(default=120, ge=5, le=3600)
 
