@@ -210,13 +210,19 @@ def _print_plan(plan: Plan) -> None:
 
 
 def _closest_reject(plan: Plan, instance_type: str) -> Candidate:
-    """The reject worth showing for a type: its largest layout (most memory)."""
+    """The reject worth showing for a type: the biggest single-node layout that was sized
+    (its memory reason is the informative one), else the first rule it broke."""
     rejects = [c for c in plan.alternatives if c.layout.instance_type == instance_type]
-    return max(rejects, key=lambda c: (c.layout.gpus_per_replica, -c.layout.pipeline_parallel_size))
+    return max(rejects, key=lambda c: (
+        c.memory is not None, c.layout.nodes_per_replica == 1, c.layout.gpus_per_replica,
+        -c.layout.pipeline_parallel_size,
+    ))
 
 
 def _print_stack_extras(stack_plan: StackPlan) -> None:
     out.print("\n[bold]vllm serve[/bold] " + " ".join(stack_plan.serve_argv[2:]))
+    for warning in stack_plan.warnings:
+        out.print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
     validation = stack_plan.argv_validation
     if validation == "validated":
         out.print("argv: accepted by vLLM's own parser (pinned version)")

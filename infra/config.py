@@ -156,6 +156,12 @@ class MonitoringSection(Section):
     def _cidrs(cls, values: list[str]) -> list[str]:
         return [_check_cidr(v) for v in values]
 
+    @model_validator(mode="after")
+    def _alerts_go_somewhere(self) -> MonitoringSection:
+        if self.mode != "none" and not (self.sns_topic_arn or self.webhook_url):
+            raise ValueError("alerts need a receiver: give snsTopicArn, webhookUrl or both (or mode: none)")
+        return self
+
 
 class ImageSection(Section):
     ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
@@ -178,7 +184,7 @@ class StackConfig(Section):
     capacity: CapacitySection = CapacitySection()
     network: NetworkSection = NetworkSection()
     endpoint: EndpointSection = EndpointSection()
-    monitoring: MonitoringSection = MonitoringSection()
+    monitoring: MonitoringSection = MonitoringSection(mode="none")
     image: ImageSection = ImageSection()
     scaling: ScalingSection = ScalingSection()
     tags: dict[str, str] = Field(default_factory=dict)

@@ -7,14 +7,23 @@ and ``vllm-fleet plan`` both start from ``build_stack_plan`` so they can never d
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.catalog import default_catalog
 from infra.config import StackConfig, resolve_model
-from infra.node.serve_args import build_serve_argv
+from infra.monitoring import MonitoringSpec, render_monitoring
+from infra.node.from_plan import node_spec
+from infra.node.render import render_node, render_user_data
+from infra.node.serve_args import build_serve_argv, served_model_name
+from infra.node.spec import NodeSpec
 from infra.planner import Plan, SizingRequest, make_plan
 
 VALIDATED = "validated"
+# The tag that marks a fleet's GPU nodes: Prometheus discovers them by it, and the ASG
+# propagates it at launch (infra/components/fleet.py).
+STACK_TAG_KEY = "vllm-fleet:stack"
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,23 @@ class StackPlan:
     # cloud-init user-data per instance type of the fallback ladder (each type runs vLLM
     # with its own parallelism), filled from infra/node/render.py.
     user_data: dict[str, str] = field(default_factory=dict)
+    node_specs: dict[str, NodeSpec] = field(default_factory=dict)  # instance type → spec
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things a reviewer should see that are allowed but risky."""
+        found = []
+        revision = self.config.model.revision
+        if not re.fullmatch(r"[0-9a-f]{40}", revision) and not self.config.stack.startswith("dev"):
+            found.append(
+                f"vllm-fleet:model.revision = {revision!r} is not a commit sha: nodes booted on "
+                "different days may load different weights; pin the repo's commit"
+            )
+        return found
+
+    @property
+    def autoscaling_group_name(self) -> str:
+        return f"vllm-fleet-{self.config.stack}"
 
     @property
     def api_key_secret_name(self) -> str:
@@ -68,8 +94,34 @@ def build_stack_plan(config: StackConfig, *, validate: bool = True) -> StackPlan
         if validation == VALIDATED:
             validate_argv(build_serve_argv(config, plan, fallback))
     stack_plan = StackPlan(config, plan, argv, validation)
+    for rung in plan.fallbacks:
+        spec = node_spec(config, plan, rung, api_key_secret_id=stack_plan.api_key_secret_name)
+        stack_plan.node_specs[rung.layout.instance_type] = spec
+        stack_plan.user_data[rung.layout.instance_type] = render_user_data(spec)
     stack_plan.artifacts.update(render_artifacts(stack_plan))
     return stack_plan
+
+
+def monitoring_spec(stack_plan: StackPlan) -> MonitoringSpec:
+    config, plan = stack_plan.config, stack_plan.plan
+    instance = default_catalog().instances[plan.layout.instance_type]
+    return MonitoringSpec(
+        stack_name=config.stack,
+        region=config.region,
+        stack_tag_key=STACK_TAG_KEY,
+        stack_tag_value=config.stack,
+        time_to_ready_s=plan.time_to_ready.total_s,
+        instance_type=plan.layout.instance_type,
+        instance_hourly_usd=instance.on_demand_usd_per_hour or 0.0,
+        model_name=served_model_name(config, plan.request.model_name),
+        autoscaling_group_name=stack_plan.autoscaling_group_name,
+        sns_topic_arn=config.monitoring.sns_topic_arn,
+        webhook_url=config.monitoring.webhook_url,
+        ttft_p95_slo_s=config.monitoring.ttft_p95_slo_s,
+        # A replica's worth of sequences waiting means the fleet is a replica short.
+        queue_threshold=plan.request.concurrency,
+        vllm_port=config.serving.port,
+    )
 
 
 def render_artifacts(stack_plan: StackPlan) -> dict[str, str]:
@@ -78,11 +130,21 @@ def render_artifacts(stack_plan: StackPlan) -> dict[str, str]:
         **stack_plan.plan.summary(),
         "serve_argv": stack_plan.serve_argv,
         "argv_validation": stack_plan.argv_validation,
+        "warnings": stack_plan.warnings,
     }
-    return {
+    files = {
         "plan.json": json.dumps(summary, indent=2) + "\n",
         "vllm-serve.argv": "\n".join(stack_plan.serve_argv) + "\n",
     }
+    chosen_type = stack_plan.plan.layout.instance_type
+    for path, content in render_node(stack_plan.node_specs[chosen_type]).items():
+        files[f"node/{path}"] = content
+    for instance_type, user_data in stack_plan.user_data.items():
+        files[f"user-data/{instance_type}.yaml"] = user_data
+    if stack_plan.config.monitoring.mode != "none":
+        for path, content in render_monitoring(monitoring_spec(stack_plan)).items():
+            files[f"monitoring/{path}"] = content
+    return files
 
 
 def write_artifacts(stack_plan: StackPlan, target: Path) -> list[Path]:
