@@ -18,8 +18,8 @@ from rich.table import Table
 from infra.catalog import default_catalog
 from infra.config import PROJECT, STACKS_DIR, arch_from_config_doc, load_config_json, load_stack_file
 from infra.errors import FleetError
-from infra.planner import GB, GiB, Candidate, Plan, SizingRequest, make_plan, serving_facts
 from infra.ops.commands import register as register_ops_commands
+from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, serving_facts
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(

@@ -215,9 +215,9 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
 def _lookup(raw: dict[str, Any], loc: tuple[int | str, ...]) -> Any:
     node: Any = raw
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_dict or in_list:
             node = node[part]
         else:
             return None
@@ -312,14 +312,13 @@ def load_stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> StackConfig:
         raise FleetError(f"{path}: expected a mapping with a 'config:' section")
     unknown_top = set(doc) - {"config", "environment", "secretsprovider", "encryptedkey", "encryptionsalt"}
     if unknown_top:
-        raise FleetError(f"{path}: unknown top-level key {sorted(unknown_top)[0]!r} (allowed: config)")
+        raise FleetError(f"{path}: unknown top-level key {min(unknown_top)!r} (allowed: config)")
     return parse_stack_config(stack, doc["config"])
 
 
 def load_from_pulumi() -> StackConfig:
     """Read the same keys through ``pulumi.Config`` during a real ``pulumi up``."""
     import pulumi  # imported here: config parsing must not need Pulumi when no engine runs
-
     from pulumi.runtime import config as runtime_config
 
     values: dict[str, Any] = {}

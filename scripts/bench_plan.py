@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infra.catalog import default_catalog  # noqa: E402
-from infra.errors import FleetError  # noqa: E402
-from infra.planner import SizingRequest, make_plan  # noqa: E402
+from infra.catalog import default_catalog
+from infra.errors import FleetError
+from infra.planner import SizingRequest, make_plan
 
 CONTEXTS = (2048, 8192, 32768)
 CONCURRENCY = 16

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "infra", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
     )
 
 
