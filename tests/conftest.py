@@ -43,7 +43,10 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     ]  # fmt: skip
     log_path = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
     with run_vllm_server(argv, api_key=VLLM_TEST_API_KEY, log_path=log_path) as server:
-        print(f"\nvllm_server: launch to /health 200 in {server.launch_to_healthy_s:.1f} s ({log_path})")
+        print(
+            f"\nvllm_server: launch to /health 200 in {server.launch_to_healthy_s:.1f} s "
+            f"(after {server.waited_for_slot_s:.0f} s waiting for the one-server slot; log {log_path})"
+        )
         yield server
 
 

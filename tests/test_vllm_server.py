@@ -7,6 +7,7 @@ import math
 import re
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from infra.catalog import arch_from_hf_config
 from infra.sizing import kv_cache_bytes_per_token
-from tests.support.vllm_server import VllmServer
+from tests.support.vllm_server import VllmServer, VllmServerError, run_vllm_server
 
 GIB = 1 << 30  # vLLM's GiB_bytes
 MAX_TOKENS = 8
@@ -51,6 +52,17 @@ def test_api_key_comes_from_the_environment_not_argv(vllm_server: VllmServer) ->
     assert "--api-key" not in vllm_server.command
     assert vllm_server.api_key not in " ".join(vllm_server.command)
     assert vllm_server.env["VLLM_API_KEY"] == vllm_server.api_key
+
+
+def test_a_second_server_is_refused_while_one_runs(vllm_server: VllmServer, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with (
+        pytest.raises(VllmServerError, match="already running"),
+        run_vllm_server(vllm_server.argv, api_key="other", log_path=tmp_path / "second.log"),
+    ):
+        pass
+    assert time.monotonic() - started < 5  # refused at once, no wait on our own lock
+    assert not (tmp_path / "second.log").exists()
 
 
 def test_models_needs_the_key(vllm_server: VllmServer) -> None:

@@ -50,6 +50,7 @@ class VllmServer:
     log_path: Path
     env: dict[str, str]  # the variables this helper set on top of the inherited environment
     launch_to_healthy_s: float = 0.0
+    waited_for_slot_s: float = 0.0  # time spent waiting for another session's server to end
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -71,7 +72,7 @@ class VllmServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return _tail(self.log_path, lines)
 
 
 def free_loopback_port() -> int:
@@ -131,9 +132,10 @@ def replace_flags(argv: Sequence[str], replacements: Mapping[str, str | None]) -
 
 
 @contextmanager
-def _exclusive_vllm_slot(wait_s: float) -> Iterator[None]:
+def _exclusive_vllm_slot(wait_s: float) -> Iterator[float]:
     with LOCK_PATH.open("a+") as lock:
-        deadline = time.monotonic() + wait_s
+        started = time.monotonic()
+        deadline = started + wait_s
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -145,7 +147,7 @@ def _exclusive_vllm_slot(wait_s: float) -> Iterator[None]:
                     ) from None
                 time.sleep(2)
         try:
-            yield
+            yield time.monotonic() - started
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -177,6 +179,35 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float) -> None:
     process.wait(timeout=30)
 
 
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], health_url: str, log_path: Path, timeout_s: float
+) -> float:
+    """Poll ``health_url`` until 200; returns seconds waited. Raises with the log tail if the
+    process exits first or the timeout passes."""
+    started = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise VllmServerError(
+                f"vLLM exited with code {process.returncode} before {health_url} was 200; "
+                f"log tail ({log_path}):\n{_tail(log_path)}"
+            )
+        if _health_status(health_url) == 200:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise VllmServerError(
+                f"vLLM not healthy after {timeout_s:.0f} s; log tail ({log_path}):\n{_tail(log_path)}"
+            )
+        time.sleep(0.5)
+
+
+def _tail(log_path: Path, lines: int = 60) -> str:
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+_running_here: list[VllmServer] = []  # servers this process has up (at most one)
+
+
 @contextmanager
 def run_vllm_server(
     argv: Sequence[str],
@@ -189,7 +220,16 @@ def run_vllm_server(
     stop_grace_s: float = 30.0,
     lock_wait_s: float = 1800.0,
 ) -> Iterator[VllmServer]:
-    """Start a real vLLM server from a production argv, wait for /health 200, stop it after."""
+    """Start a real vLLM server from a production argv, wait for /health 200, stop it after.
+
+    Raises VllmServerError at once if this process already runs one (waiting on our own
+    lock would deadlock): reuse the session's ``vllm_server`` fixture instead.
+    """
+    if _running_here:
+        raise VllmServerError(
+            f"a vLLM server is already running in this process ({_running_here[0].command}); "
+            "only one may run at a time on this machine: reuse it"
+        )
     port = free_loopback_port()
     command = api_server_command(argv, host=LOOPBACK, port=port)
     helper_env = {
@@ -210,8 +250,8 @@ def run_vllm_server(
         env=helper_env,
     )
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_vllm_slot(lock_wait_s), log_path.open("wb") as log_file:
-        started = time.monotonic()
+    with _exclusive_vllm_slot(lock_wait_s) as waited, log_path.open("wb") as log_file:
+        server.waited_for_slot_s = waited
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -221,22 +261,12 @@ def run_vllm_server(
             start_new_session=True,  # its own process group, so stopping reaches the engine core
         )
         server.process = process
+        _running_here.append(server)
         try:
-            while True:
-                if process.poll() is not None:
-                    raise VllmServerError(
-                        f"vLLM exited with code {process.returncode} before /health was 200; "
-                        f"log tail ({log_path}):\n{server.log_tail()}"
-                    )
-                if _health_status(f"{server.base_url}/health") == 200:
-                    break
-                if time.monotonic() - started > health_timeout_s:
-                    raise VllmServerError(
-                        f"vLLM not healthy after {health_timeout_s:.0f} s; log tail ({log_path}):\n"
-                        f"{server.log_tail()}"
-                    )
-                time.sleep(0.5)
-            server.launch_to_healthy_s = time.monotonic() - started
+            server.launch_to_healthy_s = wait_until_healthy(
+                process, f"{server.base_url}/health", log_path, health_timeout_s
+            )
             yield server
         finally:
             _stop(process, stop_grace_s)
+            _running_here.clear()
