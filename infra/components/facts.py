@@ -90,6 +90,7 @@ class AwsFleetFacts(BaseModel):
     lifecycle_hook_heartbeat_s: Fact[Range]
     instance_refresh_healthy_percentage: Fact[HealthyPercentage]
     user_data_max_bytes: Fact[int]
+    user_data_gzip: Fact[bool]
     gp3_volume: Fact[Gp3]
     efa_interface_layout: Fact[EfaLayout]
     efa_security_group: Fact[str]

@@ -1,0 +1,286 @@
+"""The fleet's front door: a load balancer that exposes only the OpenAI API.
+
+An ALB terminates TLS (a modern TLS 1.3 policy) and forwards exactly the API routes the
+fleet serves (infra/data/aws_fleet.yaml ``vllm_api_routes``); everything else — /metrics,
+/tokenize, /scale_elastic_ep, /docs … which vLLM serves without the API key — gets a 404
+from the listener itself. One target group per vLLM server slot on a node (a node runs
+``replicas_per_node`` servers on consecutive ports), least-outstanding-requests balancing,
+no stickiness, and a deregistration delay that covers vLLM's own shutdown drain.
+
+An NLB works at L4 and cannot filter paths: every unauthenticated vLLM endpoint would be
+reachable by whoever reaches the NLB. So an NLB is allowed only internal (inside the VPC,
+from ``allowedCidrs``); a public NLB is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.components.facts import ApiRoute, RuleLimits, aws_fleet_facts
+from infra.errors import FleetError
+
+NOT_FOUND_BODY = '{"error": {"message": "not found", "code": 404}}'
+
+
+@dataclass(frozen=True)
+class EndpointArgs:
+    stack: str
+    vpc_id: pulumi.Input[str]
+    vpc_cidr: pulumi.Input[str]
+    subnet_ids: Sequence[pulumi.Input[str]]
+    tags: Mapping[str, str]
+    app_port: int
+    replica_slots: int
+    deregistration_delay_s: int
+    lb_type: Literal["alb", "nlb"] = "alb"
+    internal: bool = True
+    allowed_cidrs: Sequence[str] = ()
+    certificate_arn: str | None = None
+    idle_timeout_s: int = 600
+
+
+def check_endpoint(
+    *,
+    lb_type: str,
+    internal: bool,
+    certificate_arn: str | None,
+    allowed_cidrs: Sequence[str],
+    replica_slots: int,
+    deregistration_delay_s: int,
+) -> None:
+    """Preview-time checks: refuse an endpoint that would expose more than the API."""
+    facts = aws_fleet_facts()
+    if not internal and not certificate_arn:
+        raise FleetError(
+            "vllm-fleet:endpoint.certificateArn: required when endpoint.internal is false "
+            "(a public endpoint must use TLS; plain HTTP is allowed only for internal endpoints)"
+        )
+    if lb_type == "nlb" and not internal:
+        raise FleetError(
+            "vllm-fleet:endpoint.type = \"nlb\": not allowed with internal: false (an NLB cannot filter "
+            "paths, so /metrics, /tokenize and vLLM's other unauthenticated endpoints would be public; use alb)"
+        )
+    if lb_type == "nlb" and replica_slots > 1:
+        raise FleetError(
+            f"vllm-fleet:endpoint.type = \"nlb\": the plan runs {replica_slots} vLLM servers per node "
+            "on separate ports, which needs an ALB's weighted forward; use alb"
+        )
+    most = facts.alb_forward_max_target_groups.value
+    if replica_slots > most:
+        raise FleetError(
+            f"the plan runs {replica_slots} vLLM servers per node; an ALB forwards to at most {most} "
+            "target groups (one per server port): allow larger tensor parallelism or fewer GPUs per node "
+            "(vllm-fleet:capacity.instanceTypes)"
+        )
+    if not allowed_cidrs:
+        raise FleetError("vllm-fleet:endpoint.allowedCidrs: empty; list the client CIDRs that may call the API")
+    if deregistration_delay_s > facts.lb_deregistration_delay_max_s.value:
+        raise FleetError(
+            f"vllm-fleet:serving.shutdownTimeoutS = {deregistration_delay_s}: the load balancer drains "
+            f"for at most {facts.lb_deregistration_delay_max_s.value} s"
+        )
+
+
+def route_rules(routes: Sequence[ApiRoute], limits: RuleLimits) -> list[tuple[str, list[str]]]:
+    """(method, paths) per listener rule: one method condition plus one path condition,
+    within ALB's per-condition and per-rule comparison-string limits."""
+    per_rule = min(limits.values_per_condition, limits.values_per_rule - 1)
+    by_method: dict[str, list[str]] = {}
+    for route in routes:
+        by_method.setdefault(route.method, []).append(route.path)
+    rules: list[tuple[str, list[str]]] = []
+    for method, paths in by_method.items():
+        for start in range(0, len(paths), per_rule):
+            rules.append((method, paths[start : start + per_rule]))
+    return rules
+
+
+class Endpoint(pulumi.ComponentResource):
+    url: pulumi.Output[str]
+    dns_name: pulumi.Output[str]
+    load_balancer_arn: pulumi.Output[str]
+    load_balancer_arn_suffix: pulumi.Output[str]
+    security_group_id: pulumi.Output[str]
+    target_group_arns: list[pulumi.Output[str]]
+    target_group_arn_suffixes: list[pulumi.Output[str]]
+
+    def __init__(self, name: str, args: EndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("vllm-fleet:endpoint:Endpoint", name, None, opts)
+        check_endpoint(
+            lb_type=args.lb_type,
+            internal=args.internal,
+            certificate_arn=args.certificate_arn,
+            allowed_cidrs=args.allowed_cidrs,
+            replica_slots=args.replica_slots,
+            deregistration_delay_s=args.deregistration_delay_s,
+        )
+        facts = aws_fleet_facts()
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {**args.tags, "vllm-fleet:role": "endpoint"}
+        tls = args.certificate_arn is not None
+        listen_port = 443 if tls else 80
+        last_port = args.app_port + args.replica_slots - 1
+
+        sg = aws.ec2.SecurityGroup(
+            f"{name}-sg",
+            vpc_id=args.vpc_id,
+            description=f"{args.stack} API load balancer: clients in allowedCidrs on {listen_port} only",
+            tags={**tags, "Name": f"{args.stack}-endpoint"},
+            opts=child,
+        )
+        for i, cidr in enumerate(args.allowed_cidrs):
+            aws.vpc.SecurityGroupIngressRule(
+                f"{name}-in-{i}",
+                security_group_id=sg.id,
+                ip_protocol="tcp",
+                from_port=listen_port,
+                to_port=listen_port,
+                cidr_ipv4=cidr,
+                description=f"API clients {cidr}",
+                tags=tags,
+                opts=child,
+            )
+        aws.vpc.SecurityGroupEgressRule(
+            f"{name}-out-nodes",
+            security_group_id=sg.id,
+            ip_protocol="tcp",
+            from_port=args.app_port,
+            to_port=last_port,
+            cidr_ipv4=args.vpc_cidr,
+            description="vLLM servers on the nodes (requests and health checks)",
+            tags=tags,
+            opts=child,
+        )
+
+        is_alb = args.lb_type == "alb"
+        lb = aws.lb.LoadBalancer(
+            f"{name}-lb",
+            load_balancer_type="application" if is_alb else "network",
+            internal=args.internal,
+            subnets=list(args.subnet_ids),
+            security_groups=[sg.id],
+            idle_timeout=args.idle_timeout_s if is_alb else None,
+            drop_invalid_header_fields=True if is_alb else None,
+            tags={**tags, "Name": f"{args.stack}-api"},
+            opts=child,
+        )
+
+        health = aws.lb.TargetGroupHealthCheckArgs(
+            enabled=True,
+            protocol="HTTP",
+            path=facts.vllm_health_path.value,
+            port="traffic-port",
+            matcher="200",
+            interval=15,
+            timeout=5,
+            healthy_threshold=2,
+            unhealthy_threshold=3,
+        )
+        target_groups: list[aws.lb.TargetGroup] = []
+        for slot in range(args.replica_slots):
+            target_groups.append(
+                aws.lb.TargetGroup(
+                    f"{name}-tg-{slot}",
+                    port=args.app_port + slot,
+                    protocol="HTTP" if is_alb else "TCP",
+                    target_type="instance",
+                    vpc_id=args.vpc_id,
+                    health_check=health,
+                    # Covers vLLM's --shutdown-timeout: the node stops vLLM only after this.
+                    deregistration_delay=args.deregistration_delay_s,
+                    load_balancing_algorithm_type="least_outstanding_requests" if is_alb else None,
+                    stickiness=aws.lb.TargetGroupStickinessArgs(type="lb_cookie", enabled=False) if is_alb else None,
+                    tags={**tags, "Name": f"{args.stack}-vllm-{slot}", "vllm-fleet:port": str(args.app_port + slot)},
+                    opts=child,
+                )
+            )
+
+        if is_alb:
+            listener = aws.lb.Listener(
+                f"{name}-listener",
+                load_balancer_arn=lb.arn,
+                port=listen_port,
+                protocol="HTTPS" if tls else "HTTP",
+                ssl_policy=facts.alb_tls_policy.value if tls else None,
+                certificate_arn=args.certificate_arn,
+                default_actions=[
+                    aws.lb.ListenerDefaultActionArgs(
+                        type="fixed-response",
+                        fixed_response=aws.lb.ListenerDefaultActionFixedResponseArgs(
+                            content_type="application/json", message_body=NOT_FOUND_BODY, status_code="404"
+                        ),
+                    )
+                ],
+                tags=tags,
+                opts=child,
+            )
+            forward = self._forward_action(target_groups)
+            for i, (method, paths) in enumerate(route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value)):
+                aws.lb.ListenerRule(
+                    f"{name}-api-{i}",
+                    listener_arn=listener.arn,
+                    priority=10 * (i + 1),
+                    conditions=[
+                        aws.lb.ListenerRuleConditionArgs(
+                            http_request_method=aws.lb.ListenerRuleConditionHttpRequestMethodArgs(values=[method])
+                        ),
+                        aws.lb.ListenerRuleConditionArgs(
+                            path_pattern=aws.lb.ListenerRuleConditionPathPatternArgs(values=paths)
+                        ),
+                    ],
+                    actions=[forward],
+                    tags=tags,
+                    opts=child,
+                )
+        else:
+            listener = aws.lb.Listener(
+                f"{name}-listener",
+                load_balancer_arn=lb.arn,
+                port=listen_port,
+                protocol="TLS" if tls else "TCP",
+                ssl_policy=facts.alb_tls_policy.value if tls else None,
+                certificate_arn=args.certificate_arn,
+                default_actions=[
+                    aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=target_groups[0].arn)
+                ],
+                tags=tags,
+                opts=child,
+            )
+
+        scheme = "https" if tls else "http"
+        self.dns_name = lb.dns_name
+        self.url = lb.dns_name.apply(lambda dns: f"{scheme}://{dns}")
+        self.load_balancer_arn = lb.arn
+        self.load_balancer_arn_suffix = lb.arn_suffix
+        self.security_group_id = sg.id
+        self.target_group_arns = [tg.arn for tg in target_groups]
+        self.target_group_arn_suffixes = [tg.arn_suffix for tg in target_groups]
+        self.register_outputs(
+            {
+                "url": self.url,
+                "loadBalancerArn": self.load_balancer_arn,
+                "securityGroupId": self.security_group_id,
+                "targetGroupArns": self.target_group_arns,
+                "listenerArn": listener.arn,
+            }
+        )
+
+    @staticmethod
+    def _forward_action(target_groups: list[aws.lb.TargetGroup]) -> aws.lb.ListenerRuleActionArgs:
+        if len(target_groups) == 1:
+            return aws.lb.ListenerRuleActionArgs(type="forward", target_group_arn=target_groups[0].arn)
+        # Several vLLM servers per node: spread requests evenly over their target groups.
+        return aws.lb.ListenerRuleActionArgs(
+            type="forward",
+            forward=aws.lb.ListenerRuleActionForwardArgs(
+                target_groups=[
+                    aws.lb.ListenerRuleActionForwardTargetGroupArgs(arn=tg.arn, weight=1) for tg in target_groups
+                ],
+                stickiness=aws.lb.ListenerRuleActionForwardStickinessArgs(enabled=False, duration=1),
+            ),
+        )

@@ -1,0 +1,226 @@
+"""The Pulumi program: a stack plan in, the fleet's resources and outputs out.
+
+``deploy`` runs every check that can fail (capacity, endpoint exposure, user-data, image
+source, network egress) before it declares the first resource, so a bad stack fails the
+preview with one FleetError line and nothing half-created. The same function runs for a
+real ``pulumi up`` (infra/program/__main__.py) and under mocks for the offline plan
+(infra/offline.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.catalog import default_catalog
+from infra.components.api_key import ApiKey, ApiKeyArgs
+from infra.components.endpoint import Endpoint, EndpointArgs, check_endpoint
+from infra.components.facts import aws_fleet_facts
+from infra.components.fleet import (
+    CapacityLayout,
+    Fleet,
+    FleetArgs,
+    capacity_layout,
+    default_weights_s3_uri,
+    drain_heartbeat_s,
+    encoded_user_data,
+    ladder_types,
+)
+from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.config import ImageSection
+from infra.errors import FleetError
+from infra.node.serve_args import served_model_name
+from infra.program.tags import plan_id, stack_tags
+from infra.stackplan import StackPlan
+
+# Weight sources a node can reach without internet egress (endpoints-only networks).
+SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")
+
+
+def preflight(stack_plan: StackPlan) -> CapacityLayout:
+    """Every check that can refuse the stack, run before any resource is declared."""
+    config = stack_plan.config
+    layout = stack_plan.plan.layout
+    capacity = capacity_layout(config, layout)
+    for instance_type in ladder_types(stack_plan):
+        encoded_user_data(stack_plan, instance_type)
+    deregistration_delay = config.serving.shutdown_timeout_s
+    drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s)
+    check_endpoint(
+        lb_type=config.endpoint.type,
+        internal=config.endpoint.internal,
+        certificate_arn=config.endpoint.certificate_arn,
+        allowed_cidrs=config.endpoint.allowed_cidrs,
+        replica_slots=layout.replicas_per_node,
+        deregistration_delay_s=deregistration_delay,
+    )
+    if config.network.egress == "endpoints-only" and config.serving.weights_source not in SOURCES_WITHOUT_INTERNET:
+        raise FleetError(
+            f"vllm-fleet:serving.weightsSource = {config.serving.weights_source!r}: unreachable with "
+            f"network.egress endpoints-only (no internet); use one of {', '.join(SOURCES_WITHOUT_INTERNET)}"
+        )
+    if config.network.mode == "new":
+        subnet_cidrs(config.network.vpc_cidr, config.network.availability_zones)
+    image_source(config.image)
+    return capacity
+
+
+def image_source(image: ImageSection) -> str:
+    """Which AMI the fleet runs. A pinned ``amiId`` is preferred (prod): the launch template
+    records the exact image and a new one is a reviewed change. ``ssmParameter`` is read at
+    deploy time (not ``resolve:ssm:`` at launch), so the templates still pin the id it held
+    then: a new image shows up in the next preview as a diff and rolls out by instance
+    refresh, instead of drifting silently into whichever node launches next."""
+    if image.ami_id and image.ssm_parameter:
+        raise FleetError("vllm-fleet:image: give amiId or ssmParameter, not both")
+    if image.ami_id:
+        return image.ami_id
+    if image.ssm_parameter:
+        return f"ssm:{image.ssm_parameter}"
+    raise FleetError("vllm-fleet:image: required; give amiId (a pinned image, preferred) or ssmParameter")
+
+
+def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+    """(image id, its root device name): the root volume must be declared on that device."""
+    if image.ami_id:
+        image_id = pulumi.Output.from_input(image.ami_id)
+    else:
+        assert image.ssm_parameter is not None
+        image_id = aws.ssm.get_parameter_output(name=image.ssm_parameter).value
+    # Looked up by id (no owner filter needed): only its root device name is wanted.
+    ami = aws.ec2.get_ami_output(
+        filters=image_id.apply(lambda ami_id: [aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami_id])])
+    )
+    return image_id, ami.root_device_name
+
+
+def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
+    """The first ``count`` default AZs that offer the plan's instance type."""
+    chosen = stack_plan.plan.layout.instance_type
+    zones = aws.get_availability_zones(
+        state="available", filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"])]
+    )
+    offered = aws.ec2.get_instance_type_offerings(
+        location_type="availability-zone",
+        filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=[chosen])],
+    )
+    usable = [zone for zone in zones.names if zone in set(offered.locations)]
+    if len(usable) < count:
+        raise FleetError(
+            f"vllm-fleet:network.availabilityZones = {count}: only {len(usable)} zone(s) of "
+            f"{stack_plan.config.region} offer {chosen} ({', '.join(usable) or 'none'})"
+        )
+    return usable[:count]
+
+
+def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str, Any]:
+    chosen = stack_plan.plan.layout.instance_type
+    price = default_catalog().instances[chosen].on_demand_usd_per_hour
+    if price is None:
+        return {"basis": f"{chosen} has no on-demand list price", "minReplicas": None, "maxReplicas": None}
+    return {
+        "basis": f"on-demand list price of {chosen} (${price}/h, us-east-1); spot and capacity blocks differ",
+        "minReplicas": round(capacity.min_instances * price, 2),
+        "maxReplicas": round(capacity.max_instances * price, 2),
+    }
+
+
+def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
+    """Declare the fleet for ``stack_plan``; export and return the stack outputs."""
+    config = stack_plan.config
+    capacity = preflight(stack_plan)
+    facts = aws_fleet_facts()
+    tags = stack_tags(stack_plan)
+    layout = stack_plan.plan.layout
+
+    identity = aws.get_caller_identity()
+    partition = aws.get_partition().partition
+    zones = (
+        choose_availability_zones(stack_plan, config.network.availability_zones)
+        if config.network.mode == "new"
+        else []
+    )
+    network = Network(
+        "network",
+        NetworkArgs(
+            stack=config.stack,
+            region=config.region,
+            mode=config.network.mode,
+            availability_zones=zones,
+            tags=tags,
+            vpc_cidr=config.network.vpc_cidr,
+            egress=config.network.egress,
+            public_subnets=not config.endpoint.internal,
+            existing_vpc_id=config.network.vpc_id,
+            existing_private_subnet_ids=config.network.private_subnet_ids,
+            existing_public_subnet_ids=config.network.public_subnet_ids,
+            interface_endpoint_services=facts.vpc_interface_endpoints.value,
+            gateway_endpoint_services=facts.vpc_gateway_endpoints.value,
+        ),
+    )
+    api_key = ApiKey("api-key", ApiKeyArgs(secret_name=stack_plan.api_key_secret_name, tags=tags))
+    deregistration_delay = config.serving.shutdown_timeout_s
+    endpoint = Endpoint(
+        "endpoint",
+        EndpointArgs(
+            stack=config.stack,
+            vpc_id=network.vpc_id,
+            vpc_cidr=network.vpc_cidr,
+            subnet_ids=network.private_subnet_ids if config.endpoint.internal else network.public_subnet_ids,
+            tags=tags,
+            app_port=config.serving.port,
+            replica_slots=layout.replicas_per_node,
+            deregistration_delay_s=deregistration_delay,
+            lb_type=config.endpoint.type,
+            internal=config.endpoint.internal,
+            allowed_cidrs=config.endpoint.allowed_cidrs,
+            certificate_arn=config.endpoint.certificate_arn,
+            idle_timeout_s=config.endpoint.idle_timeout_s,
+        ),
+    )
+    image_id, root_device = resolve_image(config.image)
+    weights_uri = None
+    if config.serving.weights_source == "s3":
+        repo = config.model.repo or stack_plan.plan.request.arch.hf_repo
+        weights_uri = config.serving.weights_s3_uri or default_weights_s3_uri(config, identity.account_id, repo)
+    fleet = Fleet(
+        "fleet",
+        FleetArgs(
+            stack_plan=stack_plan,
+            vpc_id=network.vpc_id,
+            subnet_ids=network.private_subnet_ids,
+            load_balancer_security_group_id=endpoint.security_group_id,
+            scraper_security_group_id=network.scraper_security_group_id,
+            target_group_arns=endpoint.target_group_arns,
+            api_key_secret_arn=api_key.secret_arn,
+            image_id=image_id,
+            root_device_name=root_device,
+            tags=tags,
+            partition=partition,
+            account_id=identity.account_id,
+            deregistration_delay_s=deregistration_delay,
+            weights_s3_uri=weights_uri,
+        ),
+    )
+    outputs: dict[str, pulumi.Output[Any]] = {
+        "endpointUrl": endpoint.url,
+        "servedModelName": pulumi.Output.from_input(served_model_name(config, stack_plan.plan.request.model_name)),
+        "apiKeySecretArn": api_key.secret_arn,
+        "apiKeySecretName": api_key.secret_name,
+        "apiKey": api_key.api_key,
+        "planId": pulumi.Output.from_input(plan_id(stack_plan)),
+        "planSummary": pulumi.Output.from_input(stack_plan.plan.summary()),
+        "estimatedHourlyUsd": pulumi.Output.from_input(hourly_estimate(stack_plan, capacity)),
+        "autoscalingGroupNames": pulumi.Output.all(*fleet.group_names),
+        "loadBalancerArnSuffix": endpoint.load_balancer_arn_suffix,
+        "targetGroupArnSuffixes": pulumi.Output.all(*endpoint.target_group_arn_suffixes),
+        "logGroupName": fleet.log_group_name,
+        "nodeSecurityGroupId": fleet.security_group_id,
+        "scraperSecurityGroupId": network.scraper_security_group_id,
+        "vpcId": network.vpc_id,
+    }
+    for key, value in outputs.items():
+        pulumi.export(key, value)
+    return outputs
