@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dev_argv import cpu_dev_8b_argv
 from tests.support.tiny_model import write_tiny_llama
 from tests.support.vllm_server import VllmServer, run_vllm_server
 
 VLLM_TEST_API_KEY = "fleet-test-key-5f2c9a"
-TINY_SERVED_MODEL_NAME = "tiny-llama"
 
 
 @pytest.fixture(scope="session")
@@ -28,19 +28,12 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     Reuse it rather than starting another: only one vLLM server may run on this machine.
     Exposes .argv (production form), .base_url, .openai_base_url, .api_key,
     .served_model_name, .log_text() and .launch_to_healthy_s.
-    --enforce-eager: on CPU there are no CUDA graphs to keep, and skipping torch.compile
-    saves ~45 s of start-up that no test here depends on.
+    Its argv is the dev-8b stack's production argv with only the changes that
+    tests/support/dev_argv.py lists (model path, parallel sizes, memory flags, …);
+    tests/test_vllm_server.py prints and checks that diff.
     """
-    argv = [
-        "vllm", "serve", str(tiny_llama_dir),
-        "--served-model-name", TINY_SERVED_MODEL_NAME,
-        "--max-model-len", "2048",
-        "--max-num-seqs", "8",
-        "--dtype", "bfloat16",
-        "--enable-prefix-caching",
-        "--enforce-eager",
-        "--shutdown-timeout", "5",
-    ]  # fmt: skip
+    # The dev-8b stack's rendered ExecStart argv, with only CPU_CHANGES applied.
+    argv = cpu_dev_8b_argv(tiny_llama_dir, tmp_path_factory.mktemp("vllm-downloads"))
     log_path = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
     with run_vllm_server(argv, api_key=VLLM_TEST_API_KEY, log_path=log_path) as server:
         print(
@@ -51,3 +44,90 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 # ---- END vLLM server fixtures ----
+
+
+# ---- BEGIN moto server fixtures (owner: operations; infra/ops/, tests/test_preflight.py, test_smoke.py, test_rotate_key.py) ----
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+MOTO_REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real moto server (``moto_server``) on 127.0.0.1, spoken to over HTTP, for the session."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    binary = Path(sys.executable).with_name("moto_server")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server not answering on {url} after 60 s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture
+def moto_env(moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fresh moto state, and the environment that points boto3 (and the aws CLI) at it.
+
+    botocore reads AWS_ENDPOINT_URL itself, so code under test runs unchanged.
+    """
+    request = urllib.request.Request(f"{moto_server_url}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+    env = {
+        "AWS_ENDPOINT_URL": moto_server_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": MOTO_REGION,
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # No shared config/credentials files may leak in from the machine.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    return env
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the key-rotation test first.
+
+    It runs two vLLM servers of its own while holding the one-vLLM-at-a-time lock
+    (tests/support/vllm_server.py); the session-scoped ``vllm_server`` fixture holds that
+    same lock until the session ends, so the rotation test must run before anything starts it.
+    """
+    items.sort(key=lambda item: 0 if item.path.name == "test_rotate_key.py" else 1)
+
+
+# ---- END moto server fixtures ----
