@@ -11,6 +11,8 @@
 #   INSTALL_RAY       true to add Ray (multi-node images); needs RAY_REQUIREMENT, e.g. ray[cgraph]==2.60.0
 #   UNINSTALL_AFTER   space-separated distributions to remove afterwards (the CPU build's torchvision,
 #                     torchaudio and torchcodec break `import transformers` next to torch +cpu)
+#   PIP_CACHE_DIR     unset (default): no pip cache, so the image does not carry gigabytes of wheels;
+#                     set it to keep a cache outside the image (tests that install repeatedly)
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -22,7 +24,8 @@ REQUIRES_PYTHON="${REQUIRES_PYTHON:-}"
 INSTALL_RAY="${INSTALL_RAY:-false}"
 UNINSTALL_AFTER="${UNINSTALL_AFTER:-}"
 # The image must not carry pip's download cache (gigabytes of CUDA wheels).
-export PIP_NO_CACHE_DIR="${PIP_NO_CACHE_DIR:-1}"
+cache_args=(--no-cache-dir)
+[[ -n "${PIP_CACHE_DIR:-}" ]] && cache_args=(--cache-dir "${PIP_CACHE_DIR}")
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 [[ "${VLLM_PACKAGE}" =~ ^[A-Za-z0-9._-]+$ ]] || die "VLLM_PACKAGE '${VLLM_PACKAGE}' is not a distribution name"
@@ -52,7 +55,7 @@ if is_true "${INSTALL_RAY}"; then
   requirements+=("${RAY_REQUIREMENT}")
 fi
 log "pip install ${requirements[*]} $*"
-"${venv}/bin/python" -m pip install --no-input "${requirements[@]}" "$@"
+"${venv}/bin/python" -m pip install --no-input "${cache_args[@]}" "${requirements[@]}" "$@"
 
 if [[ -n "${UNINSTALL_AFTER}" ]]; then
   read -r -a unwanted <<<"${UNINSTALL_AFTER}"
