@@ -424,7 +424,11 @@ def validation_args(
 
 def run_policy(policy: ResourceValidationPolicy, args: ResourceValidationArgs) -> list[str]:
     messages: list[str] = []
-    policy.validate(args, lambda message, urn=None: messages.append(message))
+
+    def report(message: str, urn: str | None = None) -> None:
+        messages.append(message)
+
+    policy.validate(args, report)
     return messages
 
 
