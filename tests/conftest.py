@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dev_argv import cpu_dev_8b_argv
 from tests.support.tiny_model import write_tiny_llama
 from tests.support.vllm_server import VllmServer, run_vllm_server
 
 VLLM_TEST_API_KEY = "fleet-test-key-5f2c9a"
-TINY_SERVED_MODEL_NAME = "tiny-llama"
 
 
 @pytest.fixture(scope="session")
@@ -28,19 +28,12 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     Reuse it rather than starting another: only one vLLM server may run on this machine.
     Exposes .argv (production form), .base_url, .openai_base_url, .api_key,
     .served_model_name, .log_text() and .launch_to_healthy_s.
-    --enforce-eager: on CPU there are no CUDA graphs to keep, and skipping torch.compile
-    saves ~45 s of start-up that no test here depends on.
+    Its argv is the dev-8b stack's production argv with only the changes that
+    tests/support/dev_argv.py lists (model path, parallel sizes, memory flags, …);
+    tests/test_vllm_server.py prints and checks that diff.
     """
-    argv = [
-        "vllm", "serve", str(tiny_llama_dir),
-        "--served-model-name", TINY_SERVED_MODEL_NAME,
-        "--max-model-len", "2048",
-        "--max-num-seqs", "8",
-        "--dtype", "bfloat16",
-        "--enable-prefix-caching",
-        "--enforce-eager",
-        "--shutdown-timeout", "5",
-    ]  # fmt: skip
+    # The dev-8b stack's rendered ExecStart argv, with only CPU_CHANGES applied.
+    argv = cpu_dev_8b_argv(tiny_llama_dir, tmp_path_factory.mktemp("vllm-downloads"))
     log_path = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
     with run_vllm_server(argv, api_key=VLLM_TEST_API_KEY, log_path=log_path) as server:
         print(

@@ -162,3 +162,21 @@ def test_kv_cache_size_matches_the_planners_bytes_per_token(vllm_server: VllmSer
     assert int(cache_config["num_gpu_blocks"]) == num_blocks
     assert int(cache_config["kv_cache_size_tokens"]) == logged_tokens
     assert logged_tokens == int(num_blocks / math.ceil(max_model_len / block_size) * max_model_len)
+
+
+def test_server_runs_the_dev_8b_rendered_argv_with_only_cpu_changes(vllm_server: VllmServer) -> None:
+    from infra.config import load_stack_file
+    from infra.stackplan import build_stack_plan
+    from tests.support.dev_argv import CPU_CHANGES, argv_diff
+
+    stack_plan = build_stack_plan(load_stack_file("dev-8b"))
+    prod = stack_plan.serve_argv
+    # What the node's vllm.service runs is this same argv (one replica on dev-8b).
+    spec = stack_plan.node_specs[stack_plan.plan.layout.instance_type]
+    assert list(spec.replicas[0].serve_argv) == prod
+    diff = argv_diff(prod, list(vllm_server.argv))
+    print("\ndev-8b production argv → CPU test argv:")
+    for flag, (before, after) in diff.items():
+        print(f"  {flag}: {before} → {after}   ({CPU_CHANGES.get(flag, 'UNEXPECTED')})")
+    assert set(diff) <= set(CPU_CHANGES), f"unexpected changes: {set(diff) - set(CPU_CHANGES)}"
+    assert diff["model"][1] != diff["model"][0]
