@@ -12,8 +12,16 @@ from typing import Any
 
 import boto3  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
+import botocore.parsers  # type: ignore[import-untyped]
 
 from infra.errors import FleetError
+
+# An AWS call that reached the service but failed: an error answer, or one botocore could
+# not parse (a 500 page from a proxy or an emulator).
+CALL_ERRORS: tuple[type[Exception], ...] = (
+    botocore.exceptions.ClientError,
+    botocore.parsers.ResponseParserError,
+)
 
 # service name → a boto3 client for it (``session.client``, or a test's stub)
 ClientFactory = Callable[[str], Any]
@@ -36,8 +44,10 @@ def error_text(err: Exception) -> str:
     """A short, one-line description of an AWS error, for tables and messages."""
     if isinstance(err, botocore.exceptions.ClientError):
         message = str(err.response.get("Error", {}).get("Message", "")).replace("\n", " ")
-        return f"{error_code(err)}: {message}" if message else error_code(err)
-    return str(err).replace("\n", " ")
+        text = f"{error_code(err)}: {message}" if message else error_code(err)
+    else:
+        text = str(err).replace("\n", " ")
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def credentials_error(err: Exception) -> FleetError | None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import botocore.exceptions  # type: ignore[import-untyped]
 
 from infra.catalog import default_catalog
-from infra.ops.aws import ClientFactory, credentials_error, error_code, error_text
+from infra.ops.aws import CALL_ERRORS, ClientFactory, credentials_error, error_code, error_text
 from infra.stackplan import StackPlan
 
 Status = Literal["pass", "warn", "fail"]
@@ -519,11 +519,11 @@ def _fetch_quota(quotas: Any, cloudwatch: Any, code: str, now: dt.datetime) -> Q
                 raise
             quota = quotas.get_aws_default_service_quota(ServiceCode=EC2_SERVICE_CODE, QuotaCode=code)["Quota"]
             from_default = True
-    except botocore.exceptions.ClientError as err:
+    except CALL_ERRORS as err:
         return QuotaFact(code=code, error=error_text(err))
     try:
         usage, note = _quota_usage(cloudwatch, quota, now)
-    except botocore.exceptions.ClientError as err:
+    except CALL_ERRORS as err:
         usage, note = None, f"CloudWatch: {error_text(err)}"
     return QuotaFact(
         code=code,
@@ -553,7 +553,7 @@ def _fetch_image(ec2: Any, ssm: Any, need: FleetNeed) -> ImageFact:
             if error_code(err) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Malformed", "InvalidAMIID.Unavailable"):
                 raise
             images = []
-    except botocore.exceptions.ClientError as err:
+    except CALL_ERRORS as err:
         return ImageFact(ami_id=ami_id, ssm_parameter=need.image_ssm_parameter, error=error_text(err))
     image = images[0] if images else {}
     return ImageFact(
@@ -568,8 +568,8 @@ def _fetch_image(ec2: Any, ssm: Any, need: FleetNeed) -> ImageFact:
 def _fetch_certificate(acm: Any, arn: str) -> CertificateFact:
     try:
         cert = acm.describe_certificate(CertificateArn=arn)["Certificate"]
-    except botocore.exceptions.ClientError as err:
-        if error_code(err) == "ResourceNotFoundException":
+    except CALL_ERRORS as err:
+        if isinstance(err, botocore.exceptions.ClientError) and error_code(err) == "ResourceNotFoundException":
             return CertificateFact(arn=arn)
         return CertificateFact(arn=arn, error=error_text(err))
     return CertificateFact(arn=arn, status=cert.get("Status"), domain=cert.get("DomainName"))
@@ -578,8 +578,9 @@ def _fetch_certificate(acm: Any, arn: str) -> CertificateFact:
 def _fetch_reservation(ec2: Any, reservation_id: str) -> ReservationFact:
     try:
         found = ec2.describe_capacity_reservations(CapacityReservationIds=[reservation_id])["CapacityReservations"]
-    except botocore.exceptions.ClientError as err:
-        if error_code(err) in ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed"):
+    except CALL_ERRORS as err:
+        not_found = ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed")
+        if isinstance(err, botocore.exceptions.ClientError) and error_code(err) in not_found:
             return ReservationFact(reservation_id=reservation_id)
         return ReservationFact(reservation_id=reservation_id, error=error_text(err))
     if not found:
@@ -607,7 +608,7 @@ def fetch_facts(need: FleetNeed, clients: ClientFactory, now: dt.datetime | None
         offerings_error = None
         try:
             region_azs, offerings = _fetch_offerings(ec2, types)
-        except botocore.exceptions.ClientError as err:
+        except CALL_ERRORS as err:
             offerings_error = error_text(err)
         quotas_client, cloudwatch = clients("service-quotas"), clients("cloudwatch")
         codes = dict.fromkeys(code for code, _, _, _ in quota_needs(need))
