@@ -65,7 +65,8 @@ MODERN_TLS_PREFIX = "ELBSecurityPolicy-TLS13-"
 # tokens, AWS access keys, private keys.
 SECRET_PATTERNS = (
     re.compile(r"VLLM_API_KEY\s*[=:]\s*['\"]?[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"--api[-_]key[=\s]+['\"]?[A-Za-z0-9_\-]{8,}"),
+    # As an argv token in any form: "--api-key=K", "--api-key K", YAML/JSON "--api-key", "K".
+    re.compile(r"--api[-_]key['\"]?\s*[=,\s]\s*['\"]?[A-Za-z0-9_\-]{8,}"),
     re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}"),
     re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
     re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),

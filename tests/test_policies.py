@@ -1,0 +1,266 @@
+"""The policy pack, without the CLI: each policy against a violating and a compliant resource
+(so every check can fail), then the whole pack over every stack's mocked resources (must pass).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import gzip
+import inspect
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pulumi_aws as aws
+import pytest
+import yaml
+
+from infra import offline, policies
+from infra.components.fleet import ladder_types
+from infra.config import StackConfig, load_stack_file
+from infra.offline import ResourceRecord
+from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.stackplan import StackPlan, build_stack_plan
+from tests.test_program import REFUSED, STACKS
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
+TAGS = {key: "x" for key in REQUIRED_TAG_KEYS}
+
+
+def policy(name: str) -> Any:
+    (found,) = [p for p in policies.POLICIES if p.name == name]
+    return found
+
+
+def violations(
+    name: str, resource_type: str, props: dict[str, Any], *, secret_outputs: tuple[str, ...] = (), config: Any = None
+) -> list[str]:
+    args = policies.validation_args(resource_type, props, additional_secret_outputs=secret_outputs, config=config)
+    return policies.run_policy(policy(name), args)
+
+
+def user_data(text: str, *, packed: bool = True) -> str:
+    raw = text.encode()
+    return base64.b64encode(gzip.compress(raw, mtime=0) if packed else raw).decode()
+
+
+def good_template(**overrides: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "instanceType": "p5.48xlarge",
+        "metadataOptions": {"httpTokens": "required", "httpPutResponseHopLimit": 1},
+        "blockDeviceMappings": [{"deviceName": "/dev/sda1", "ebs": {"encrypted": "true", "volumeType": "gp3"}}],
+        "userData": user_data("#cloud-config\nruncmd: [[systemctl, start, vllm-fleet.target]]\n"),
+        "tags": {**TAGS, INSTANCE_TYPE_TAG: "p5.48xlarge"},
+        "tagSpecifications": [{"resourceType": "instance", "tags": TAGS}],
+    }
+    props.update(overrides)
+    return props
+
+
+def test_pack_is_mandatory_and_named() -> None:
+    names = [p.name for p in policies.POLICIES]
+    assert len(names) == len(set(names)) >= 10
+    assert all(p.enforcement_level == policies.EnforcementLevel.MANDATORY for p in policies.POLICIES)
+
+
+def test_policy_entry_point_only_builds_the_pack() -> None:
+    """Building a PolicyPack starts a gRPC server that never returns, so the entry point must
+    hold nothing else: one PolicyPack(...) statement over infra.policies.POLICIES."""
+    tree = ast.parse((POLICY_DIR / "__main__.py").read_text())
+    statements = [s for s in tree.body if not isinstance(s, (ast.Import, ast.ImportFrom)) and not (
+        isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    (build,) = statements
+    assert isinstance(build, ast.Expr) and isinstance(build.value, ast.Call)
+    assert getattr(build.value.func, "id", None) == "PolicyPack"
+    assert "POLICIES" in ast.unparse(build.value)
+    manifest = yaml.safe_load((POLICY_DIR / "PulumiPolicy.yaml").read_text())
+    assert manifest["runtime"]["name"] == "python"
+    assert (POLICY_DIR / manifest["runtime"]["options"]["virtualenv"] / "bin" / "python").exists()
+
+
+# --- each policy can fail ----------------------------------------------------------------------
+def test_ebs_volumes_encrypted() -> None:
+    name, lt = "ebs-volumes-encrypted", policies.LAUNCH_TEMPLATE
+    assert violations(name, lt, good_template()) == []
+    plain = good_template(blockDeviceMappings=[{"deviceName": "/dev/sda1", "ebs": {"encrypted": "false"}}])
+    assert violations(name, lt, plain) == ['EBS volume /dev/sda1 is not encrypted (ebs.encrypted must be "true")']
+    assert violations(name, lt, good_template(blockDeviceMappings=[]))  # implicit AMI default
+
+
+def test_imdsv2_required() -> None:
+    name, lt = "imdsv2-required", policies.LAUNCH_TEMPLATE
+    assert violations(name, lt, good_template()) == []
+    assert violations(name, lt, good_template(metadataOptions={"httpTokens": "optional"}))
+    assert violations(name, lt, good_template(metadataOptions={}))
+    assert violations(name, lt, good_template(metadataOptions={"httpTokens": "required", "httpPutResponseHopLimit": 5}))
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "props"),
+    [
+        (policies.INGRESS_RULE, {"ipProtocol": "tcp", "fromPort": 8000, "toPort": 8000, "cidrIpv4": "0.0.0.0/0"}),
+        (policies.INGRESS_RULE, {"ipProtocol": "tcp", "fromPort": 9100, "toPort": 9100, "cidrIpv6": "::/0"}),
+        (policies.SECURITY_GROUP, {"ingress": [{"protocol": "tcp", "fromPort": 8000, "toPort": 8007, "cidrBlocks": ["0.0.0.0/0"]}]}),
+        (policies.SECURITY_GROUP_RULE, {"type": "ingress", "protocol": "-1", "fromPort": 0, "toPort": 0, "cidrBlocks": ["0.0.0.0/0"]}),
+    ],
+)
+def test_no_world_ingress_catches_open_ports(resource_type: str, props: dict[str, Any]) -> None:
+    assert violations("no-world-ingress", resource_type, props)
+
+
+def test_no_world_ingress_allows_public_https_only() -> None:
+    https = {"ipProtocol": "tcp", "fromPort": 443, "toPort": 443, "cidrIpv4": "0.0.0.0/0"}
+    assert violations("no-world-ingress", policies.INGRESS_RULE, https) == []
+    assert violations("no-world-ingress", policies.SECURITY_GROUP_RULE, {"type": "egress", "protocol": "-1", "cidrBlocks": ["0.0.0.0/0"]}) == []
+
+
+def test_nodes_admit_security_groups_only() -> None:
+    name = "nodes-admit-security-groups-only"
+    by_group = {"ipProtocol": "tcp", "fromPort": 8000, "toPort": 8000, "referencedSecurityGroupId": "sg-1", "tags": {ROLE_TAG: "node"}}
+    assert violations(name, policies.INGRESS_RULE, by_group) == []
+    by_cidr = {"ipProtocol": "tcp", "fromPort": 9400, "toPort": 9400, "cidrIpv4": "10.0.0.0/8", "tags": {ROLE_TAG: "node"}}
+    assert violations(name, policies.INGRESS_RULE, by_cidr)
+    # The load balancer's rules are CIDR-based by design; the policy is about the nodes.
+    assert violations(name, policies.INGRESS_RULE, {**by_cidr, "tags": {ROLE_TAG: "endpoint"}}) == []
+
+
+def test_no_ssh_ingress() -> None:
+    name = "no-ssh-ingress"
+    ssh = {"ipProtocol": "tcp", "fromPort": 22, "toPort": 22, "cidrIpv4": "10.0.0.0/8"}
+    assert violations(name, policies.INGRESS_RULE, ssh)
+    wide = {"ipProtocol": "tcp", "fromPort": 0, "toPort": 1024, "referencedSecurityGroupId": "sg-other", "securityGroupId": "sg-me"}
+    assert violations(name, policies.INGRESS_RULE, wide)
+    inline = {"ingress": [{"protocol": "-1", "fromPort": 0, "toPort": 0, "securityGroups": ["sg-other"]}]}
+    assert violations(name, policies.SECURITY_GROUP, inline)
+    gang = {"ipProtocol": "-1", "referencedSecurityGroupId": "sg-me", "securityGroupId": "sg-me"}
+    assert violations(name, policies.INGRESS_RULE, gang) == []
+    api = {"ipProtocol": "tcp", "fromPort": 8000, "toPort": 8001, "referencedSecurityGroupId": "sg-lb"}
+    assert violations(name, policies.INGRESS_RULE, api) == []
+
+
+def test_no_plaintext_secrets() -> None:
+    name, lt = "no-plaintext-secrets", policies.LAUNCH_TEMPLATE
+    assert violations(name, lt, good_template()) == []
+    leaked = "#cloud-config\nwrite_files:\n  - path: /etc/vllm.env\n    content: VLLM_API_KEY=offline4d8f2e9a1b\n"
+    assert violations(name, lt, good_template(userData=user_data(leaked)))
+    assert violations(name, lt, good_template(userData=user_data(leaked, packed=False)))
+    argv = "#cloud-config\nruncmd: [[vllm, serve, m, --api-key, s3cretValue123]]\n"
+    assert violations(name, lt, good_template(userData=user_data(argv)))
+    assert violations(name, lt, good_template(userData=user_data("token: hf_" + "a" * 34)))
+    assert violations(name, lt, good_template(userData="not base64!"))
+    # Naming the variable without a value (the node reads it from a credential) is fine.
+    assert violations(name, lt, good_template(userData=user_data("#cloud-config\n# sets VLLM_API_KEY from $CREDENTIALS_DIRECTORY\n"))) == []
+    assert violations(name, policies.AUTOSCALING_GROUP, {"tags": [{"key": "debug", "value": "AKIAABCDEFGHIJKLMNOP"}]})
+    version = policies.SECRET_VERSION
+    assert violations(name, version, {"secretString": "x"})
+    assert violations(name, version, {"secretString": "x"}, secret_outputs=("secretString",)) == []
+
+
+def test_instance_type_matches_plan() -> None:
+    name, lt = "instance-type-matches-plan", policies.LAUNCH_TEMPLATE
+    config = {"plannedInstanceTypes": ["p5.48xlarge", "p4de.24xlarge"]}
+    assert violations(name, lt, good_template(), config=config) == []
+    assert violations(name, lt, good_template(instanceType="g6.xlarge"), config=config)  # tag mismatch
+    retagged = good_template(instanceType="g6.xlarge", tags={**TAGS, INSTANCE_TYPE_TAG: "g6.xlarge"})
+    assert violations(name, lt, retagged) == []  # no plan given: the tag alone must agree
+    assert violations(name, lt, retagged, config=config)
+    assert violations(name, lt, good_template(instanceType=None))
+    group = {"mixedInstancesPolicy": {"launchTemplate": {"overrides": [{"instanceType": "p5.48xlarge"}, {"instanceType": "g5.xlarge"}]}}}
+    assert violations(name, policies.AUTOSCALING_GROUP, group, config=config) == ["override instanceType g5.xlarge is not in the plan (p5.48xlarge, p4de.24xlarge)"]
+
+
+def test_required_tags() -> None:
+    name = "required-tags"
+    assert violations(name, "aws:ec2/vpc:Vpc", {"tags": TAGS}) == []
+    assert violations(name, "aws:ec2/vpc:Vpc", {"tags": {"vllm-fleet:stack": "s"}})
+    assert violations(name, "aws:iam/rolePolicy:RolePolicy", {}) == []  # takes no tags
+    unpropagated = {"tags": [{"key": k, "value": "x", "propagateAtLaunch": k != "vllm-fleet:plan-id"} for k in REQUIRED_TAG_KEYS]}
+    assert violations(name, policies.AUTOSCALING_GROUP, unpropagated) == ["tags not propagated to instances: vllm-fleet:plan-id"]
+    untagged_instances = good_template(tagSpecifications=[{"resourceType": "instance", "tags": {}}])
+    assert violations(name, policies.LAUNCH_TEMPLATE, untagged_instances)
+
+
+def test_modern_tls_and_header_hygiene() -> None:
+    assert violations("modern-tls", policies.LISTENER, {"protocol": "HTTPS", "sslPolicy": "ELBSecurityPolicy-2016-08"})
+    assert violations("modern-tls", policies.LISTENER, {"protocol": "HTTPS"})
+    assert violations("modern-tls", policies.LISTENER, {"protocol": "HTTPS", "sslPolicy": "ELBSecurityPolicy-TLS13-1-2-2021-06"}) == []
+    assert violations("alb-drops-invalid-headers", policies.LOAD_BALANCER, {"loadBalancerType": "application"})
+    assert violations("alb-drops-invalid-headers", policies.LOAD_BALANCER, {"loadBalancerType": "network"}) == []
+
+
+def test_replacement_keeps_capacity() -> None:
+    name, group = "replacement-keeps-capacity", policies.AUTOSCALING_GROUP
+    good = {"targetGroupArns": ["arn"], "healthCheckType": "ELB",
+            "instanceRefresh": {"preferences": {"minHealthyPercentage": 100, "maxHealthyPercentage": 110}}}  # fmt: skip
+    assert violations(name, group, good) == []
+    assert violations(name, group, {**good, "healthCheckType": "EC2"})
+    assert violations(name, group, {**good, "instanceRefresh": {"preferences": {"minHealthyPercentage": 90}}})
+
+
+# --- the pack over the program -------------------------------------------------------------------
+@cache
+def plan(stack: str) -> StackPlan:
+    config: StackConfig = load_stack_file(stack)
+    if stack in REFUSED:
+        # The refused stack's shape still gets the guardrails: with room for one more node.
+        layout = build_stack_plan(config, validate=False).plan.layout
+        config = config.model_copy(update={"capacity": config.capacity.model_copy(
+            update={"max_replicas": (config.capacity.max_replicas // layout.replicas_per_node + 1) * layout.replicas_per_node})})  # fmt: skip
+    return build_stack_plan(config, validate=False)
+
+
+def resources(records: list[ResourceRecord]) -> list[tuple[str, str, dict[str, Any], list[str]]]:
+    return [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom]
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["preview", "update"])
+@pytest.mark.parametrize("stack", STACKS)
+def test_pack_passes_on_every_stack(stack: str, preview: bool) -> None:
+    stack_plan = plan(stack)
+    records = offline.preview_resources(stack_plan, preview=preview)
+    found = policies.check_resources(resources(records), policies.policy_config(ladder_types(stack_plan)))
+    assert found == [], "\n".join(map(repr, found))
+
+
+def test_pack_catches_a_tampered_program() -> None:
+    """The same records, one property flipped each: the pack must notice every one."""
+    records = offline.preview_resources(plan("prod-405b"), preview=False)
+    base = resources(records)
+
+    def tamper(resource_type: str, change: Any) -> list[policies.Violation]:
+        changed = []
+        for rtype, name, props, secrets in base:
+            if rtype == resource_type:
+                props = change(dict(props))
+            changed.append((rtype, name, props, secrets))
+        return policies.check_resources(changed, policies.policy_config(["p4de.24xlarge"]))
+
+    assert {v.policy for v in tamper(policies.LAUNCH_TEMPLATE, lambda p: {**p, "metadataOptions": {"httpTokens": "optional"}})} == {"imdsv2-required"}
+    assert {v.policy for v in tamper(policies.LAUNCH_TEMPLATE, lambda p: {**p, "instanceType": "p5.48xlarge"})} == {"instance-type-matches-plan"}
+    opened = tamper(policies.INGRESS_RULE, lambda p: {**p, "cidrIpv4": "0.0.0.0/0", "referencedSecurityGroupId": None})
+    assert {"no-world-ingress", "nodes-admit-security-groups-only"} <= {v.policy for v in opened}
+
+
+def test_tagless_types_match_pulumi_aws() -> None:
+    """TAGLESS_TYPES is exactly the program's AWS types whose class takes no ``tags``."""
+    records = offline.preview_resources(plan("prod-405b"), preview=True) + offline.preview_resources(plan("dev-8b"), preview=True)
+    types = {r.type for r in records if r.custom and r.type.startswith("aws:")}
+    classes = {
+        "aws:iam/rolePolicy:RolePolicy": aws.iam.RolePolicy,
+        "aws:iam/rolePolicyAttachment:RolePolicyAttachment": aws.iam.RolePolicyAttachment,
+        "aws:secretsmanager/secretVersion:SecretVersion": aws.secretsmanager.SecretVersion,
+        "aws:ec2/routeTableAssociation:RouteTableAssociation": aws.ec2.RouteTableAssociation,
+        "aws:ec2/vpc:Vpc": aws.ec2.Vpc,
+        "aws:autoscaling/group:Group": aws.autoscaling.Group,
+        "aws:lb/listenerRule:ListenerRule": aws.lb.ListenerRule,
+        "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule": aws.vpc.SecurityGroupIngressRule,
+    }
+    for resource_type, cls in classes.items():
+        takes_tags = "tags" in inspect.signature(cls._internal_init).parameters
+        assert takes_tags == (resource_type not in policies.TAGLESS_TYPES), resource_type
+    tagless_used = {t for t in types if t in policies.TAGLESS_TYPES}
+    assert tagless_used == set(policies.TAGLESS_TYPES)
+    for record in records:
+        if record.custom and record.type.startswith("aws:") and record.type not in policies.TAGLESS_TYPES:
+            assert "tags" in record.engine_inputs, f"{record.type} {record.name} has no tags"
