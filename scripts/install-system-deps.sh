@@ -13,6 +13,7 @@ PACKAGES=(
   iproute2          # veth pairs for the two-node test
   prometheus-alertmanager  # amtool check-config on the rendered alertmanager.yml
   prometheus-node-exporter # a real node_exporter for the monitoring contract test
+  strace            # proves the key fetch puts the key in no process's argv or environment
 )
 
 missing=()

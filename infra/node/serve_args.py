@@ -2,7 +2,8 @@
 
 Flag names are exactly those of the pinned vLLM (infra/data/vllm.yaml); the whole list is
 checked by vLLM's own parser (infra/node/vllm_cli.py) before anything is rendered. The
-API key is never here: vLLM reads it from VLLM_API_KEY, set from a root-only tmpfs file.
+API key is never here: the node appends ``--config`` naming a systemd credential (a root-only
+tmpfs file fetched from Secrets Manager) that carries the key(s); see docs/node.md.
 """
 
 from __future__ import annotations

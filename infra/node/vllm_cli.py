@@ -6,7 +6,8 @@ the very parser ``vllm serve`` builds (located through ``infra/data/vllm.yaml``)
 top of it we are stricter than argparse: flags must be spelled exactly as vLLM defines
 them (argparse silently expands unique prefixes such as ``--max-model`` and vLLM turns
 ``--max_model_len`` into ``--max-model-len``), switches take no value, nothing stray, no
-flag twice, and never ``--api-key`` (the key lives in the VLLM_API_KEY environment).
+flag twice, and never ``--api-key`` (the node hands vLLM its keys through ``--config`` on a
+systemd credential, so they never appear in argv; see docs/node.md).
 
 vLLM is imported lazily (about 8-25 s) and the parser is built once per process.
 """
@@ -34,7 +35,7 @@ from infra.node.vllm_pin import vllm_facts
 
 # Flags vLLM defines that a fleet command line must not carry, and why.
 FORBIDDEN_FLAGS: Mapping[str, str] = {
-    "--api-key": "the API key must come from the VLLM_API_KEY environment variable, never argv "
+    "--api-key": "the API key reaches vLLM through --config on a systemd credential, never argv "
     "(argv is readable by every user through ps and /proc)",
     "--model": "the model is the positional argument right after 'vllm serve'",
     "--config": "a YAML config file hides flags from this check; put them on the command line",
