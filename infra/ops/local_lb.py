@@ -71,7 +71,8 @@ def render_haproxy_config(
     admin_socket: Path,
     bind_address: str = "127.0.0.1",
     timeout_s: int = 600,
-    check_interval_ms: int = 500,
+    check_interval_ms: int = 1000,
+    check_timeout_s: int = 5,
     rise: int = 2,
     fall: int = 2,
 ) -> str:
@@ -87,6 +88,7 @@ def render_haproxy_config(
         bind_address=bind_address,
         timeout_s=timeout_s,
         check_interval_ms=check_interval_ms,
+        check_timeout_s=check_timeout_s,
         rise=rise,
         fall=fall,
         path_regexes=regexes,
@@ -149,7 +151,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: floa
 
 @contextmanager
 def run_local_lb(
-    backends: Sequence[Backend], workdir: Path, *, port: int, check_interval_ms: int = 500
+    backends: Sequence[Backend], workdir: Path, *, port: int, check_interval_ms: int = 1000
 ) -> Iterator[LocalLoadBalancer]:
     """Validate the rendered config with ``haproxy -c``, run haproxy in the foreground, stop it after."""
     workdir.mkdir(parents=True, exist_ok=True)
