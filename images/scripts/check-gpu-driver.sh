@@ -21,7 +21,11 @@ if [[ "$(gpu_count)" -eq 0 ]]; then
   exit 0
 fi
 
-driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1 | tr -d '[:space:]')"
+# One line per GPU; all GPUs share the driver. (No `| head`: under pipefail its early exit
+# would kill nvidia-smi with SIGPIPE on a many-GPU host.)
+driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader)"
+driver="${driver%%$'\n'*}"
+driver="${driver//[[:space:]]/}"
 major="${driver%%.*}"
 [[ "${major}" =~ ^[0-9]+$ ]] || die "cannot parse the NVIDIA driver version '${driver}'"
 if ((major < MIN_DRIVER_MAJOR)); then

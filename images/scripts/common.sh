@@ -26,7 +26,9 @@ is_true() {
 
 # version_ge A B: true when version A >= version B (dotted numbers, compared piecewise).
 version_ge() {
-  [[ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" == "$2" ]]
+  local lowest
+  lowest="$(printf '%s\n%s\n' "$1" "$2" | sort -V)"
+  [[ "${lowest%%$'\n'*}" == "$2" ]]
 }
 
 # Number of NVIDIA GPUs the driver shows; 0 when there is no driver or no GPU.

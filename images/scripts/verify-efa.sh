@@ -16,7 +16,8 @@ SYSFS_INFINIBAND="${SYSFS_INFINIBAND:-/sys/class/infiniband}"
 
 [[ -x "${FI_INFO}" ]] || die "EFA userspace missing: no ${FI_INFO}. Bake from the DLAMI base (it ships the EFA installer) or run the EFA installer first"
 compgen -G "${LIBFABRIC_LIB_DIR}/libfabric.so*" >/dev/null || die "no libfabric.so in ${LIBFABRIC_LIB_DIR}"
-log "libfabric: $("${FI_INFO}" --version | head -n1)"
+fi_version="$("${FI_INFO}" --version)"
+log "libfabric: ${fi_version%%$'\n'*}"
 
 plugin="$(find "${OFI_NCCL_SEARCH_ROOT}" -name 'libnccl-net*.so*' -print -quit 2>/dev/null || true)"
 [[ -n "${plugin}" ]] || die "no AWS OFI NCCL plugin (libnccl-net*.so) under ${OFI_NCCL_SEARCH_ROOT}"
