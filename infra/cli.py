@@ -98,6 +98,25 @@ def plan(
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
     config = load_stack_file(stack, stacks_dir)
     stack_plan = build_stack_plan(config)
+    # Pulumi only now: the program runs under in-process mocks, the offline preview.
+    from infra.offline import preview_resources, resource_tree_text, resources_json
+    from infra.policies import check_resources, policy_config
+    from infra.components.fleet import ladder_types
+
+    records = preview_resources(stack_plan, preview=True)
+    pack_config = policy_config(ladder_types(stack_plan))
+    violations = check_resources(
+        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
+        pack_config,
+    )
+    if violations:
+        first = violations[0]
+        raise FleetError(
+            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
+            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
+        )
+    stack_plan.artifacts["resources.json"] = resources_json(records)
+    stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
     target = out_dir or Path("build") / stack
     written = write_artifacts(stack_plan, target)
     if as_json:
@@ -108,6 +127,8 @@ def plan(
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
                 "alternatives": _alternatives_json(stack_plan.plan),
+                "resources": len(records),
+                "policy_violations": 0,
                 "artifacts": [str(p) for p in written],
             }
         )
@@ -115,6 +136,11 @@ def plan(
     out.print(f"[bold]Stack {stack}[/bold]: {config.model.catalog or config.model.repo} in {config.region}")
     _print_plan(stack_plan.plan)
     _print_stack_extras(stack_plan)
+    out.print(f"\n[bold]Resources[/bold] ({len(records)}; what `pulumi up` would create, from the mocked run):")
+    out.file.flush()
+    # Plain print: the tree's lines must not be wrapped at the terminal width.
+    print(resource_tree_text(records), flush=True)
+    out.print(f"Policy pack: {len(records)} resources checked, no violations.")
     out.print(f"\nArtifacts written to {target}/:")
     for path in written:
         out.print(f"  {path.relative_to(target)}")

@@ -52,12 +52,20 @@ class StackPlan:
 
     @property
     def autoscaling_group_name(self) -> str:
-        return f"vllm-fleet-{self.config.stack}"
+        """The prefix every Auto Scaling group of the stack is named with (AWS adds a suffix);
+        the deployed monitoring config carries the exact names, known only after creation."""
+        return group_name_prefix(self.config.stack)
 
     @property
     def api_key_secret_name(self) -> str:
         """Deterministic, so user-data can name it without waiting for a Pulumi Output."""
         return f"vllm-fleet/{self.config.stack}/api-key"
+
+
+def group_name_prefix(stack: str) -> str:
+    """Every group of the stack is named ``vllm-fleet.<stack>.<key>-<suffix>``: the dots make
+    the IAM pattern match this stack's groups only (stack names have none)."""
+    return f"vllm-fleet.{stack}."
 
 
 def sizing_request(config: StackConfig) -> SizingRequest:

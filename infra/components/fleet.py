@@ -52,7 +52,7 @@ from infra.program.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
-from infra.stackplan import StackPlan
+from infra.stackplan import StackPlan, group_name_prefix
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
 # at most 10 % (at least one node) above it while a replacement warms up.
@@ -221,12 +221,6 @@ def default_weights_s3_uri(config: StackConfig, account_id: str, model_repo: str
     """The convention when weightsS3Uri is not set: one bucket per account and region,
     one prefix per repo and revision (what the weight-staging job writes)."""
     return f"s3://vllm-fleet-weights-{account_id}-{config.region}/{model_repo}/{config.model.revision}/"
-
-
-def group_name_prefix(stack: str) -> str:
-    """Every group of the stack is named ``vllm-fleet.<stack>.<key>-<suffix>``: the dots make
-    the IAM pattern match this stack's groups only (stack names have none)."""
-    return f"vllm-fleet.{stack}."
 
 
 @dataclass(frozen=True)
