@@ -317,7 +317,8 @@ def test_multi_node_units_parse_as_intended(rendered_roots: dict) -> None:
     (pre,) = parsed_commands(vllm, "ExecStartPre")
     assert pre == [
         "/opt/vllm/venv/bin/python3", f"/{LIBEXEC}/wait-ray-gpus",
-        f"--gpus={spec.total_gpus}", f"--timeout={spec.gang_discovery.ray_wait_timeout_s}",
+        f"--gpus={spec.total_gpus}", f"--nodes={spec.nodes}",
+        f"--timeout={spec.gang_discovery.ray_wait_timeout_s}",
     ]  # fmt: skip
     (head,) = parsed_commands(dump_lines(root, "ray-head.service"), "ExecStart")
     assert head[:4] == ["/opt/vllm/venv/bin/ray", "start", "--block", "--head"]

@@ -146,6 +146,8 @@ def _vllm_unit(spec: NodeSpec, index: int, replica: ReplicaSpec, unit_name: str)
         f"{spec.venv}/bin/python3",
         f"/{LIBEXEC}/wait-ray-gpus",
         f"--gpus={spec.total_gpus}",
+        # Nodes too: a CPU gang (the boot test) has 0 GPUs, and GPUs alone would not wait.
+        f"--nodes={spec.nodes}",
         f"--timeout={spec.gang_discovery.ray_wait_timeout_s}",
     ]
     return _render(
