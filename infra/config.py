@@ -150,6 +150,11 @@ class MonitoringSection(Section):
     ttft_p95_slo_s: float = Field(default=1.0, gt=0)
     sns_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:")
     webhook_url: str | None = Field(default=None, pattern=r"^https://")
+    shared_stack: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$",
+        description="mode shared: the stack whose monitoring this fleet uses (org/project/stack)",
+    )
 
     @field_validator("allowed_cidrs")
     @classmethod
@@ -160,6 +165,8 @@ class MonitoringSection(Section):
     def _alerts_go_somewhere(self) -> MonitoringSection:
         if self.mode != "none" and not (self.sns_topic_arn or self.webhook_url):
             raise ValueError("alerts need a receiver: give snsTopicArn, webhookUrl or both (or mode: none)")
+        if (self.mode == "shared") != (self.shared_stack is not None):
+            raise ValueError("sharedStack is required with mode shared, and allowed only there")
         return self
 
 

@@ -1,0 +1,526 @@
+"""A fleet's monitoring, by ``vllm-fleet:monitoring.mode``:
+
+* ``self-hosted``: one small Amazon Linux 2023 instance in a private subnet running Prometheus,
+  Alertmanager and Grafana (infra/monitoring_host.py renders its files). The monitoring content
+  (``render_monitoring``) goes to a private S3 bucket, one object per file plus a checksum
+  manifest; the host installs a new version after promtool/amtool accept it, without being
+  replaced. Grafana's admin password: RandomPassword → Secrets Manager, read by the host at
+  boot (its role may read only that secret). No SSH: Session Manager, for shell and for port
+  forwarding when no CIDR may reach the host.
+* ``managed``: an Amazon Managed Prometheus workspace with the fleet's rules and an SNS-only
+  alert manager, an Amazon Managed Grafana workspace, and, for the nodes, the Prometheus agent
+  files and the remote-write policy (the program adds both to the Fleet).
+* ``shared``: another stack's monitoring, through a StackReference to its outputs.
+* ``none``: nothing.
+
+The GPU nodes admit scrapes only from the network's "scrapers" security group; the host wears
+that group next to its own, so the Fleet needs no rule for it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_random as random
+
+from infra.components.facts import aws_fleet_facts
+from infra.errors import FleetError
+from infra.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
+from infra.monitoring_host import (
+    CONFIG_URI_TAG,
+    GRAFANA_PASSWORD_LENGTH,
+    HostPolicyInputs,
+    amp_alertmanager_definition,
+    assume_role_policy,
+    check_node_agent,
+    check_host_layout,
+    config_objects,
+    grafana_admin_secret_name,
+    grafana_workspace_policy_document,
+    gzip_base64,
+    host_destination,
+    host_facts,
+    host_policy_document,
+    host_spec,
+    remote_write_policy_document,
+    remote_write_url,
+    render_host_user_data,
+    render_node_agent,
+)
+from infra.program.tags import REQUIRED_TAG_KEYS, ROLE_TAG
+
+MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
+HTTPS_PORT = 443
+# S3 allows at most 10 tags on an object; objects carry only the required ones.
+S3_OBJECT_TAG_LIMIT = 10
+
+# Stack outputs a monitoring stack exports (``Monitoring.stack_outputs``), and what ``shared``
+# mode reads from the stack it names: the two must agree.
+OUTPUT_GRAFANA_URL = "monitoringGrafanaUrl"
+OUTPUT_PROMETHEUS_URL = "monitoringPrometheusUrl"
+OUTPUT_GRAFANA_SECRET_ARN = "monitoringGrafanaAdminSecretArn"
+OUTPUT_SECURITY_GROUP_ID = "monitoringSecurityGroupId"
+OUTPUT_AMP_ENDPOINT = "monitoringAmpEndpoint"
+SHARED_OUTPUTS = (
+    OUTPUT_GRAFANA_URL,
+    OUTPUT_PROMETHEUS_URL,
+    OUTPUT_GRAFANA_SECRET_ARN,
+    OUTPUT_SECURITY_GROUP_ID,
+)
+
+
+@dataclass(frozen=True)
+class MonitoringArgs:
+    mode: MonitoringMode
+    stack: str
+    region: str
+    partition: str
+    account_id: str
+    tags: Mapping[str, str]
+    # The fleet's monitoring content; required unless mode is none or shared.
+    spec: MonitoringSpec | None = None
+    # self-hosted: where the host runs, and who may reach Grafana (3000) and Prometheus (9090).
+    vpc_id: pulumi.Input[str] | None = None
+    subnet_id: pulumi.Input[str] | None = None
+    allowed_cidrs: Sequence[str] = ()
+    # The network's scrapers group (Network.scraper_security_group_id): the nodes admit their
+    # metrics ports from it, so the host wears it.
+    scraper_security_group_id: pulumi.Input[str] | None = None
+    # None: the AMI AL2023's public SSM parameter names at deploy time (facts.yaml).
+    ami_id: pulumi.Input[str] | None = None
+    # shared: the stack (org/project/stack) whose monitoring this fleet uses.
+    shared_stack: str | None = None
+    secret_recovery_window_days: int = 7
+    extra_host_tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def check_allowed_cidrs(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The CIDRs that may reach Grafana and Prometheus: never the whole internet."""
+    networks = []
+    for i, cidr in enumerate(cidrs):
+        try:
+            network = ipaddress.ip_network(cidr, strict=True)
+        except ValueError:
+            raise FleetError(
+                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: not a CIDR block like 10.0.0.0/8"
+            ) from None
+        if network.prefixlen == 0:
+            raise FleetError(
+                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: Grafana and Prometheus must not be open to "
+                "the internet; name your networks, or leave the list empty and use an SSM port forward"
+            )
+        networks.append(network)
+    return networks
+
+
+def egress_ports(spec: MonitoringSpec) -> list[int]:
+    """TCP ports the host opens connections to outside the VPC: HTTPS (AWS APIs, SNS, the
+    release downloads, Grafana's repository) and the webhook's port if it names another."""
+    ports = {HTTPS_PORT}
+    if spec.webhook_url:
+        parts = urlsplit(spec.webhook_url)
+        ports.add(parts.port or (HTTPS_PORT if parts.scheme == "https" else 80))
+    return sorted(ports)
+
+
+def host_tags(tags: Mapping[str, str], spec: MonitoringSpec) -> dict[str, str]:
+    """The host's own tags: the stack's, minus the tag Prometheus finds the fleet's nodes by
+    (MonitoringSpec: the host would otherwise scrape itself as a vLLM node)."""
+    kept = {k: v for k, v in tags.items() if not (k == spec.stack_tag_key and v == spec.stack_tag_value)}
+    return {**kept, ROLE_TAG: "monitoring"}
+
+
+class Monitoring(pulumi.ComponentResource):
+    mode: MonitoringMode
+    grafana_url: pulumi.Output[str] | None
+    prometheus_url: pulumi.Output[str] | None
+    grafana_admin_secret_arn: pulumi.Output[str] | None
+    security_group_id: pulumi.Output[str] | None
+    amp_endpoint: pulumi.Output[str] | None
+    amp_workspace_arn: pulumi.Output[str] | None
+    node_remote_write_policy: pulumi.Output[str] | None
+    node_agent_files: pulumi.Output[dict[str, str]] | None
+    config_bucket: pulumi.Output[str] | None
+    host_instance_id: pulumi.Output[str] | None
+
+    def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("vllm-fleet:monitoring:Monitoring", name, None, opts)
+        self.mode = args.mode
+        self.grafana_url = self.prometheus_url = self.grafana_admin_secret_arn = None
+        self.security_group_id = self.amp_endpoint = self.amp_workspace_arn = None
+        self.node_remote_write_policy = self.node_agent_files = self.config_bucket = None
+        self.host_instance_id = None
+        if args.mode == "self-hosted":
+            self._self_hosted(name, args)
+        elif args.mode == "managed":
+            self._managed(name, args)
+        elif args.mode == "shared":
+            self._shared(name, args)
+        elif args.mode != "none":
+            raise FleetError(f"vllm-fleet:monitoring.mode = {args.mode!r}: use self-hosted, managed, shared or none")
+        self.register_outputs(
+            {key: value for key, value in self.stack_outputs().items()}
+            | {"mode": args.mode}
+        )
+
+    def stack_outputs(self) -> dict[str, pulumi.Output[Any]]:
+        """What the program exports (and what a ``shared`` fleet reads back): only known parts."""
+        values = {
+            OUTPUT_GRAFANA_URL: self.grafana_url,
+            OUTPUT_PROMETHEUS_URL: self.prometheus_url,
+            OUTPUT_GRAFANA_SECRET_ARN: self.grafana_admin_secret_arn,
+            OUTPUT_SECURITY_GROUP_ID: self.security_group_id,
+            OUTPUT_AMP_ENDPOINT: self.amp_endpoint,
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    # --- self-hosted ----------------------------------------------------------------------
+    def _self_hosted(self, name: str, args: MonitoringArgs) -> None:
+        spec = _require_spec(args)
+        if args.vpc_id is None or args.subnet_id is None:
+            raise FleetError("monitoring mode self-hosted: the host needs vpc_id and a private subnet_id")
+        # Every check that can fail runs before the first resource is declared.
+        networks = check_allowed_cidrs(args.allowed_cidrs)
+        check_host_layout(spec)
+        files = render_monitoring(spec)
+        for rel in files:
+            host_destination(rel, spec.grafana_dashboards_dir)
+        objects = config_objects(files)
+        hspec = host_spec(spec)
+        user_data = gzip_base64(render_host_user_data(hspec), limit_bytes=aws_fleet_facts().user_data_max_bytes.value)
+        facts = host_facts()
+        ports = facts.ports.value
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {**args.tags, ROLE_TAG: "monitoring"}
+        stack = args.stack
+
+        # --- Grafana's admin password ---------------------------------------------------
+        password = random.RandomPassword(
+            f"{name}-grafana-password",
+            length=GRAFANA_PASSWORD_LENGTH,
+            special=False,
+            min_lower=4,
+            min_upper=4,
+            min_numeric=4,
+            opts=child,
+        )
+        secret = aws.secretsmanager.Secret(
+            f"{name}-grafana-secret",
+            name=hspec.grafana_admin_secret_id,
+            description=f"Grafana admin password of the {stack} monitoring host (read by its instance role)",
+            recovery_window_in_days=args.secret_recovery_window_days,
+            tags={**tags, "Name": hspec.grafana_admin_secret_id},
+            opts=child,
+        )
+        secret_version = aws.secretsmanager.SecretVersion(
+            f"{name}-grafana-secret-version",
+            secret_id=secret.id,
+            secret_string=password.result,
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secretString"]),
+        )
+
+        # --- the monitoring content in S3 -----------------------------------------------
+        bucket = aws.s3.Bucket(
+            f"{name}-config",
+            bucket_prefix="vllm-fleet-monitoring-",
+            # Only rendered files live here; they are re-rendered on every deploy.
+            force_destroy=True,
+            tags={**tags, "Name": f"{stack}-monitoring-config"},
+            opts=child,
+        )
+        aws.s3.BucketPublicAccessBlock(
+            f"{name}-config-private",
+            bucket=bucket.id,
+            block_public_acls=True,
+            block_public_policy=True,
+            ignore_public_acls=True,
+            restrict_public_buckets=True,
+            opts=child,
+        )
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{name}-config-encryption",
+            bucket=bucket.id,
+            rules=[
+                aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
+                    apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
+                        sse_algorithm="AES256"
+                    )
+                )
+            ],
+            opts=child,
+        )
+        aws.s3.BucketPolicy(
+            f"{name}-config-tls-only",
+            bucket=bucket.id,
+            policy=bucket.arn.apply(lambda arn: json.dumps(_tls_only_bucket_policy(arn))),
+            opts=child,
+        )
+        prefix = f"{stack}/"
+        object_tags = {k: v for k, v in args.tags.items() if k in REQUIRED_TAG_KEYS}
+        if len(object_tags) > S3_OBJECT_TAG_LIMIT:
+            raise FleetError(f"monitoring config objects: {len(object_tags)} tags; S3 allows {S3_OBJECT_TAG_LIMIT}")
+        file_objects = []
+        manifest_key = next(key for key in objects if "/" not in key)
+        for key, content in objects.items():
+            if key == manifest_key:
+                continue
+            file_objects.append(
+                aws.s3.BucketObjectv2(
+                    f"{name}-config-{key.replace('/', '-')}",
+                    bucket=bucket.id,
+                    key=f"{prefix}{key}",
+                    content=content,
+                    content_type=_content_type(key),
+                    tags=object_tags,
+                    opts=child,
+                )
+            )
+        # Written after every file, so a host that sees the new manifest finds the new files.
+        manifest = aws.s3.BucketObjectv2(
+            f"{name}-config-manifest",
+            bucket=bucket.id,
+            key=f"{prefix}{manifest_key}",
+            content=objects[manifest_key],
+            content_type="text/plain",
+            tags=object_tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=file_objects),
+        )
+
+        # --- identity: exactly what Prometheus, Alertmanager, Grafana and the sync call -----
+        role = aws.iam.Role(
+            f"{name}-host-role",
+            description=f"Monitoring host of {stack}",
+            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
+            tags={**tags, "Name": f"{stack}-monitoring"},
+            opts=child,
+        )
+        aws.iam.RolePolicyAttachment(
+            f"{name}-host-ssm",
+            role=role.name,
+            # Session Manager: shell and port forwarding without SSH or open ports.
+            policy_arn=f"arn:{args.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore",
+            opts=child,
+        )
+        policy = aws.iam.RolePolicy(
+            f"{name}-host-policy",
+            role=role.id,
+            policy=pulumi.Output.all(secret.arn, bucket.bucket).apply(
+                lambda values: json.dumps(
+                    host_policy_document(
+                        HostPolicyInputs(
+                            partition=args.partition,
+                            grafana_secret_arn=values[0],
+                            config_bucket=values[1],
+                            config_prefix=prefix,
+                            sns_topic_arn=spec.sns_topic_arn,
+                        )
+                    ),
+                    indent=2,
+                )
+            ),
+            opts=child,
+        )
+        profile = aws.iam.InstanceProfile(
+            f"{name}-host-profile", role=role.name, tags={**tags, "Name": f"{stack}-monitoring"}, opts=child
+        )
+
+        # --- network: Grafana and Prometheus from the allowed CIDRs only -----------------
+        sg = aws.ec2.SecurityGroup(
+            f"{name}-host-sg",
+            vpc_id=args.vpc_id,
+            description=f"Monitoring host of {stack}: Grafana and Prometheus from allowed CIDRs, no SSH",
+            tags={**tags, "Name": f"{stack}-monitoring"},
+            opts=child,
+        )
+        for network in networks:
+            for service, port in (("grafana", ports.grafana), ("prometheus", ports.prometheus)):
+                key = f"{service}-{str(network).replace('/', '-').replace(':', '-').replace('.', '-')}"
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-in-{key}",
+                    security_group_id=sg.id,
+                    ip_protocol="tcp",
+                    from_port=port,
+                    to_port=port,
+                    cidr_ipv4=str(network) if network.version == 4 else None,
+                    cidr_ipv6=str(network) if network.version == 6 else None,
+                    description=f"{service} from {network}",
+                    tags=tags,
+                    opts=child,
+                )
+        for port in egress_ports(spec):
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-out-{port}",
+                security_group_id=sg.id,
+                ip_protocol="tcp",
+                from_port=port,
+                to_port=port,
+                cidr_ipv4="0.0.0.0/0",
+                description="AWS APIs, SNS, release downloads, Grafana repository" if port == HTTPS_PORT else "alert webhook",
+                tags=tags,
+                opts=child,
+            )
+
+        # --- the host --------------------------------------------------------------------
+        instance_facts = facts.instance_type.value
+        volume = facts.root_volume.value
+        ami = args.ami_id or aws.ssm.get_parameter_output(
+            name=facts.ami_ssm_parameter.value, opts=pulumi.InvokeOutputOptions(parent=self)
+        ).value
+        security_groups: list[pulumi.Input[str]] = [sg.id]
+        if args.scraper_security_group_id is not None:
+            security_groups.append(args.scraper_security_group_id)
+        own_tags = {**host_tags(args.tags, spec), **args.extra_host_tags}
+        instance = aws.ec2.Instance(
+            f"{name}-host",
+            ami=ami,
+            instance_type=instance_facts.name,
+            subnet_id=args.subnet_id,
+            vpc_security_group_ids=security_groups,
+            associate_public_ip_address=False,
+            iam_instance_profile=profile.name,
+            metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
+                http_endpoint="enabled",
+                http_tokens="required",
+                http_put_response_hop_limit=1,
+                # The sync reads the config location from the instance's tag.
+                instance_metadata_tags="enabled",
+            ),
+            root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
+                volume_type="gp3",
+                volume_size=volume.size_gib,
+                encrypted=True,
+                delete_on_termination=True,
+                tags={**own_tags, "Name": f"{stack}-monitoring"},
+            ),
+            user_data_base64=user_data,
+            # New host software means a new host; the content changes in place through S3.
+            user_data_replace_on_change=True,
+            tags={
+                **own_tags,
+                "Name": f"{stack}-monitoring",
+                CONFIG_URI_TAG: bucket.bucket.apply(lambda b: f"s3://{b}/{prefix}"),
+            },
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[manifest, secret_version, policy],
+                # A newer AL2023 image must not replace the host and its metrics history; take
+                # it deliberately (pulumi up --replace) when wanted.
+                ignore_changes=["ami"],
+            ),
+        )
+        self.grafana_url = instance.private_ip.apply(lambda ip: f"http://{ip}:{ports.grafana}")
+        self.prometheus_url = instance.private_ip.apply(lambda ip: f"http://{ip}:{ports.prometheus}")
+        self.grafana_admin_secret_arn = secret.arn
+        self.security_group_id = sg.id
+        self.config_bucket = bucket.bucket
+        self.host_instance_id = instance.id
+
+    # --- managed --------------------------------------------------------------------------
+    def _managed(self, name: str, args: MonitoringArgs) -> None:
+        spec = _require_spec(args)
+        files = render_monitoring(spec)
+        definition = amp_alertmanager_definition(files["alertmanager.yml"])
+        check_node_agent(spec)
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {**args.tags, ROLE_TAG: "monitoring"}
+        stack = args.stack
+        workspace = aws.amp.Workspace(
+            f"{name}-amp",
+            alias=f"vllm-fleet-{stack}",
+            tags={**tags, "Name": f"{stack}-metrics"},
+            opts=child,
+        )
+        aws.amp.RuleGroupNamespace(
+            f"{name}-amp-rules",
+            name="vllm-fleet",
+            workspace_id=workspace.id,
+            data=files[RULES_FILE],
+            tags=tags,
+            opts=child,
+        )
+        aws.amp.AlertManagerDefinition(
+            f"{name}-amp-alertmanager",
+            workspace_id=workspace.id,
+            definition=definition,
+            opts=child,
+        )
+        grafana_role = aws.iam.Role(
+            f"{name}-grafana-role",
+            description=f"Amazon Managed Grafana workspace of {stack}",
+            assume_role_policy=json.dumps(assume_role_policy("grafana.amazonaws.com", source_account=args.account_id)),
+            tags={**tags, "Name": f"{stack}-grafana"},
+            opts=child,
+        )
+        aws.iam.RolePolicy(
+            f"{name}-grafana-policy",
+            role=grafana_role.id,
+            policy=workspace.arn.apply(lambda arn: json.dumps(grafana_workspace_policy_document(arn), indent=2)),
+            opts=child,
+        )
+        grafana = aws.grafana.Workspace(
+            f"{name}-grafana",
+            name=f"vllm-fleet-{stack}",
+            description=f"Dashboards of vLLM fleet {stack}",
+            account_access_type="CURRENT_ACCOUNT",
+            authentication_providers=["AWS_SSO"],
+            # Our role with our least-privilege policy, not the service's generated ones.
+            permission_type="CUSTOMER_MANAGED",
+            data_sources=["PROMETHEUS", "CLOUDWATCH"],
+            role_arn=grafana_role.arn,
+            tags={**tags, "Name": f"{stack}-grafana"},
+            opts=child,
+        )
+        self.grafana_url = grafana.endpoint.apply(lambda host: f"https://{host}")
+        self.amp_endpoint = workspace.prometheus_endpoint
+        self.amp_workspace_arn = workspace.arn
+        self.node_remote_write_policy = workspace.arn.apply(
+            lambda arn: json.dumps(remote_write_policy_document(arn), indent=2)
+        )
+        self.node_agent_files = workspace.prometheus_endpoint.apply(
+            lambda endpoint: render_node_agent(spec, remote_write_url(endpoint))
+        )
+
+    # --- shared ---------------------------------------------------------------------------
+    def _shared(self, name: str, args: MonitoringArgs) -> None:
+        if not args.shared_stack:
+            raise FleetError("vllm-fleet:monitoring.sharedStack: required with mode shared (org/project/stack)")
+        if args.shared_stack.split("/")[-1] == args.stack:
+            raise FleetError(f"vllm-fleet:monitoring.sharedStack = {args.shared_stack!r}: a stack cannot share its own monitoring")
+        ref = pulumi.StackReference(f"{name}-shared", stack_name=args.shared_stack, opts=pulumi.ResourceOptions(parent=self))
+        self.grafana_url = ref.require_output(OUTPUT_GRAFANA_URL)
+        self.prometheus_url = ref.require_output(OUTPUT_PROMETHEUS_URL)
+        self.grafana_admin_secret_arn = ref.require_output(OUTPUT_GRAFANA_SECRET_ARN)
+        self.security_group_id = ref.require_output(OUTPUT_SECURITY_GROUP_ID)
+
+
+def _require_spec(args: MonitoringArgs) -> MonitoringSpec:
+    if args.spec is None:
+        raise FleetError(f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.stackplan.monitoring_spec)")
+    return args.spec
+
+
+def _content_type(key: str) -> str:
+    return "application/json" if key.endswith(".json") else "application/yaml" if key.endswith((".yml", ".yaml")) else "text/plain"
+
+
+def _tls_only_bucket_policy(bucket_arn: str) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [bucket_arn, f"{bucket_arn}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
