@@ -7,10 +7,10 @@ What scales, and on what:
 * Single-node replicas (one Auto Scaling group): a target tracking policy on vLLM's own queue,
   per instance. ``waiting-requests`` tracks requests in the system per instance,
   ``(vllm:num_requests_running + vllm:num_requests_waiting) × replicas per node``, with the set
-  point "a full batch plus ``target`` waiting": unlike waiting alone (zero whenever a replica
+  point "the batch minus ``target`` free slots": unlike waiting alone (zero whenever a replica
   has a free slot, so target tracking would shed capacity that is in use) it grows in
   proportion to the load and shrinks in proportion to the instances, which is what target
-  tracking needs. ``kv-cache-usage`` tracks the average ``vllm:kv_cache_usage_perc``. A step
+  tracking needs; and a set point below a full batch keeps headroom while new nodes boot. ``kv-cache-usage`` tracks the average ``vllm:kv_cache_usage_perc``. A step
   policy on waiting requests reacts to bursts within one minute instead of three. Scale-in is
   target tracking's own (15 minutes below 90 % of the set point); no policy scales in faster.
 * Multi-node replicas ("gangs", one group per replica, each 0 or ``nodes_per_replica``
@@ -133,10 +133,11 @@ class PolicyDesign(_Strict):
     metric_period_s: Literal[10, 30, 60]
     waiting_target_fraction_of_batch: float = Field(gt=0)
     kv_cache_default_target: float = Field(gt=0, lt=1)
-    burst_waiting_batches: list[float]
+    burst_waiting_of_target: list[float]
     burst_percent_increase: list[int]
     burst_evaluation_periods: int = Field(ge=1)
     protection_interval_s: int = Field(ge=1)
+    protection_release_after_s: int = Field(ge=0)
     night_start_cron: str
     day_start_cron: str
     night_time_zone: str
@@ -144,10 +145,10 @@ class PolicyDesign(_Strict):
 
     @model_validator(mode="after")
     def _steps(self) -> PolicyDesign:
-        if len(self.burst_waiting_batches) != len(self.burst_percent_increase) or not self.burst_waiting_batches:
-            raise ValueError("burst_waiting_batches and burst_percent_increase must pair up")
-        if sorted(self.burst_waiting_batches) != self.burst_waiting_batches:
-            raise ValueError("burst_waiting_batches must increase")
+        if len(self.burst_waiting_of_target) != len(self.burst_percent_increase) or not self.burst_waiting_of_target:
+            raise ValueError("burst_waiting_of_target and burst_percent_increase must pair up")
+        if sorted(self.burst_waiting_of_target) != self.burst_waiting_of_target:
+            raise ValueError("burst_waiting_of_target must increase")
         if self.metric_period_s % self.scrape_interval_s:
             raise ValueError("metric_period_s must be a whole number of scrapes")
         return self
@@ -348,9 +349,16 @@ def _target(stack_plan: StackPlan, metric: Metric) -> tuple[float, bool]:
                 "(vllm:kv_cache_usage_perc); use e.g. 0.7"
             )
         return (given, False) if given is not None else (design.kv_cache_default_target, True)
+    per = 1 if layout.nodes_per_replica > 1 else layout.replicas_per_node
+    batch = stack_plan.plan.request.concurrency * per
     if given is not None:
+        if given >= batch:
+            raise FleetError(
+                f"{_config_key('target')} = {given}: waiting-requests keeps this many batch slots free per "
+                f"{'replica' if per == 1 and layout.nodes_per_replica > 1 else 'instance'}; it must be below the "
+                f"batch of {batch} (concurrency × replicas per node)"
+            )
         return given, False
-    batch = stack_plan.plan.request.concurrency * layout.replicas_per_node
     return max(1.0, batch * design.waiting_target_fraction_of_batch), True
 
 
@@ -396,11 +404,10 @@ def scaling_policy_spec(stack_plan: StackPlan) -> ScalingPolicySpec:
     shape: Shape = "fixed" if min_instances == max_instances else ("gang-ladder" if gangs else "target-tracking")
     target, is_default = _target(stack_plan, metric)
     per = 1 if gangs else layout.replicas_per_node  # gangs are counted per replica
-    setpoint = target if metric == "kv-cache-usage" else plan.request.concurrency * per + target
+    setpoint = target if metric == "kv-cache-usage" else plan.request.concurrency * per - target
     steps: tuple[BurstStep, ...] = ()
     if shape == "target-tracking" and metric == "waiting-requests":
-        batch = plan.request.concurrency * layout.replicas_per_node
-        bounds = [b * batch for b in design.burst_waiting_batches]
+        bounds = [m * target for m in design.burst_waiting_of_target]
         steps = tuple(
             BurstStep(lower, bounds[i + 1] if i + 1 < len(bounds) else None, pct)
             for i, (lower, pct) in enumerate(zip(bounds, design.burst_percent_increase, strict=True))
@@ -524,9 +531,9 @@ def describe_scaling(stack_plan: StackPlan) -> list[str]:
         )
         if spec.metric == "waiting-requests":
             lines.append(
-                f"target: {_fmt(spec.setpoint)} per instance = a full batch of {spec.batch_per_instance} "
-                f"(concurrency {spec.concurrency} × {spec.replicas_per_node} replica(s) per node) "
-                f"+ {_fmt(spec.target)} waiting{default}"
+                f"target: {_fmt(spec.setpoint)} of {spec.batch_per_instance} batch slots busy per instance "
+                f"(concurrency {spec.concurrency} × {spec.replicas_per_node} replica(s) per node), keeping "
+                f"{_fmt(spec.target)} free for arrivals while new capacity boots{default}"
             )
         lines.append(
             f"up: after {spec.scale_out_datapoints} minutes above target, to ceil(instances × load / "
@@ -605,6 +612,7 @@ class NodeScalingSpec:
     gang: bool
     scrape_interval_s: int
     protection_interval_s: int
+    protection_release_after_s: int
     signals: tuple[ScalingSignal, ...]
     dimension_sets: tuple[tuple[str, ...], ...]
     log_group: str
@@ -628,6 +636,7 @@ def node_scaling_spec(stack_plan: StackPlan, *, aws_endpoint_url: str | None = N
         gang=gang,
         scrape_interval_s=facts.policy.scrape_interval_s,
         protection_interval_s=facts.policy.protection_interval_s,
+        protection_release_after_s=facts.policy.protection_release_after_s,
         signals=tuple(scaling_signals().values()),
         dimension_sets=dims,
         log_group=log_group_name(stack_plan.config.stack),
@@ -724,6 +733,7 @@ def simulate(
     *,
     step_s: float = 10.0,
     protection: bool = True,
+    release_after_s: float | None | Literal["policy"] = "policy",
     seed: int = 7,
 ) -> SimulationResult:
     """Replay ``arrivals_per_s`` (one value per step) through the fleet and its policies.
@@ -738,11 +748,14 @@ def simulate(
     the burst step policy adds its percentage of the capacity after one datapoint. A launched
     instance serves after the plan's time to ready. With ``protection``, a node picked for
     scale-in stops only once the node-side check finds it idle (Poisson in-flight count,
-    seeded), as instance scale-in protection makes AWS wait.
+    seeded), as instance scale-in protection makes AWS wait, or once the scale-in has waited
+    ``release_after_s`` (the node script's release; None: never).
     """
     if spec.shape != "target-tracking":
         raise FleetError(f"simulate: the {spec.shape} shape is not simulated (target tracking only)")
     rng = random.Random(seed)
+    design = scaling_facts().policy
+    release_after = design.protection_release_after_s if release_after_s == "policy" else release_after_s
     per_minute = round(60 / step_s)
     batch = spec.batch_per_instance
     ttr, warmup = spec.time_to_ready_s, spec.instance_warmup_s
@@ -761,11 +774,12 @@ def simulate(
         t = i * step_s
         serving = [x for x in instances if x["ready"] <= t]
         slots = len(serving) * batch
-        # Fluid queue step: arrivals, then completions at running / service time.
-        in_system += lam * step_s
-        running = min(in_system, slots)
-        done = min(running, running / workload.service_time_s * step_s)
-        in_system = max(0.0, in_system - done)
+        # Fluid queue: dN/dt = arrivals - min(N, slots) / service time, in 1 s sub-steps.
+        substeps = max(1, round(step_s))
+        dt = step_s / substeps
+        for _ in range(substeps):
+            in_system += lam * dt
+            in_system -= min(in_system, slots) * (1 - math.exp(-dt / workload.service_time_s))
         running = min(in_system, slots)
         waiting = in_system - running
         throughput = running / workload.service_time_s
@@ -780,9 +794,11 @@ def simulate(
         # Scale-in protection: drop nodes picked for termination once one is found idle.
         if pending_termination and len(serving) > 0:
             per_node = in_system / len(serving)
-            checks = step_s / scaling_facts().policy.protection_interval_s
+            checks = step_s / design.protection_interval_s
             p_idle_step = 1 - (1 - math.exp(-per_node)) ** checks if protection else 1.0
-            while pending_termination and serving and rng.random() < p_idle_step:
+            # Past the release time every busy node lets go, and AWS takes one at once.
+            released = release_after is not None and t - termination_requests[0] >= release_after
+            while pending_termination and serving and (released or rng.random() < p_idle_step):
                 victim = max(serving, key=lambda x: x["launched"])
                 instances.remove(victim)
                 serving.remove(victim)
@@ -824,6 +840,12 @@ def simulate(
                 desired = wanted
                 res.decisions.append((t, policy, before, desired))
                 alive = len(instances) - pending_termination
+                # Nodes still waiting to be scaled in are in service: a higher desired capacity
+                # keeps them (AWS then has nothing to terminate) before it launches new ones.
+                kept = min(pending_termination, max(0, desired - alive))
+                pending_termination -= kept
+                del termination_requests[:kept]
+                alive += kept
                 for _ in range(desired - alive):
                     instances.append({"launched": t, "ready": t + ttr})
                     res.launches.append((t, t + ttr))
