@@ -20,12 +20,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
 
-from infra.config import load_stack_file  # noqa: E402
-from infra.errors import FleetError  # noqa: E402
-from infra.scaling import (  # noqa: E402
+from infra.config import load_stack_file
+from infra.errors import FleetError
+from infra.scaling import (
     ScalingPolicySpec,
     SimulationResult,
     Workload,
@@ -34,7 +34,7 @@ from infra.scaling import (  # noqa: E402
     scaling_policy_spec,
     simulate,
 )
-from infra.stackplan import build_stack_plan  # noqa: E402
+from infra.stackplan import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "build" / "artifacts" / "scaling-simulation.png"

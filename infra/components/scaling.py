@@ -191,7 +191,7 @@ class FleetScaling(pulumi.ComponentResource):
             f"{name}-burst",
             alarm_description=(
                 f"{spec.stack}: a burst — at least {threshold:g} vLLM requests waiting per instance "
-                f"(a full batch) for {spec.burst_evaluation_periods} minute(s)"
+                f"for {spec.burst_evaluation_periods} minute(s)"
             ),
             comparison_operator="GreaterThanOrEqualToThreshold",
             threshold=threshold,

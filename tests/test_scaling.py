@@ -1,0 +1,640 @@
+"""Autoscaling: the policy derived from each stack's plan, the FleetScaling component under Pulumi
+mocks (up and preview), and the node-side artifacts checked with the real tools — the agent's own
+JSON schema, promtool, a real Prometheus scraping through the rendered scrape config, shellcheck,
+systemd-analyze verify, and the protection script against moto and a fake instance metadata service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import jsonschema
+import pulumi
+import pulumi_aws as aws
+import pytest
+import yaml
+
+from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_args
+from infra.config import ScalingSection, StackConfig, load_stack_file
+from infra.errors import FleetError
+from infra.monitoring import default_metric_catalog
+from infra.scaling import (
+    AGENT_CONFIG,
+    PROTECT_SCRIPT,
+    SCRAPE_CONFIG,
+    UNIT_DIR,
+    NodeScalingSpec,
+    describe_scaling,
+    instances_for,
+    node_scaling_spec,
+    node_scaling_units,
+    render_node_scaling,
+    scaling_facts,
+    scaling_policy_spec,
+    warm_pool_mode,
+)
+from infra.stackplan import StackPlan, build_stack_plan
+from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
+
+STACKS = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in Path("stacks").glob("Pulumi.*.yaml"))
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "scaling"
+UPDATE = os.environ.get("UPDATE_SNAPSHOTS") == "1"
+POLICY = "aws:autoscaling/policy:Policy"
+ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+SCHEDULE = "aws:autoscaling/schedule:Schedule"
+
+
+_PLANS: dict[tuple[str, int | None], StackPlan] = {}
+
+
+def stack_plan(name: str, night_floor: int | None = None) -> StackPlan:
+    """The stack's plan (vLLM's parser is tested elsewhere), optionally with a night floor."""
+    key = (name, night_floor)
+    if key not in _PLANS:
+        config = load_stack_file(name)
+        if night_floor is not None:
+            config = config.model_copy(
+                update={"scaling": config.scaling.model_copy(update={"night_floor": night_floor})}
+            )
+        _PLANS[key] = build_stack_plan(config, validate=False)
+    return _PLANS[key]
+
+
+def with_scaling(name: str, **scaling: object) -> StackConfig:
+    config = load_stack_file(name)
+    return config.model_copy(update={"scaling": ScalingSection(**scaling)})  # type: ignore[arg-type]
+
+
+def group_names(sp: StackPlan) -> list[str]:
+    spec = scaling_policy_spec(sp)
+    if spec.shape == "gang-ladder":
+        return [f"vllm-fleet.{spec.stack}.gang-{k}-0123" for k in range(spec.max_replicas)]
+    return [f"vllm-fleet.{spec.stack}.fleet-0123"]
+
+
+# --- the policy, pure ----------------------------------------------------------------------
+
+
+def test_every_stack_has_a_policy_and_says_it_in_words() -> None:
+    for name in STACKS:
+        sp = stack_plan(name)
+        spec = scaling_policy_spec(sp)
+        layout = sp.plan.layout
+        cap = sp.config.capacity
+        assert spec.min_instances == instances_for(cap.min_replicas, layout)
+        assert spec.max_instances == instances_for(cap.max_replicas, layout)
+        assert spec.instance_warmup_s == sp.plan.startup_timeout_s >= spec.time_to_ready_s
+        lines = describe_scaling(sp)
+        print(f"\n[{name}]\n  " + "\n  ".join(lines))
+        assert lines[0].startswith("fleet: ") and lines[-1].startswith("warm pool: ")
+        if spec.shape != "fixed":
+            assert any(line.startswith("down: ") for line in lines)
+
+
+def test_default_target_keeps_a_quarter_of_the_batch_free() -> None:
+    sp = stack_plan("prod-70b")
+    spec = scaling_policy_spec(sp)
+    batch = sp.plan.request.concurrency * sp.plan.layout.replicas_per_node  # 32 × 2
+    assert spec.target_is_default and spec.target == batch / 4
+    assert spec.setpoint == batch - batch / 4
+    assert [(s.lower, s.upper, s.percent) for s in spec.burst_steps] == [(batch / 4, batch, 50), (batch, None, 100)]
+    assert spec.group_dimension == "AutoScalingGroupName"
+
+
+def test_small_batches_still_wait_for_at_least_one_request() -> None:
+    config = load_stack_file("dev-8b")
+    config = config.model_copy(update={"serving": config.serving.model_copy(update={"concurrency": 2})})
+    spec = scaling_policy_spec(build_stack_plan(config, validate=False))
+    assert spec.target == 1.0 and spec.setpoint == 1.0
+    with pytest.raises(FleetError, match=r"vllm-fleet:scaling.target = 8.0: .* below the batch of 8"):
+        scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", target=8), validate=False))
+
+
+def test_kv_cache_target_is_a_fraction() -> None:
+    spec = scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", metric="kv-cache-usage"), validate=False))
+    assert spec.metric == "kv-cache-usage" and spec.setpoint == scaling_facts().policy.kv_cache_default_target
+    assert spec.burst_steps == ()  # the burst policy watches the queue, which this metric does not use
+    with pytest.raises(FleetError, match=r"vllm-fleet:scaling.target = 70.0: kv-cache-usage is a 0-1 fraction"):
+        scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", metric="kv-cache-usage", target=70), validate=False))
+
+
+def test_night_floor_errors_name_the_key() -> None:
+    with pytest.raises(FleetError, match=r"vllm-fleet:scaling.nightFloor = 1: must be below vllm-fleet:capacity.minReplicas \(1\)"):
+        scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", night_floor=1), validate=False))
+    # prod-70b: 2 replicas per node, so 1 and 2 replicas are the same single node.
+    with pytest.raises(FleetError, match=r"nightFloor = 1: 1 and 2 replicas both take 1 node"):
+        scaling_policy_spec(build_stack_plan(with_scaling("prod-70b", night_floor=1), validate=False))
+
+
+def test_gangs_scale_by_a_ladder_of_whole_gangs() -> None:
+    sp = stack_plan("prod-405b")
+    spec = scaling_policy_spec(sp)
+    assert sp.plan.layout.nodes_per_replica == 2 and spec.shape == "gang-ladder"
+    assert spec.group_dimension == "Stack" and spec.burst_steps == ()
+    per_replica = sp.plan.request.concurrency - max(1, sp.plan.request.concurrency / 4)
+    assert [(r.gang_index, r.on_above, r.off_below) for r in spec.ladder] == [
+        (k, k * per_replica, 0.9 * k * per_replica) for k in range(1, sp.config.capacity.max_replicas)
+    ]
+    night = scaling_policy_spec(stack_plan("prod-405b", night_floor=0))
+    assert night.night is not None and night.night.gang_indices == (0,)
+    assert night.ladder[0].gang_index == 1  # gang 0 has no rung: nothing measures load with no replica up
+
+
+def test_warm_pool_only_for_single_type_on_demand_groups() -> None:
+    modes = {name: warm_pool_mode(stack_plan(name)) for name in STACKS}
+    for name, (mode, why) in modes.items():
+        print(f"{name}: {mode} — {why}")
+    assert modes["dev-8b"][0] == "stopped"
+    assert modes["prod-405b"] == ("off", modes["prod-405b"][1]) and "nodes" in modes["prod-405b"][1]
+    assert "Spot" in modes["prod-70b-awq"][1]
+    assert "mixed instances policy" in modes["prod-70b"][1]
+    local = load_stack_file("dev-8b")
+    local = local.model_copy(update={"serving": local.serving.model_copy(update={"weights_source": "local-nvme"})})
+    assert warm_pool_mode(build_stack_plan(local, validate=False))[0] == "off"
+
+
+def test_warm_pool_args_for_the_fleet_group() -> None:
+    args = warm_pool_args(stack_plan("dev-8b"))
+    assert isinstance(args, aws.autoscaling.GroupWarmPoolArgs)
+    assert warm_pool_args(stack_plan("prod-70b")) is None
+
+
+# --- FleetScaling under Pulumi mocks --------------------------------------------------------
+
+
+@pytest.fixture(params=[False, True], ids=["up", "preview"])
+def harness(request: pytest.FixtureRequest, pulumi_mocks: Callable[..., PulumiHarness]) -> PulumiHarness:  # noqa: F811
+    return pulumi_mocks(preview=bool(request.param))
+
+
+def build(harness: PulumiHarness, sp: StackPlan, names: list[str] | None = None) -> FleetScaling:
+    groups = names if names is not None else group_names(sp)
+    return harness.run(lambda: FleetScaling("scaling", FleetScalingArgs(sp, groups, {"team": "t"})))
+
+
+def metric_stats(metrics: list[dict]) -> dict[str, dict]:
+    return {m["id"]: m for m in metrics}
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_component_declares_the_policy_of_every_stack(name: str, harness: PulumiHarness) -> None:
+    sp = stack_plan(name)
+    spec = scaling_policy_spec(sp)
+    component = build(harness, sp)
+    policies, alarms = harness.records(POLICY), harness.records(ALARM)
+    for record in policies + alarms:
+        assert record.parent_type == "vllm-fleet:scaling:FleetScaling"
+    preview = harness.mocks.preview
+    if spec.shape == "fixed":
+        assert policies == [] and alarms == [] and harness.records(SCHEDULE) == []
+        return
+    if spec.shape == "target-tracking":
+        group = group_names(sp)[0]
+        target = harness.record(POLICY, "scaling-target").inputs
+        assert target["policyType"] == "TargetTrackingScaling"
+        assert target["autoscalingGroupName"] == group
+        assert target["estimatedInstanceWarmup"] == sp.plan.startup_timeout_s
+        config = target["targetTrackingConfiguration"]
+        assert config["targetValue"] == spec.setpoint and config["disableScaleIn"] is False
+        queries = metric_stats(config["customizedMetricSpecification"]["metrics"])
+        assert queries["load"]["expression"] == f"(running + waiting) * {sp.plan.layout.replicas_per_node}"
+        assert queries["load"]["returnData"] is True
+        for role in ("running", "waiting"):
+            stat = queries[role]["metricStat"]
+            assert stat["stat"] == "Average" and stat["period"] == 60
+            assert stat["metric"]["metricName"] == spec.signals[role].cloudwatch_name  # type: ignore[index]
+            assert stat["metric"]["namespace"] == "vllm-fleet"
+            assert stat["metric"]["dimensions"] == [{"name": "AutoScalingGroupName", "value": group}]
+        burst = harness.record(POLICY, "scaling-burst").inputs
+        assert burst["policyType"] == "StepScaling" and burst["adjustmentType"] == "PercentChangeInCapacity"
+        first, second = spec.burst_steps
+        assert [(s["metricIntervalLowerBound"], s.get("metricIntervalUpperBound"), s["scalingAdjustment"]) for s in burst["stepAdjustments"]] == [
+            ("0.0", str(second.lower - first.lower), 50),
+            (str(second.lower - first.lower), None, 100),
+        ]
+        alarm = harness.record(ALARM, "scaling-burst").inputs
+        assert alarm["threshold"] == spec.target and alarm["evaluationPeriods"] == 1
+        assert alarm["comparisonOperator"] == "GreaterThanOrEqualToThreshold"
+        assert metric_stats(alarm["metricQueries"])["waiting"]["metric"]["dimensions"] == {"AutoScalingGroupName": group}
+        assert len(policies) == 2 and len(alarms) == 1
+    else:
+        groups = group_names(sp)
+        assert len(policies) == 2 * len(spec.ladder) and len(alarms) == 2 * len(spec.ladder)
+        for rung in spec.ladder:
+            k = rung.gang_index
+            on = harness.record(POLICY, f"scaling-gang-{k}-on").inputs
+            off = harness.record(POLICY, f"scaling-gang-{k}-off").inputs
+            assert on["autoscalingGroupName"] == off["autoscalingGroupName"] == groups[k]
+            assert on["adjustmentType"] == off["adjustmentType"] == "ExactCapacity"
+            assert on["stepAdjustments"][0]["scalingAdjustment"] == sp.plan.layout.nodes_per_replica
+            assert off["stepAdjustments"][0]["scalingAdjustment"] == 0
+            on_alarm = harness.record(ALARM, f"scaling-gang-{k}-on").inputs
+            off_alarm = harness.record(ALARM, f"scaling-gang-{k}-off").inputs
+            assert (on_alarm["threshold"], on_alarm["evaluationPeriods"]) == (rung.on_above, 3)
+            assert (off_alarm["threshold"], off_alarm["evaluationPeriods"]) == (rung.off_below, 15)
+            load = metric_stats(on_alarm["metricQueries"])
+            assert load["load"]["expression"] == "(running + waiting) / 4"
+            assert load["running"]["metric"]["stat"] == "Sum"
+            assert load["running"]["metric"]["dimensions"] == {"Stack": spec.stack}
+    if not preview:
+        # Each alarm fires its own policy.
+        arns = {harness.resolve(v) for v in component.policy_arns.values()}
+        for alarm_record in alarms:
+            assert len(alarm_record.inputs["alarmActions"]) == 1 and alarm_record.inputs["alarmActions"][0] in arns
+
+
+@pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
+def test_night_schedules_move_only_the_minimum(name: str, harness: PulumiHarness) -> None:
+    sp = stack_plan(name, night_floor=0)
+    spec = scaling_policy_spec(sp)
+    build(harness, sp)
+    schedules = {r.name: r.inputs for r in harness.records(SCHEDULE)}
+    unchanged = scaling_facts().scheduled_actions.unchanged_value.value
+    key = "gang-0" if spec.shape == "gang-ladder" else "fleet"
+    night, day = schedules[f"scaling-{key}-night"], schedules[f"scaling-{key}-day"]
+    assert len(schedules) == 2
+    assert night["recurrence"] == "0 22 * * *" and day["recurrence"] == "0 7 * * *"
+    assert night["timeZone"] == day["timeZone"] == "UTC"
+    assert night["minSize"] == 0
+    assert day["minSize"] == (sp.plan.layout.nodes_per_replica if key == "gang-0" else spec.min_instances)
+    for s in (night, day):
+        assert s["maxSize"] == s["desiredCapacity"] == unchanged
+
+
+def test_group_names_can_be_outputs_of_a_real_group(pulumi_mocks: Callable[..., PulumiHarness]) -> None:  # noqa: F811
+    harness = pulumi_mocks(preview=False)
+    sp = stack_plan("dev-8b")
+
+    def program() -> FleetScaling:
+        group = aws.autoscaling.Group("fleet", min_size=1, max_size=2, availability_zones=["us-east-1a"])
+        return FleetScaling("scaling", FleetScalingArgs(sp, [group.name], {}))
+
+    harness.run(program)
+    group = harness.record("aws:autoscaling/group:Group", "fleet")
+    target = harness.record(POLICY, "scaling-target").inputs
+    assert target["autoscalingGroupName"] not in (None, "[unknown]")
+    assert group.type and target["autoscalingGroupName"].startswith("fleet")
+
+
+def test_wrong_group_count_fails_before_any_resource(pulumi_mocks: Callable[..., PulumiHarness]) -> None:  # noqa: F811
+    harness = pulumi_mocks(preview=False)
+    with pytest.raises(FleetError, match="1 group name\\(s\\) given; the gang-ladder shape of stack prod-405b has 2"):
+        build(harness, stack_plan("prod-405b"), ["only-one"])
+    assert harness.records(POLICY) == []
+
+
+# --- node artifacts: CloudWatch agent and its scrape config ------------------------------------
+
+
+def rendered(name: str) -> dict[str, str]:
+    return render_node_scaling(node_scaling_spec(stack_plan(name)))
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_agent_config_passes_the_agents_schema_and_selects_catalog_gauges(name: str) -> None:
+    files = rendered(name)
+    config = json.loads(files[AGENT_CONFIG])
+    schema = scaling_facts().cloudwatch_agent_schema.schema_
+    jsonschema.Draft4Validator.check_schema(schema)
+    jsonschema.Draft4Validator(schema).validate(config)
+    prom = config["logs"]["metrics_collected"]["prometheus"]
+    assert prom["prometheus_config_path"] == f"/{SCRAPE_CONFIG}"
+    emf = prom["emf_processor"]
+    catalog = {m.name: m for m in default_metric_catalog().exporters["vllm"].metrics}
+    signals = scaling_policy_spec(stack_plan(name)).signals.values()
+    for signal in signals:
+        assert catalog[signal.prometheus_name].type == "gauge"  # the agent keeps gauges as they are
+        assert signal.cloudwatch_name == signal.prometheus_name.replace(":", "_")
+    (declaration,) = emf["metric_declaration"]
+    assert declaration["metric_selectors"] == [f"^{s.cloudwatch_name}$" for s in signals]
+    assert set(emf["metric_unit"]) == {s.cloudwatch_name for s in signals}
+    gang = stack_plan(name).plan.layout.nodes_per_replica > 1
+    assert declaration["dimensions"] == ([["Stack"]] if gang else [["AutoScalingGroupName"], ["Stack"]])
+
+
+def test_schema_check_can_fail() -> None:
+    config = json.loads(rendered("dev-8b")[AGENT_CONFIG])
+    config["logs"]["metrics_collected"]["prometheus"]["emf_processor"]["metric_declarations"] = []
+    with pytest.raises(jsonschema.ValidationError, match="metric_declarations"):
+        jsonschema.Draft4Validator(scaling_facts().cloudwatch_agent_schema.schema_).validate(config)
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_scrape_config_passes_promtool(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "prometheus.yaml"
+    path.write_text(rendered(name)[SCRAPE_CONFIG])
+    result = subprocess.run(["promtool", "check", "config", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def vllm_exposition(running: float, waiting: float, kv: float) -> str:
+    """vLLM 0.32.0's /metrics lines for the three gauges (names from the catalog), plus a histogram
+    and a counter that the scrape config must drop."""
+    spec = scaling_policy_spec(stack_plan("dev-8b"))
+    values = {"running": running, "waiting": waiting, "kv_cache": kv}
+    lines = []
+    for role, signal in spec.signals.items():
+        lines += [f"# TYPE {signal.prometheus_name} gauge", f'{signal.prometheus_name}{{engine="0",model_name="m"}} {values[role]}']
+    lines += [
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 1.0',
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0',
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 2.0',
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.5',
+        "# TYPE vllm:prompt_tokens_total counter",
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 42.0',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """A fake vLLM /metrics (and nothing else) on 127.0.0.1, whose gauges a test can change."""
+
+    def __init__(self) -> None:
+        self.body = vllm_exposition(0, 0, 0)
+        self.up = True
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/metrics" or not server.up:
+                    self.send_error(503)
+                    return
+                data = server.body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def metrics_servers() -> Iterator[list[MetricsServer]]:
+    servers = [MetricsServer(), MetricsServer()]
+    yield servers
+    for s in servers:
+        s.close()
+
+
+def test_a_real_prometheus_keeps_and_renames_only_the_scaling_gauges(tmp_path: Path, metrics_servers: list[MetricsServer]) -> None:
+    """The agent scrapes with Prometheus' own scrape and relabel code: run Prometheus on the rendered
+    scrape config (faster interval) and read back what it stored."""
+    server = metrics_servers[0]
+    server.body = vllm_exposition(3, 5, 0.25)
+    spec = dataclasses.replace(node_scaling_spec(stack_plan("dev-8b")), scrape_interval_s=1)
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{server.port}"], "labels": {"AutoScalingGroupName": "asg-1"}}]))
+    config = yaml.safe_load(render_node_scaling(spec)[SCRAPE_CONFIG])
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(targets)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        names: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                query = urllib.parse.quote('{job="vllm"}')
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=2) as resp:
+                    result = json.load(resp)["data"]["result"]
+            except OSError:
+                result = []
+            names = sorted(r["metric"]["__name__"] for r in result if not r["metric"]["__name__"].startswith(("up", "scrape_")))
+            if names:
+                break
+            time.sleep(0.5)
+        signals = scaling_policy_spec(stack_plan("dev-8b")).signals
+        assert names == sorted(s.cloudwatch_name for s in signals.values())
+        series = {r["metric"]["__name__"]: r for r in result}
+        waiting = series[signals["waiting"].cloudwatch_name]
+        assert waiting["metric"]["AutoScalingGroupName"] == "asg-1" and waiting["metric"]["Stack"] == "dev-8b"
+        assert float(waiting["value"][1]) == 5.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --- node artifacts: the protection script and the units ---------------------------------------
+
+IMAGE_BINARIES = ("opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl",)
+
+
+def write_root(root: Path, files: dict[str, str]) -> list[str]:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        path.chmod(0o755 if rel.startswith("usr/local/libexec/") else 0o644)
+    for rel in IMAGE_BINARIES:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(0o755)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    return sorted(p.name for p in (root / UNIT_DIR).iterdir())
+
+
+@pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
+def test_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
+    units = write_root(tmp_path, rendered(name))
+    assert set(node_scaling_units()) <= set(units)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", "--generators=no", *units],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
+def test_protection_script_passes_shellcheck(name: str, tmp_path: Path) -> None:
+    script = tmp_path / "scale-in-protect"
+    script.write_text(rendered(name)[PROTECT_SCRIPT])
+    result = subprocess.run(["shellcheck", "--shell=bash", str(script)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+class FakeImds:
+    """IMDSv2 on 127.0.0.1: a token, the instance id and the group tag."""
+
+    def __init__(self, instance_id: str, group: str) -> None:
+        token = "t0ken"
+        paths = {"/latest/meta-data/instance-id": instance_id, "/latest/meta-data/tags/instance/aws:autoscaling:groupName": group}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                self._reply(token if self.path == "/latest/api/token" else None)
+
+            def do_GET(self) -> None:
+                ok = self.headers.get("X-aws-ec2-metadata-token") == token
+                self._reply(paths.get(self.path) if ok else None)
+
+            def _reply(self, body: str | None) -> None:
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def moto_group(moto_env: dict[str, str], name: str, size: int) -> tuple[object, list[str]]:
+    session = boto3.Session(region_name=moto_env["AWS_DEFAULT_REGION"])
+    ec2 = session.client("ec2", endpoint_url=moto_env["AWS_ENDPOINT_URL"])
+    asg = session.client("autoscaling", endpoint_url=moto_env["AWS_ENDPOINT_URL"])
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"})
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=size, MaxSize=size, DesiredCapacity=size,
+        LaunchTemplate={"LaunchTemplateName": f"{name}-lt"}, AvailabilityZones=["us-east-1a"],
+    )
+    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"]]
+    return asg, ids
+
+
+def protected(asg: object, ids: list[str]) -> dict[str, bool]:
+    found = asg.describe_auto_scaling_instances(InstanceIds=ids)["AutoScalingInstances"]  # type: ignore[attr-defined]
+    return {i["InstanceId"]: i["ProtectedFromScaleIn"] for i in found}
+
+
+def run_script(script: Path, run_dir: Path, imds: FakeImds, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env, "VLLM_FLEET_RUN_DIR": str(run_dir), "VLLM_FLEET_IMDS": imds.url,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(script)], check=False, capture_output=True, text=True, env=full, timeout=120)
+
+
+def script_for(name: str, ports: tuple[int, ...], tmp_path: Path) -> Path:
+    spec: NodeScalingSpec = dataclasses.replace(node_scaling_spec(stack_plan(name)), ports=ports)
+    script = tmp_path / "scale-in-protect"
+    script.write_text(render_node_scaling(spec)[PROTECT_SCRIPT])
+    return script
+
+
+def test_a_busy_node_protects_itself_and_an_idle_one_lets_go(
+    tmp_path: Path, moto_env: dict[str, str], metrics_servers: list[MetricsServer]
+) -> None:
+    asg, ids = moto_group(moto_env, "vllm-fleet.dev-8b.fleet-0123", 2)
+    imds = FakeImds(ids[0], "vllm-fleet.dev-8b.fleet-0123")
+    run_dir = tmp_path / "run"
+    script = script_for("dev-8b", tuple(s.port for s in metrics_servers), tmp_path)
+    try:
+        metrics_servers[1].body = vllm_exposition(running=1, waiting=0, kv=0.1)
+        result = run_script(script, run_dir, imds, moto_env)
+        assert result.returncode == 0, result.stderr
+        assert protected(asg, ids) == {ids[0]: True, ids[1]: False}, result.stderr
+        targets = json.loads((run_dir / "cloudwatch-targets.json").read_text())
+        assert targets == [{"targets": [f"127.0.0.1:{s.port}" for s in metrics_servers],
+                            "labels": {"AutoScalingGroupName": "vllm-fleet.dev-8b.fleet-0123"}}]
+        # Metrics down: protection stays as it was.
+        metrics_servers[0].up = False
+        metrics_servers[1].body = vllm_exposition(0, 0, 0)
+        result = run_script(script, run_dir, imds, moto_env)
+        assert result.returncode == 0 and "does not answer" in result.stderr
+        assert protected(asg, ids)[ids[0]] is True
+        # Idle: protection cleared.
+        metrics_servers[0].up = True
+        result = run_script(script, run_dir, imds, moto_env)
+        assert result.returncode == 0, result.stderr
+        assert protected(asg, ids)[ids[0]] is False and "unprotected" in result.stderr
+        # Unchanged state: no second call (nothing logged).
+        result = run_script(script, run_dir, imds, moto_env)
+        assert result.returncode == 0 and result.stderr == ""
+    finally:
+        imds.close()
+
+
+def test_a_gang_head_protects_its_whole_gang_and_workers_do_nothing(
+    tmp_path: Path, moto_env: dict[str, str], metrics_servers: list[MetricsServer]
+) -> None:
+    group = "vllm-fleet.prod-405b.gang-1-0123"
+    asg, ids = moto_group(moto_env, group, 2)
+    script = script_for("prod-405b", (metrics_servers[0].port,), tmp_path)
+    head_dir, worker_dir = tmp_path / "head", tmp_path / "worker"
+    head_dir.mkdir()
+    (head_dir / "role.head").touch()
+    worker_dir.mkdir()
+    (worker_dir / "role.worker").touch()
+    head, worker = FakeImds(ids[0], group), FakeImds(ids[1], group)
+    try:
+        metrics_servers[0].body = vllm_exposition(running=4, waiting=2, kv=0.5)
+        result = run_script(script, worker_dir, worker, moto_env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((worker_dir / "cloudwatch-targets.json").read_text()) == []
+        assert protected(asg, ids) == {ids[0]: False, ids[1]: False}
+        result = run_script(script, head_dir, head, moto_env)
+        assert result.returncode == 0, result.stderr
+        assert protected(asg, ids) == {ids[0]: True, ids[1]: True}
+    finally:
+        head.close()
+        worker.close()
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
+def test_rendered_files_match_snapshots(name: str) -> None:
+    files = rendered(name)
+    files["describe.txt"] = "\n".join(describe_scaling(stack_plan(name))) + "\n"
+    for rel, content in files.items():
+        snapshot = SNAPSHOTS / name / rel
+        if UPDATE:
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.write_text(content)
+        assert snapshot.is_file(), f"no snapshot {snapshot}; regenerate with UPDATE_SNAPSHOTS=1"
+        assert snapshot.read_text() == content, f"{rel} differs from {snapshot} (UPDATE_SNAPSHOTS=1 to accept)"
+
+
+def test_pulumi_is_not_imported_by_the_pure_module() -> None:
+    code = "import sys, infra.scaling; print('pulumi' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+assert pulumi  # imported for type context of the harness
