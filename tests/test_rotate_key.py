@@ -51,7 +51,7 @@ from infra.ops.rotate import (
     SecretsManagerKeyStore,
     SsmNodeRestarter,
     Timeouts,
-    find_target_group,
+    find_target_groups,
     render_restart_script,
     rotate_api_key,
     ssm_commands,
@@ -194,27 +194,30 @@ class RecordingSsm:
         return getattr(self.client, name)
 
 
-def _moto_fleet(instances: int = 2) -> tuple[Any, str, list[str]]:
+def _moto_fleet(instances: int = 2, slots: int = 1) -> tuple[Any, list[str], list[str]]:
     ec2 = boto3.client("ec2", region_name=REGION)
     elbv2 = boto3.client("elbv2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
     ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.1.0/24", AvailabilityZone="us-east-1a")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     ids = [i["InstanceId"] for i in ec2.run_instances(ImageId=image, MinCount=instances, MaxCount=instances)["Instances"]]
-    arn = elbv2.create_target_group(
-        Name="vllm-rot", Protocol="HTTP", Port=8000, VpcId=vpc, TargetType="instance", HealthCheckPath="/health",
-        Tags=[{"Key": "vllm-fleet:stack", "Value": "rot"}],
-    )["TargetGroups"][0]["TargetGroupArn"]  # fmt: skip
-    elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": 8000} for i in ids])
-    return elbv2, arn, ids
+    arns = []
+    for slot in range(slots):  # one target group per vLLM server slot, as infra/components/endpoint.py
+        arn = elbv2.create_target_group(
+            Name=f"vllm-rot-{slot}", Protocol="HTTP", Port=8000 + slot, VpcId=vpc, TargetType="instance",
+            HealthCheckPath="/health", Tags=[{"Key": "vllm-fleet:stack", "Value": "rot"}],
+        )["TargetGroups"][0]["TargetGroupArn"]  # fmt: skip
+        elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": 8000 + slot} for i in ids])
+        arns.append(arn)
+    return elbv2, arns, ids
 
 
 def test_aws_adapters_rotate_against_moto(moto_env: dict[str, str]) -> None:
-    elbv2, arn, ids = _moto_fleet()
+    elbv2, arns, ids = _moto_fleet()
     secrets = boto3.client("secretsmanager", region_name=REGION)
     secrets.create_secret(Name="vllm-fleet/rot/api-key", SecretString=OLD_KEY)
     ssm = RecordingSsm(boto3.client("ssm", region_name=REGION))
-    pool = Elbv2TargetPool(elbv2, arn, poll_s=0.05)
+    pool = Elbv2TargetPool(elbv2, arns, poll_s=0.05)
     assert pool.nodes() == [Node(i, (8000,)) for i in sorted(ids)]
     assert pool.healthy() == set(ids)  # moto: a registered running instance is healthy
     assert pool.deregistration_delay_s() == 300  # the ELB default, read from the attributes
@@ -245,23 +248,51 @@ def test_aws_adapters_rotate_against_moto(moto_env: dict[str, str]) -> None:
     assert sum(line.endswith(": healthy") for line in progress) == 4
 
 
-def test_find_target_group_by_stack_tag(moto_env: dict[str, str]) -> None:
-    _, arn, _ = _moto_fleet(instances=1)
+def test_two_server_slots_per_node_on_moto(moto_env: dict[str, str]) -> None:
+    """Two target groups (ports 8000, 8001): a node is drained from and restored to both."""
+    elbv2, arns, ids = _moto_fleet(slots=2)
     tagging = boto3.client("resourcegroupstaggingapi", region_name=REGION)
-    assert find_target_group(tagging, "rot") == arn
+    assert find_target_groups(tagging, "rot") == sorted(arns)
     with pytest.raises(FleetError, match="pass --target-group-arn"):
-        find_target_group(tagging, "other-stack")
+        find_target_groups(tagging, "other-stack")
+    pool = Elbv2TargetPool(elbv2, arns, poll_s=0.05)
+    nodes = pool.nodes()
+    assert nodes == [Node(i, (8000, 8001)) for i in sorted(ids)]
+    pool.drain(nodes[0], timeout_s=5)
+    for arn in arns:
+        states = {
+            d["Target"]["Id"]: d["TargetHealth"]["State"]
+            for d in elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+        }
+        assert states == {nodes[1].node_id: "healthy"}  # node 0 left both groups
+    assert pool.healthy() == {nodes[1].node_id}
+    pool.restore(nodes[0])
+    pool.wait_healthy(nodes[0], timeout_s=5)
+    assert pool.healthy() == set(ids)
+    assert [call["Parameters"]["commands"] for call in _restart_both_ports(nodes[0])] == [
+        ssm_commands(render_restart_script((8000, 8001), health_timeout_s=60))
+    ]
+
+
+def _restart_both_ports(node: Node) -> list[dict[str, Any]]:
+    ssm = RecordingSsm(boto3.client("ssm", region_name=REGION))
+    SsmNodeRestarter(ssm, poll_s=0.05).restart(node, timeout_s=60)
+    return ssm.sent
 
 
 def test_rotate_key_cli_against_moto(tmp_path: Path, moto_env: dict[str, str]) -> None:
     """The real command end to end on moto: key generated, secret rotated, targets rolled."""
-    _, arn, _ = _moto_fleet()
+    _moto_fleet()  # its target group is tagged vllm-fleet:stack=rot
+    tagging = boto3.client("resourcegroupstaggingapi", region_name=REGION)
+    boto3.client("elbv2", region_name=REGION).add_tags(
+        ResourceArns=find_target_groups(tagging, "rot"), Tags=[{"Key": "vllm-fleet:stack", "Value": "dev-8b"}]
+    )
     secrets = boto3.client("secretsmanager", region_name=REGION)
     secrets.create_secret(Name="vllm-fleet/dev-8b/api-key", SecretString=OLD_KEY)
     cli = str(Path(sys.executable).with_name("vllm-fleet"))
     env = {**os.environ, **moto_env, "COLUMNS": "200"}
     done = subprocess.run(
-        [cli, "rotate-key", "dev-8b", "--target-group-arn", arn], capture_output=True, text=True, env=env, check=False,
+        [cli, "rotate-key", "dev-8b"], capture_output=True, text=True, env=env, check=False,
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -269,7 +300,7 @@ def test_rotate_key_cli_against_moto(tmp_path: Path, moto_env: dict[str, str]) -
     [key] = parse_secret_value(secrets.get_secret_value(SecretId="vllm-fleet/dev-8b/api-key")["SecretString"], secret_id="s")
     assert re.fullmatch(r"[0-9a-f]{64}", key) and key not in done.stdout  # generated, never printed
     bad = subprocess.run(
-        [cli, "rotate-key", "dev-8b", "--target-group-arn", arn, "--phase", "retire"], capture_output=True, text=True,
+        [cli, "rotate-key", "dev-8b", "--phase", "retire"], capture_output=True, text=True,
         env=env, check=False, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "nothing to retire" in bad.stderr

@@ -17,7 +17,7 @@ import boto3
 import pytest
 
 from infra.ops.local_lb import Backend, LocalLoadBalancer, render_haproxy_config, run_local_lb
-from infra.ops.public_api import alb_path_patterns, is_public_path, path_regex
+from infra.ops.public_api import NOT_FOUND_BODY, api_routes, is_public
 from infra.ops.smoke import http_status
 from tests.support.vllm_server import VllmServer, free_loopback_port
 
@@ -57,13 +57,19 @@ def smoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
-def test_allowlist_is_alb_pattern_syntax() -> None:
-    patterns = alb_path_patterns()
-    assert patterns == ["/v1/models", "/v1/chat/completions", "/v1/completions"]
-    assert path_regex("/v1/*/x?") == "^/v1/.*/x.$"
-    assert is_public_path("/v1/models?limit=1")  # the ALB compares the path only
+def test_mirror_uses_the_listener_rules_source() -> None:
+    """haproxy's allowlist is the ALB's: the same routes and the same 404 body."""
+    from infra.components import endpoint
+    from infra.components.facts import aws_fleet_facts
+
+    facts = aws_fleet_facts()
+    alb = {(m, p) for m, paths in endpoint.route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value) for p in paths}
+    assert set(api_routes()) == alb
+    assert NOT_FOUND_BODY == endpoint.NOT_FOUND_BODY
+    assert is_public("GET", "/v1/models?limit=1")  # the ALB compares the path only
+    assert is_public("POST", "/v1/chat/completions") and not is_public("GET", "/v1/chat/completions")
     for hidden in ("/metrics", "/health", "/tokenize", "/invocations", "/v1/models/x", "/V1/models", "/docs"):
-        assert not is_public_path(hidden), hidden
+        assert not is_public("GET", hidden) and not is_public("POST", hidden), hidden
 
 
 def test_haproxy_config_snapshot(tmp_path: Path) -> None:
@@ -88,6 +94,8 @@ def test_load_balancer_hides_everything_but_the_api(public_lb: LocalLoadBalancer
         assert http_status(f"{public_lb.url}{path}", headers=auth) == 404, path
     assert http_status(f"{public_lb.url}/v1/models", headers=auth) == 200
     assert http_status(f"{public_lb.url}/v1/models") == 401
+    # The method counts too, as in the ALB's rules: GET on a POST route is not forwarded.
+    assert http_status(f"{public_lb.url}/v1/chat/completions", headers=auth) == 404
 
 
 def test_smoke_through_the_local_alb_passes(public_lb: LocalLoadBalancer, vllm_server: VllmServer) -> None:

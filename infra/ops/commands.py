@@ -141,7 +141,8 @@ def rotate_key(
     secret_id: Annotated[str | None, typer.Option(help="default: vllm-fleet/<stack>/api-key")] = None,
     region: Annotated[str | None, typer.Option(help="default: the stack's region")] = None,
     target_group_arn: Annotated[
-        str | None, typer.Option(help="default: the target group tagged vllm-fleet:stack=<stack>")
+        list[str] | None,
+        typer.Option(help="repeatable; default: the target groups tagged vllm-fleet:stack=<stack>"),
     ] = None,
     phase: Annotated[
         str, typer.Option(help="all (add then retire), add (both keys valid), or retire (drop the old)")
@@ -160,7 +161,7 @@ def rotate_key(
         SecretsManagerKeyStore,
         SsmNodeRestarter,
         Timeouts,
-        find_target_group,
+        find_target_groups,
         rotate_api_key,
     )
 
@@ -180,8 +181,8 @@ def rotate_key(
         else:
             new_key = new_api_key()
     try:
-        arn = target_group_arn or find_target_group(clients("resourcegroupstaggingapi"), stack)
-        pool = Elbv2TargetPool(clients("elbv2"), arn)
+        arns = target_group_arn or find_target_groups(clients("resourcegroupstaggingapi"), stack)
+        pool = Elbv2TargetPool(clients("elbv2"), arns)
         startup = stack_plan.plan.startup_timeout_s
         timeouts = Timeouts(
             drain_s=pool.deregistration_delay_s() + 60, restart_s=startup, healthy_s=startup + 120

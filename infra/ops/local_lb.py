@@ -26,7 +26,7 @@ from pathlib import Path
 import jinja2
 
 from infra.errors import FleetError
-from infra.ops.public_api import path_regex, public_api
+from infra.ops.public_api import DENIED_STATUS, NOT_FOUND_BODY, routes_by_method
 from infra.ops.rotate import Node
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
@@ -76,11 +76,7 @@ def render_haproxy_config(
     rise: int = 2,
     fall: int = 2,
 ) -> str:
-    api = public_api()
-    regexes = [path_regex(p) for p in api.path_patterns]
-    for regex in regexes:
-        if "'" in regex:
-            raise FleetError(f"path regex {regex!r}: a single quote cannot go into haproxy's config")
+    routes = routes_by_method()
     return _environment().get_template("haproxy.cfg.j2").render(
         servers=list(backends),
         port=port,
@@ -91,8 +87,9 @@ def render_haproxy_config(
         check_timeout_s=check_timeout_s,
         rise=rise,
         fall=fall,
-        path_regexes=regexes,
-        denied_status=api.denied_status,
+        routes=routes,
+        denied_status=DENIED_STATUS,
+        denied_body=NOT_FOUND_BODY,
     )
 
 

@@ -1,58 +1,35 @@
-"""The public listener's path allowlist (infra/ops/public_api.yaml), for the ALB and haproxy.
+"""What the public listener forwards, for the local haproxy that mirrors the ALB.
 
-``alb_path_patterns()`` goes into the ALB listener rule's path-pattern condition (forward),
-with a fixed-response ``denied_status`` as the listener's default action. The same list,
-translated to anchored regular expressions by ``path_regex``, drives the local haproxy that
-stands in for the ALB in tests and CI smoke runs, so the two cannot drift apart.
+The single source is ``vllm_api_routes`` in infra/data/aws_fleet.yaml (cited there), the
+same list infra/components/endpoint.py turns into the ALB's listener rules (a method
+condition plus a path-pattern condition each); every other request gets the listener's
+fixed-response 404. The routes are exact paths (ALB path patterns without wildcards are
+exact, case-sensitive matches on the path, never the query string), and the method counts.
+Pure: no Pulumi, so tests and CI smoke runs can use it without the engine.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import re
-from functools import cache
-from pathlib import Path
+from infra.components.facts import aws_fleet_facts
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-ALLOWLIST_FILE = Path(__file__).with_name("public_api.yaml")
-# ALB: "The maximum size of each string is 128 characters."
-ALB_PATTERN_MAX_CHARS = 128
+# The listener's default action (infra/components/endpoint.py: fixed-response, status
+# "404", NOT_FOUND_BODY); tests/test_smoke.py checks the two stay equal.
+DENIED_STATUS = 404
+NOT_FOUND_BODY = '{"error": {"message": "not found", "code": 404}}'
 
 
-class PublicApi(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(min_length=8)
-    read: dt.date
-    path_patterns: list[str] = Field(min_length=1)
-    denied_status: int = Field(ge=400, le=499)
-
-    @field_validator("path_patterns")
-    @classmethod
-    def _alb_patterns(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not value.startswith("/") or len(value) > ALB_PATTERN_MAX_CHARS:
-                raise ValueError(f"{value!r}: an ALB path pattern starts with / and has at most 128 characters")
-        return values
+def api_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route the public listener forwards."""
+    return [(route.method, route.path) for route in aws_fleet_facts().vllm_api_routes.value]
 
 
-@cache
-def public_api() -> PublicApi:
-    return PublicApi.model_validate(yaml.safe_load(ALLOWLIST_FILE.read_text(encoding="utf-8")))
+def routes_by_method() -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for method, path in api_routes():
+        grouped.setdefault(method, []).append(path)
+    return grouped
 
 
-def alb_path_patterns() -> list[str]:
-    return list(public_api().path_patterns)
-
-
-def path_regex(pattern: str) -> str:
-    """An ALB path pattern as an anchored regex: '*' → '.*', '?' → '.', the rest literal."""
-    return "^" + "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + "$"
-
-
-def is_public_path(path: str) -> bool:
-    """Would the public listener forward this path (query string ignored, as the ALB does)?"""
-    only_path = path.split("?", 1)[0]
-    return any(re.fullmatch(path_regex(p), only_path) for p in public_api().path_patterns)
+def is_public(method: str, path: str) -> bool:
+    """Would the public listener forward this request (query string ignored, as the ALB does)?"""
+    return (method, path.split("?", 1)[0]) in api_routes()

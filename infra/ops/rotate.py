@@ -39,7 +39,8 @@ from infra.ops.aws import error_code, error_text
 Phase = Literal["all", "add", "retire"]
 Progress = Callable[[str], None]
 TEMPLATE_DIR = Path(__file__).with_name("templates")
-# Tag the Pulumi program puts on the fleet's target group(s), for discovery by stack.
+# Tag the Pulumi program puts on every fleet resource (infra/program/tags.py STACK_TAG),
+# which finds the stack's target groups.
 STACK_TAG_KEY = "vllm-fleet:stack"
 # The ALB's health check needs a few passes after registration before a target is healthy.
 HEALTHY_MARGIN_S = 120
@@ -190,51 +191,74 @@ class SecretsManagerKeyStore:
 
 
 class Elbv2TargetPool:
-    """The fleet's ALB target group: deregister (draining), register, describe_target_health."""
+    """The fleet's ALB target groups: deregister (draining), register, describe_target_health.
+
+    The endpoint has one target group per vLLM server slot on a node (consecutive ports,
+    infra/components/endpoint.py), so a node is an instance id with its port in each group.
+    """
 
     def __init__(
         self,
         elbv2: Any,
-        target_group_arn: str,
+        target_group_arns: list[str],
         *,
         poll_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not target_group_arns:
+            raise FleetError("no target group to rotate behind")
         self.client = elbv2
-        self.arn = target_group_arn
+        self.arns = list(target_group_arns)
+        # Ports as registered when nodes() last looked: a drained node's targets are gone from
+        # describe_target_health, yet restore() must register the same ports again.
+        self._node_ports: dict[tuple[str, str], int] = {}
         self.poll_s = poll_s
         self.sleep = sleep
         self.clock = clock
 
-    def _health(self, targets: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"TargetGroupArn": self.arn}
-        if targets:
-            kwargs["Targets"] = targets
-        return list(self.client.describe_target_health(**kwargs)["TargetHealthDescriptions"])
+    def _health(self, node: Node | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(target group ARN, TargetHealthDescription) over every group, or one node's targets."""
+        found = []
+        for arn in self.arns:
+            kwargs: dict[str, Any] = {"TargetGroupArn": arn}
+            if node is not None:
+                targets = self._targets(node, arn)
+                if not targets:
+                    continue
+                kwargs["Targets"] = targets
+            found += [(arn, d) for d in self.client.describe_target_health(**kwargs)["TargetHealthDescriptions"]]
+        return found
+
+    def _ports(self) -> dict[tuple[str, str], int]:
+        """(instance id, target group ARN) → port, for every registered target."""
+        ports = {}
+        for arn, desc in self._health():
+            if desc["TargetHealth"]["State"] not in ("draining", "unused"):
+                ports[(desc["Target"]["Id"], arn)] = int(desc["Target"]["Port"])
+        return ports
 
     def nodes(self) -> list[Node]:
-        ports: dict[str, list[int]] = {}
-        for desc in self._health():
-            if desc["TargetHealth"]["State"] in ("draining", "unused"):
-                continue
-            ports.setdefault(desc["Target"]["Id"], []).append(int(desc["Target"]["Port"]))
-        return [Node(node_id, tuple(sorted(p))) for node_id, p in sorted(ports.items())]
+        self._node_ports = self._ports()
+        by_node: dict[str, list[int]] = {}
+        for (node_id, _), port in self._node_ports.items():
+            by_node.setdefault(node_id, []).append(port)
+        return [Node(node_id, tuple(sorted(p))) for node_id, p in sorted(by_node.items())]
 
     def healthy(self) -> set[str]:
         states: dict[str, set[str]] = {}
-        for desc in self._health():
+        for _, desc in self._health():
             states.setdefault(desc["Target"]["Id"], set()).add(desc["TargetHealth"]["State"])
         return {node_id for node_id, s in states.items() if s == {"healthy"}}
 
-    @staticmethod
-    def _targets(node: Node) -> list[dict[str, Any]]:
-        return [{"Id": node.node_id, "Port": port} for port in node.ports]
+    def _targets(self, node: Node, arn: str) -> list[dict[str, Any]]:
+        port = (self._node_ports or self._ports()).get((node.node_id, arn))
+        return [] if port is None else [{"Id": node.node_id, "Port": port}]
 
     def _wait(self, node: Node, done: Callable[[set[str]], bool], timeout_s: float, what: str) -> None:
         deadline = self.clock() + timeout_s
         while True:
-            descs = self._health(self._targets(node))
+            descs = [d for _, d in self._health(node)]
             states = {d["TargetHealth"]["State"] for d in descs}
             if done(states):
                 return
@@ -244,22 +268,28 @@ class Elbv2TargetPool:
             self.sleep(self.poll_s)
 
     def drain(self, node: Node, timeout_s: float) -> None:
-        self.client.deregister_targets(TargetGroupArn=self.arn, Targets=self._targets(node))
+        for arn in self.arns:
+            if targets := self._targets(node, arn):
+                self.client.deregister_targets(TargetGroupArn=arn, Targets=targets)
         # "draining" until in-flight requests end (or the deregistration delay), then "unused".
         self._wait(node, lambda s: s <= {"unused"}, timeout_s, "drained")
 
     def restore(self, node: Node) -> None:
-        self.client.register_targets(TargetGroupArn=self.arn, Targets=self._targets(node))
+        for arn in self.arns:
+            if targets := self._targets(node, arn):
+                self.client.register_targets(TargetGroupArn=arn, Targets=targets)
 
     def wait_healthy(self, node: Node, timeout_s: float) -> None:
         self._wait(node, lambda s: s == {"healthy"}, timeout_s, "healthy")
 
     def deregistration_delay_s(self) -> int:
-        attrs = self.client.describe_target_group_attributes(TargetGroupArn=self.arn)["Attributes"]
-        for attr in attrs:
-            if attr["Key"] == "deregistration_delay.timeout_seconds":
-                return int(attr["Value"])
-        return 300  # the ELB default
+        """The longest deregistration delay of the groups (the ELB default is 300 s)."""
+        delays = [300]
+        for arn in self.arns:
+            for attr in self.client.describe_target_group_attributes(TargetGroupArn=arn)["Attributes"]:
+                if attr["Key"] == "deregistration_delay.timeout_seconds":
+                    delays.append(int(attr["Value"]))
+        return max(delays[1:] or delays)
 
 
 @cache
@@ -343,8 +373,8 @@ class SsmNodeRestarter:
             self.sleep(self.poll_s)
 
 
-def find_target_group(tagging: Any, stack: str) -> str:
-    """The stack's target group, found by its ``vllm-fleet:stack`` tag."""
+def find_target_groups(tagging: Any, stack: str) -> list[str]:
+    """The stack's target groups (one per server slot), found by their ``vllm-fleet:stack`` tag."""
     arns: list[str] = []
     paginator = tagging.get_paginator("get_resources")
     for page in paginator.paginate(
@@ -352,10 +382,8 @@ def find_target_group(tagging: Any, stack: str) -> str:
         ResourceTypeFilters=["elasticloadbalancing:targetgroup"],
     ):
         arns += [r["ResourceARN"] for r in page["ResourceTagMappingList"]]
-    if len(arns) != 1:
-        found = ", ".join(arns) or "none"
+    if not arns:
         raise FleetError(
-            f"stack {stack}: expected one target group tagged {STACK_TAG_KEY}={stack}, found {found}; "
-            "pass --target-group-arn"
+            f"stack {stack}: no target group tagged {STACK_TAG_KEY}={stack} in this region; pass --target-group-arn"
         )
-    return arns[0]
+    return sorted(arns)
