@@ -53,6 +53,8 @@ TAGLESS_TYPES = frozenset(
         "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
         "aws:secretsmanager/secretVersion:SecretVersion",
         "aws:ec2/routeTableAssociation:RouteTableAssociation",
+        "aws:autoscaling/policy:Policy",
+        "aws:autoscaling/schedule:Schedule",
     }
 )
 

@@ -251,6 +251,8 @@ def test_tagless_types_match_pulumi_aws() -> None:
         "aws:iam/rolePolicyAttachment:RolePolicyAttachment": aws.iam.RolePolicyAttachment,
         "aws:secretsmanager/secretVersion:SecretVersion": aws.secretsmanager.SecretVersion,
         "aws:ec2/routeTableAssociation:RouteTableAssociation": aws.ec2.RouteTableAssociation,
+        "aws:autoscaling/policy:Policy": aws.autoscaling.Policy,
+        "aws:autoscaling/schedule:Schedule": aws.autoscaling.Schedule,
         "aws:ec2/vpc:Vpc": aws.ec2.Vpc,
         "aws:autoscaling/group:Group": aws.autoscaling.Group,
         "aws:lb/listenerRule:ListenerRule": aws.lb.ListenerRule,

@@ -128,6 +128,7 @@ def test_components_own_every_resource(stack: str, preview: bool) -> None:
         "vllm-fleet:api_key:ApiKey",
         "vllm-fleet:endpoint:Endpoint",
         "vllm-fleet:fleet:Fleet",
+        "vllm-fleet:scaling:FleetScaling",
     }
     for record in run.records:
         if record.custom:
@@ -369,14 +370,19 @@ def test_node_policy_is_least_privilege(stack: str, preview: bool) -> None:
     statements = {s["Sid"]: s for s in doc["Statement"]}
     assert statements["ReadApiKey"]["Action"] == ["secretsmanager:GetSecretValue"]
     assert statements["ReadApiKey"]["Resource"] == [run.outputs["apiKeySecretArn"]]
-    assert statements["WriteOwnLogs"]["Action"] == ["logs:CreateLogStream", "logs:PutLogEvents"]
+    assert statements["WriteOwnLogs"]["Action"] == [
+        "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams",
+    ]
     assert all(f"log-group:/vllm-fleet/{plan.config.stack}" in r for r in statements["WriteOwnLogs"]["Resource"])
     (groups_arn,) = statements["LifecycleHooks"]["Resource"]
     assert groups_arn.endswith(f":autoScalingGroupName/vllm-fleet.{plan.config.stack}.*")
     assert "autoscaling:CompleteLifecycleAction" in statements["LifecycleHooks"]["Action"]
+    assert "autoscaling:SetInstanceProtection" in statements["LifecycleHooks"]["Action"]
     wildcard = [s for s in doc["Statement"] if "*" in s["Resource"]]
     gangs = plan.plan.layout.nodes_per_replica > 1
-    assert [s["Sid"] for s in wildcard] == (["DiscoverGang"] if gangs else [])
+    # Describe* actions support no resource-level permissions; nothing else is on "*".
+    assert [s["Sid"] for s in wildcard] == (["ReadOwnGroup", "DiscoverGang"] if gangs else ["ReadOwnGroup"])
+    assert statements["ReadOwnGroup"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]
     if plan.config.serving.weights_source == "s3":
         (read,) = statements["ReadWeights"]["Resource"]
         assert read.startswith("arn:aws:s3:::") and read.endswith("/*")

@@ -52,6 +52,7 @@ from infra.program.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
+from infra.scaling import instances_for, ladder_types, log_group_name
 from infra.stackplan import StackPlan, group_name_prefix
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
@@ -95,11 +96,6 @@ class CapacityLayout:
         return self.nodes_per_replica > 1
 
 
-def instances_for(replicas: int, layout: Layout) -> int:
-    """Nodes that run ``replicas`` replicas: whole nodes, whole gangs."""
-    return math.ceil(replicas / layout.replicas_per_node) * layout.nodes_per_replica
-
-
 def capacity_layout(config: StackConfig, layout: Layout) -> CapacityLayout:
     """The groups to create, after the checks that must fail before any resource exists."""
     cap = config.capacity
@@ -140,15 +136,6 @@ def capacity_layout(config: StackConfig, layout: Layout) -> CapacityLayout:
         scaled=max_instances > min_instances,
     )
     return CapacityLayout(npr, rpn, min_instances, max_instances, (group,))
-
-
-def ladder_types(stack_plan: StackPlan) -> list[str]:
-    """Instance types the fleet may launch, preferred first. A capacity block is bought for
-    one type, so it pins the ladder to the plan's choice."""
-    types = [c.layout.instance_type for c in stack_plan.plan.fallbacks] or [stack_plan.plan.layout.instance_type]
-    if stack_plan.config.capacity.market == "capacity-block":
-        return types[:1]
-    return types
 
 
 def root_volume_gib(stack_plan: StackPlan) -> int:
@@ -249,14 +236,26 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
         {
             "Sid": "WriteOwnLogs",
             "Effect": "Allow",
-            "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+            # DescribeLogStreams: the CloudWatch agent checks its stream before writing EMF.
+            "Action": ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             "Resource": [p.log_group_arn, f"{p.log_group_arn}:log-stream:*"],
         },
         {
             "Sid": "LifecycleHooks",
             "Effect": "Allow",
-            "Action": lifecycle + (["autoscaling:SetInstanceHealth"] if p.gangs else []),
+            # SetInstanceProtection: a busy node shields itself from scale-in (infra/scaling.py).
+            "Action": lifecycle
+            + ["autoscaling:SetInstanceProtection"]
+            + (["autoscaling:SetInstanceHealth"] if p.gangs else []),
             "Resource": [own_groups],
+        },
+        {
+            # The protection script reads its group's desired vs in-service count; the
+            # action supports no resource-level permissions.
+            "Sid": "ReadOwnGroup",
+            "Effect": "Allow",
+            "Action": ["autoscaling:DescribeAutoScalingGroups"],
+            "Resource": ["*"],
         },
     ]
     if p.secret_kms_key_arn:
@@ -384,7 +383,7 @@ class Fleet(pulumi.ComponentResource):
         # --- logs, identity --------------------------------------------------------------
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-logs",
-            name=f"/vllm-fleet/{stack}",
+            name=log_group_name(stack),
             retention_in_days=LOG_RETENTION_DAYS,
             tags={**tags, "Name": f"/vllm-fleet/{stack}"},
             opts=child,

@@ -29,6 +29,7 @@ from infra.components.fleet import (
     ladder_types,
 )
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
@@ -204,6 +205,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             weights_s3_uri=weights_uri,
         ),
     )
+    scaling = FleetScaling("scaling", FleetScalingArgs(stack_plan, fleet.group_names, tags))
     outputs: dict[str, pulumi.Output[Any]] = {
         "endpointUrl": endpoint.url,
         "servedModelName": pulumi.Output.from_input(served_model_name(config, stack_plan.plan.request.model_name)),
@@ -220,6 +222,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         "nodeSecurityGroupId": fleet.security_group_id,
         "scraperSecurityGroupId": network.scraper_security_group_id,
         "vpcId": network.vpc_id,
+        "scalingPolicyArns": pulumi.Output.from_input(scaling.policy_arns),
     }
     for key, value in outputs.items():
         pulumi.export(key, value)
