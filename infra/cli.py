@@ -103,6 +103,8 @@ def plan(
     from infra.policies import check_resources, policy_config
     from infra.components.fleet import ladder_types
 
+    from infra.scaling import describe_scaling
+
     records = preview_resources(stack_plan, preview=True)
     pack_config = policy_config(ladder_types(stack_plan))
     violations = check_resources(
@@ -127,6 +129,7 @@ def plan(
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
                 "alternatives": _alternatives_json(stack_plan.plan),
+                "scaling": describe_scaling(stack_plan),
                 "resources": len(records),
                 "policy_violations": 0,
                 "artifacts": [str(p) for p in written],
@@ -247,6 +250,12 @@ def _closest_reject(plan: Plan, instance_type: str) -> Candidate:
 
 def _print_stack_extras(stack_plan: StackPlan) -> None:
     out.print("\n[bold]vllm serve[/bold] " + " ".join(stack_plan.serve_argv[2:]))
+    from infra.scaling import describe_scaling
+
+    out.print("\n[bold]Scaling[/bold]")
+    out.file.flush()
+    for line in describe_scaling(stack_plan):
+        print(f"  {line}", flush=True)
     for warning in stack_plan.warnings:
         out.print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
     validation = stack_plan.argv_validation
