@@ -131,3 +131,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # ---- END moto server fixtures ----
+
+
+# ---- BEGIN node boot fixtures (owner: node boot tests; tests/support/rootfs.py) ----
+from tests.support.rootfs import ensure_rootfs
+
+# Modules that boot nodes running vLLM. Each node takes the machine-wide one-vLLM lock, which
+# the session-wide `vllm_server` fixture holds until the session ends once it has started; so
+# they run before any test asks for that fixture.
+NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_multinode.py")
+
+
+@pytest.fixture(scope="session")
+def node_rootfs() -> Path:
+    """The cached Debian rootfs with the image's vLLM install (built on first use; read-only:
+    boot an overlay of it, tests/support/rootfs.py prepare_node)."""
+    built = ensure_rootfs()
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in built.timings_s.items())
+    print(f"\nnode_rootfs: {built.path} ({'built now: ' + phases if built.built_now else 'cached'})")
+    return built.path
+
+
+class _NodeBootModulesFirst:
+    """A plugin, not a conftest hook: this file already has a pytest_collection_modifyitems.
+    trylast, and a stable sort, so the order other hooks chose is kept within each group."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items.sort(key=lambda item: 0 if item.path.name in NODE_BOOT_MODULES else 1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_NodeBootModulesFirst(), "vllm-fleet-node-boot-modules-first")
+
+
+# ---- END node boot fixtures ----
