@@ -99,10 +99,9 @@ def plan(
     config = load_stack_file(stack, stacks_dir)
     stack_plan = build_stack_plan(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
+    from infra.components.fleet import ladder_types
     from infra.offline import preview_resources, resource_tree_text, resources_json
     from infra.policies import check_resources, policy_config
-    from infra.components.fleet import ladder_types
-
     from infra.scaling import describe_scaling
 
     records = preview_resources(stack_plan, preview=True)
