@@ -11,8 +11,10 @@ General on purpose — any component can be tested with it:
         harness.resolve(component.some_output)            # an Output's value
 
 Resources echo their inputs plus deterministic ids/ARNs/names (infra.offline.OfflineMocks;
-extra data sources via ``invoke_handlers={token: fn}``); every registration is recorded
-with its inputs (secrets masked, and unwrapped in ``engine_inputs``) and its options.
+extra data sources via ``invoke_handlers={token: fn}``; extra computed outputs per resource
+type via ``resource_outputs={type token: fn(name, inputs) -> outputs}``, applied in both
+modes, e.g. a StackReference's ``outputs``); every registration is recorded with its inputs
+(secrets masked, and unwrapped in ``engine_inputs``) and its options.
 """
 
 from __future__ import annotations
@@ -25,13 +27,30 @@ import pulumi
 import pytest
 from pulumi._utils import ContextProperty
 from pulumi.runtime import config as runtime_config
-from pulumi.runtime import set_mocks, settings
+from pulumi.runtime import MockResourceArgs, set_mocks, settings
 from pulumi.runtime.stack import run_pulumi_func
 
 from infra.offline import OfflineMocks, RecordingMonitor, ResourceRecord
 
 TEST_PROJECT = "vllm-fleet"
 TEST_STACK = "test"
+
+OutputsHook = Callable[[str, Mapping[str, Any]], dict[str, Any]]
+
+
+class _ExtraOutputsMocks(OfflineMocks):
+    """OfflineMocks plus per-type computed outputs a test supplies."""
+
+    def __init__(self, *, resource_outputs: Mapping[str, OutputsHook], **options: Any) -> None:
+        super().__init__(**options)
+        self.resource_outputs = dict(resource_outputs)
+
+    def new_resource(self, args: MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
+        resource_id, outputs = super().new_resource(args)
+        hook = self.resource_outputs.get(args.typ)
+        if hook is not None:
+            outputs.update(hook(args.name, dict(args.inputs)))
+        return resource_id, outputs
 
 
 class PulumiHarness:
@@ -98,10 +117,21 @@ def pulumi_mocks() -> Iterator[Callable[..., PulumiHarness]]:
         region: str = "us-east-1",
         stack: str = TEST_STACK,
         invoke_handlers: Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]] | None = None,
+        resource_outputs: Mapping[str, OutputsHook] | None = None,
         **mock_options: Any,
     ) -> PulumiHarness:
         assert not made, "one Pulumi program per test"
-        mocks = OfflineMocks(region=region, preview=preview, invoke_handlers=invoke_handlers, **mock_options)
+        mocks = (
+            _ExtraOutputsMocks(
+                resource_outputs=resource_outputs,
+                region=region,
+                preview=preview,
+                invoke_handlers=invoke_handlers,
+                **mock_options,
+            )
+            if resource_outputs
+            else OfflineMocks(region=region, preview=preview, invoke_handlers=invoke_handlers, **mock_options)
+        )
         monitor = RecordingMonitor(mocks)
         settings.ROOT.set(None)  # a fresh root stack for this test
         set_mocks(mocks, project=TEST_PROJECT, stack=stack, preview=preview, monitor=monitor)
