@@ -16,7 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.catalog import default_catalog
-from infra.config import PROJECT, STACKS_DIR, arch_from_config_doc, load_config_json, load_stack_file
+from infra.config import (
+    PROJECT,
+    STACKS_DIR,
+    ImagesStackConfig,
+    arch_from_config_doc,
+    load_any_stack_file,
+    load_config_json,
+)
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
 from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, serving_facts
@@ -96,7 +103,12 @@ def plan(
     stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
-    config = load_stack_file(stack, stacks_dir)
+    config = load_any_stack_file(stack, stacks_dir)
+    if isinstance(config, ImagesStackConfig):
+        from infra.images_plan import run_plan
+
+        run_plan(config, out_dir, as_json)
+        return
     stack_plan = build_stack_plan(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.components.fleet import ladder_types

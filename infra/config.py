@@ -14,7 +14,7 @@ import difflib
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,7 @@ from pydantic.alias_generators import to_camel
 
 from infra.catalog import ModelArch, arch_from_hf_config, default_catalog
 from infra.errors import FleetError
+from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
@@ -181,11 +182,20 @@ class ScalingSection(Section):
     night_floor: int | None = Field(default=None, ge=0)
 
 
+def _check_stack_name(value: str) -> str:
+    if not value.replace("-", "").isalnum() or not value[:1].isalpha():
+        raise ValueError(f"{value!r} must be letters, digits and dashes")
+    return value
+
+
+REGION_PATTERN = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+
+
 class StackConfig(Section):
     """All of a stack's ``vllm-fleet:*`` keys, plus the provider region."""
 
     stack: str
-    region: str = Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+    region: str = Field(pattern=REGION_PATTERN)
     model: ModelSection
     serving: ServingSection
     capacity: CapacitySection = CapacitySection()
@@ -196,12 +206,85 @@ class StackConfig(Section):
     scaling: ScalingSection = ScalingSection()
     tags: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("stack")
-    @classmethod
-    def _stack_name(cls, value: str) -> str:
-        if not value.replace("-", "").isalnum() or not value[:1].isalpha():
-            raise ValueError(f"{value!r} must be letters, digits and dashes")
-        return value
+    _stack_name = field_validator("stack")(_check_stack_name)
+
+
+# --- image-build stacks: `vllm-fleet:bake` instead of model/serving ---------------------------
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/=-]*)?$"
+# Image Builder schedules are six-field cron expressions
+# (https://docs.aws.amazon.com/imagebuilder/latest/userguide/cron-expressions.html).
+CRON_PATTERN = r"^cron\(\S+( \S+){5}\)$"
+
+
+class WeightsStagingSection(Section):
+    """Weights the bake stages into the image at /opt/models/<modelName>."""
+
+    source: Literal["s3", "huggingface"]
+    uri: str | None = Field(default=None, pattern=S3_URI_PATTERN, description="source s3: s3://bucket/prefix/")
+    repo: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$", description="source huggingface: org/name"
+    )
+    revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$", description="source huggingface: the 40-hex commit sha"
+    )
+    model_name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="directory under /opt/models; a fleet serves /opt/models/<its model.catalog name>",
+    )
+    size_gib: float = Field(gt=0, description="on-disk size of the weights, for the root volume")
+    hf_token_secret_id: str | None = None
+    expected_manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> WeightsStagingSection:
+        if self.source == "s3" and (not self.uri or self.repo or self.revision):
+            raise ValueError("source s3 takes uri (s3://bucket/prefix/), not repo or revision")
+        if self.source == "huggingface":
+            if not self.repo or self.uri:
+                raise ValueError("source huggingface takes repo (org/name), not uri")
+            if not self.revision:
+                raise ValueError("source huggingface needs revision, the repo's 40-hex commit sha")
+        return self
+
+
+class PrewarmSection(Section):
+    """Serve once at bake time with the fleet's flags, so vLLM's compile caches ship in the image."""
+
+    enabled: bool = False
+    serve_args: list[str] = Field(default_factory=list)
+    model_path: str | None = Field(default=None, description="default: the staged weights' directory")
+    timeout_s: int = Field(default=3600, gt=0)
+
+    @model_validator(mode="after")
+    def _settings_need_enabled(self) -> PrewarmSection:
+        if not self.enabled and (self.serve_args or self.model_path):
+            raise ValueError("serveArgs and modelPath apply only with enabled: true")
+        return self
+
+
+class BakeSection(Section):
+    """What the image bakes; infra/images.py checks it against images/facts.yaml and the vLLM pin."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="e.g. vllm-0-32-0")
+    base_image: str = Field(default=DEFAULT_BASE_IMAGE, description="a key of images/facts.yaml base_images")
+    build_instance_type: str = DEFAULT_BUILD_INSTANCE_TYPE
+    multi_node: bool = Field(default=False, description="Ray and the EFA/aws-ofi-nccl check")
+    weights: WeightsStagingSection | None = None
+    prewarm: PrewarmSection = PrewarmSection()
+    schedule: str | None = Field(default=None, pattern=CRON_PATTERN, description="e.g. cron(0 6 ? * mon *)")
+    build_on_deploy: bool = Field(default=False, description="`pulumi up` builds one image (hours)")
+
+
+class ImagesStackConfig(Section):
+    """An image-build stack: ``vllm-fleet:bake`` (plus network and tags), the provider region."""
+
+    stack: str
+    region: str = Field(pattern=REGION_PATTERN)
+    bake: BakeSection
+    network: NetworkSection = NetworkSection()
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    _stack_name = field_validator("stack")(_check_stack_name)
 
 
 # Config keys a stack file may carry besides ours: provider settings that Pulumi itself reads.
@@ -231,25 +314,29 @@ def _lookup(raw: dict[str, Any], loc: tuple[int | str, ...]) -> Any:
     return node
 
 
-def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[int | str, ...], root: type[BaseModel] = StackConfig) -> list[str]:
     """The camelCase keys allowed where an unknown key was found."""
-    model: Any = StackConfig
+    model: Any = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # Optional sections (X | None) name their model among the union's members.
+        annotation = field.annotation if field is not None else None
+        members = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type)]
+        sections = [a for a in members if issubclass(a, BaseModel)]
+        if not sections:
             return []
-        model = field.annotation
+        model = sections[0]
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
+def _one_line(err: ValidationError, raw: dict[str, Any], root: type[BaseModel] = StackConfig) -> str:
     errors = err.errors()
     # A typo'd key also makes the real key "missing": report the typo, it is the cause.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(loc, root)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"{_key_path(loc)}: unknown key ({hint}allowed: {', '.join(allowed)})"
@@ -260,8 +347,46 @@ def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
     return f"{_key_path(loc)}{shown}: {message}"
 
 
+BAKE_KEY = f"{PROJECT}:bake"
+
+
+def is_images_stack(values: dict[str, Any]) -> bool:
+    """An image-build stack carries ``vllm-fleet:bake`` (and no model or serving)."""
+    return BAKE_KEY in values
+
+
+def parse_any_stack_config(stack: str, values: dict[str, Any]) -> StackConfig | ImagesStackConfig:
+    """A fleet stack or an image-build stack, by its keys."""
+    if is_images_stack(values):
+        return _parse_images_stack_config(stack, values)
+    return parse_stack_config(stack, values)
+
+
 def parse_stack_config(stack: str, values: dict[str, Any]) -> StackConfig:
-    """Validate a stack's config mapping (keys as in the file: ``vllm-fleet:model``…)."""
+    """Validate a fleet stack's config mapping (keys as in the file: ``vllm-fleet:model``…)."""
+    if is_images_stack(values):
+        raise FleetError(
+            f"{BAKE_KEY}: stack {stack!r} is an image-build stack; this needs a fleet stack "
+            f"({PROJECT}:model, {PROJECT}:serving …)"
+        )
+    ours = _our_values(stack, values)
+    try:
+        config = StackConfig.model_validate(ours)
+    except ValidationError as err:
+        raise FleetError(_one_line(err, ours)) from None
+    validate_against_catalog(config)
+    return config
+
+
+def _parse_images_stack_config(stack: str, values: dict[str, Any]) -> ImagesStackConfig:
+    ours = _our_values(stack, values)
+    try:
+        return ImagesStackConfig.model_validate(ours)
+    except ValidationError as err:
+        raise FleetError(_one_line(err, ours, ImagesStackConfig)) from None
+
+
+def _our_values(stack: str, values: dict[str, Any]) -> dict[str, Any]:
     ours: dict[str, Any] = {"stack": stack}
     for key, value in values.items():
         if key == "aws:region":
@@ -274,12 +399,7 @@ def parse_stack_config(stack: str, values: dict[str, Any]) -> StackConfig:
             )
     if "region" not in ours:
         raise FleetError("aws:region: required key is missing (e.g. us-east-1)")
-    try:
-        config = StackConfig.model_validate(ours)
-    except ValidationError as err:
-        raise FleetError(_one_line(err, ours)) from None
-    validate_against_catalog(config)
-    return config
+    return ours
 
 
 def validate_against_catalog(config: StackConfig) -> None:
@@ -304,7 +424,22 @@ def stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> Path:
 
 
 def load_stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> StackConfig:
-    """Read ``stacks/Pulumi.<stack>.yaml`` without the Pulumi engine."""
+    """Read the fleet stack ``stacks/Pulumi.<stack>.yaml`` without the Pulumi engine."""
+    return parse_stack_config(stack, _stack_file_values(stack, stacks_dir))
+
+
+def load_any_stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> StackConfig | ImagesStackConfig:
+    """Read a fleet or image-build stack file without the Pulumi engine."""
+    return parse_any_stack_config(stack, _stack_file_values(stack, stacks_dir))
+
+
+def stack_names(kind: Literal["fleet", "images"], stacks_dir: Path = STACKS_DIR) -> list[str]:
+    """The stacks of one kind that ``stacks_dir`` holds, sorted."""
+    names = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+    return [n for n in names if is_images_stack(_stack_file_values(n, stacks_dir)) == (kind == "images")]
+
+
+def _stack_file_values(stack: str, stacks_dir: Path) -> dict[str, Any]:
     path = stack_file(stack, stacks_dir)
     if not path.is_file():
         available = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
@@ -320,10 +455,11 @@ def load_stack_file(stack: str, stacks_dir: Path = STACKS_DIR) -> StackConfig:
     unknown_top = set(doc) - {"config", "environment", "secretsprovider", "encryptedkey", "encryptionsalt"}
     if unknown_top:
         raise FleetError(f"{path}: unknown top-level key {min(unknown_top)!r} (allowed: config)")
-    return parse_stack_config(stack, doc["config"])
+    config: dict[str, Any] = doc["config"]
+    return config
 
 
-def load_from_pulumi() -> StackConfig:
+def load_from_pulumi() -> StackConfig | ImagesStackConfig:
     """Read the same keys through ``pulumi.Config`` during a real ``pulumi up``."""
     import pulumi  # imported here: config parsing must not need Pulumi when no engine runs
     from pulumi.runtime import config as runtime_config
@@ -337,7 +473,7 @@ def load_from_pulumi() -> StackConfig:
     aws_region = pulumi.Config("aws").get("region")
     if aws_region:
         values["aws:region"] = aws_region
-    return parse_stack_config(pulumi.get_stack(), values)
+    return parse_any_stack_config(pulumi.get_stack(), values)
 
 
 def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[str, ModelArch]:

@@ -27,7 +27,7 @@ from pulumi.runtime import MockCallArgs, MockResourceArgs, Mocks, rpc, set_mocks
 from pulumi.runtime.mocks import MockMonitor
 from pulumi.runtime.stack import run_pulumi_func
 
-from infra.config import PROJECT
+from infra.config import PROJECT, ImagesStackConfig
 from infra.stackplan import StackPlan
 
 SECRET_MASK = "[secret]"
@@ -35,6 +35,9 @@ UNKNOWN_MASK = "[unknown]"
 # The placeholder account of every mocked ARN: AWS's documentation example account.
 MOCK_ACCOUNT_ID = "123456789012"
 MOCK_AMI_ROOT_DEVICE = "/dev/sda1"
+# A placeholder for the size of an AMI's root snapshot (VllmImage sizes its recipe's root volume
+# from it); AWS reports the real one at deploy time.
+MOCK_AMI_ROOT_GIB = 75
 
 InvokeHandler = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -122,7 +125,31 @@ class OfflineMocks(Mocks):
     def _ami(self, args: Mapping[str, Any]) -> dict[str, Any]:
         ids = [v for f in args.get("filters") or [] if f.get("name") == "image-id" for v in f.get("values", [])]
         image = ids[0] if ids else f"ami-{_digest('ami', json.dumps(args, sort_keys=True, default=str))}"
-        return {"id": image, "imageId": image, "rootDeviceName": MOCK_AMI_ROOT_DEVICE, "architecture": "x86_64"}
+        snapshot = f"snap-{_digest('snapshot', image)}"
+        return {
+            "id": image,
+            "imageId": image,
+            "rootDeviceName": MOCK_AMI_ROOT_DEVICE,
+            "rootSnapshotId": snapshot,
+            "architecture": "x86_64",
+            # GetAmiResult.block_device_mappings: camelCase fields, but `ebs` is a plain string map
+            # whose keys the provider writes in snake_case (terraform-provider-aws
+            # internal/service/ec2/ec2_ami.go, flattenAMIBlockDeviceMappings).
+            "blockDeviceMappings": [
+                {
+                    "deviceName": MOCK_AMI_ROOT_DEVICE,
+                    "ebs": {
+                        "delete_on_termination": "true",
+                        "encrypted": "true",
+                        "snapshot_id": snapshot,
+                        "volume_size": str(MOCK_AMI_ROOT_GIB),
+                        "volume_type": "gp3",
+                    },
+                    "noDevice": "",
+                    "virtualName": "",
+                }
+            ],
+        }
 
     # --- resources -------------------------------------------------------------------------
     def new_resource(self, args: MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
@@ -309,24 +336,28 @@ def run_offline(
     return OfflineRun(records=monitor.records, outputs=outputs, mocks=mocks)
 
 
-def offline_mocks(stack_plan: StackPlan, *, preview: bool) -> OfflineMocks:
-    return OfflineMocks(region=stack_plan.config.region, preview=preview)
+def offline_mocks(stack_plan: StackPlan | ImagesStackConfig, *, preview: bool) -> OfflineMocks:
+    config = stack_plan if isinstance(stack_plan, ImagesStackConfig) else stack_plan.config
+    return OfflineMocks(region=config.region, preview=preview)
 
 
-def run_stack(stack_plan: StackPlan, *, preview: bool) -> OfflineRun:
-    """The real program for ``stack_plan`` under the offline mocks."""
+def run_stack(stack_plan: StackPlan | ImagesStackConfig, *, preview: bool) -> OfflineRun:
+    """The real program for a fleet's ``stack_plan`` (or an image-build stack's config, which
+    has no sizing plan) under the offline mocks; dispatched like infra/program/__main__.py."""
+    from infra.program.images import deploy_images
     from infra.program.stack import deploy
 
-    return run_offline(
-        lambda: deploy(stack_plan),
-        project=PROJECT,
-        stack=stack_plan.config.stack,
-        mocks=offline_mocks(stack_plan, preview=preview),
-        preview=preview,
-    )
+    mocks = offline_mocks(stack_plan, preview=preview)
+    if isinstance(stack_plan, ImagesStackConfig):
+        images = stack_plan
+        return run_offline(
+            lambda: deploy_images(images), project=PROJECT, stack=images.stack, mocks=mocks, preview=preview
+        )
+    fleet = stack_plan
+    return run_offline(lambda: deploy(fleet), project=PROJECT, stack=fleet.config.stack, mocks=mocks, preview=preview)
 
 
-def preview_resources(stack_plan: StackPlan, *, preview: bool) -> list[ResourceRecord]:
+def preview_resources(stack_plan: StackPlan | ImagesStackConfig, *, preview: bool) -> list[ResourceRecord]:
     """Every resource the program declares for ``stack_plan``, ordered by name (declaration
     order depends on when outputs resolve, so it is not stable)."""
     return sorted(run_stack(stack_plan, preview=preview).records, key=lambda r: (r.name, r.type))
@@ -351,6 +382,9 @@ KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "aws:ec2/placementGroup:PlacementGroup": ("strategy",),
     "aws:cloudwatch/logGroup:LogGroup": ("name", "retentionInDays"),
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": ("policyArn",),
+    "aws:imagebuilder/component:Component": ("version",),
+    "aws:imagebuilder/imageRecipe:ImageRecipe": ("parentImage",),
+    "aws:imagebuilder/infrastructureConfiguration:InfrastructureConfiguration": ("instanceTypes",),
 }
 
 

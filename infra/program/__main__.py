@@ -2,13 +2,19 @@
 
 import pulumi
 
-from infra.config import load_from_pulumi
+from infra.config import ImagesStackConfig, load_from_pulumi
 from infra.errors import FleetError
+from infra.program.images import deploy_images
 from infra.program.stack import deploy
 from infra.stackplan import build_stack_plan
 
 try:
-    deploy(build_stack_plan(load_from_pulumi()))
+    config = load_from_pulumi()
+    # An image-build stack (vllm-fleet:bake) bakes the AMI; every other stack is a fleet.
+    if isinstance(config, ImagesStackConfig):
+        deploy_images(config)
+    else:
+        deploy(build_stack_plan(config))
 except FleetError as err:
     # One line, no traceback: the same message `vllm-fleet plan` prints.
     raise pulumi.RunError(str(err)) from None
