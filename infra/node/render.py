@@ -30,6 +30,11 @@ UNIT_DIR = "etc/systemd/system"
 STOP_MARGIN_S = 30
 # Shortest API key the node accepts from the secret.
 MIN_KEY_LENGTH = 16
+# Instance tags the lifecycle watcher reads through instance metadata: the group's own tag,
+# and the target group a gang's head registers in (infra/program/tags.py TARGET_GROUP_TAG;
+# tests/test_node_lifecycle.py checks they agree).
+ASG_NAME_TAG = "aws:autoscaling:groupName"
+TARGET_GROUP_TAG = "vllm-fleet:target-group-arn"
 # EC2 takes at most 16 KB of user data before base64 (RequestLaunchTemplateData.UserData,
 # "User data is limited to 16 KB"). Our units and scripts are larger than that as text, so the
 # launch template gets them gzipped: cloud-init decompresses gzip user data before parsing
@@ -121,7 +126,18 @@ def node_units(spec: NodeSpec) -> list[str]:
     units = ["vllm-fleet-fetch-key.service", "vllm-fleet-gpu-devices.service"]
     if spec.multi_node:
         units += ["vllm-fleet-gang.service", "ray-head.service", "ray-worker.service"]
+    if spec.lifecycle_hooks.enabled:
+        units.append("vllm-fleet-lifecycle.service")
     return units + vllm_unit_names(spec)
+
+
+def serving_units(spec: NodeSpec) -> list[str]:
+    """What a drain stops. Stopping the target alone would not stop them: it only Wants=
+    them, and only PartOf=/Requires= carry a stop over (systemd.unit(5))."""
+    units = ["vllm-fleet.target", *vllm_unit_names(spec)]
+    if spec.multi_node:
+        units += ["ray-head.service", "ray-worker.service"]
+    return units
 
 
 def _exec_start(spec: NodeSpec, replica: ReplicaSpec) -> list[str]:
@@ -196,6 +212,21 @@ def render_node(spec: NodeSpec) -> dict[str, str]:
         )
         files[f"{LIBEXEC}/gang-discover"] = _render("gang-discover.sh.j2", spec=spec)
         files[f"{LIBEXEC}/wait-ray-gpus"] = _render("wait-ray-gpus.py.j2", venv=spec.venv)
+    if spec.lifecycle_hooks.enabled:
+        files[f"{UNIT_DIR}/vllm-fleet-lifecycle.service"] = _render(
+            "vllm-fleet-lifecycle.service.j2", spec=spec
+        )
+        files[f"{LIBEXEC}/lifecycle-watch"] = _render(
+            "lifecycle-watch.sh.j2",
+            spec=spec,
+            hooks=spec.lifecycle_hooks,
+            ports=[r.port for r in spec.replicas],
+            stop_units=serving_units(spec),
+            # The worker waits this long for its head to drain and stop.
+            head_stop_timeout_s=spec.deregistration_delay_s + spec.shutdown_timeout_s + STOP_MARGIN_S,
+            asg_name_tag=ASG_NAME_TAG,
+            target_group_tag=TARGET_GROUP_TAG,
+        )
     files["etc/sysusers.d/vllm-fleet.conf"] = _render("sysusers.conf.j2", spec=spec)
     files["etc/tmpfiles.d/vllm-fleet.conf"] = _render("tmpfiles.conf.j2", spec=spec)
     return dict(sorted(files.items()))

@@ -143,6 +143,62 @@ class GangDiscovery:
             )
 
 
+_HOOK_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,255}$")
+
+
+@dataclass(frozen=True)
+class LifecycleHooks:
+    """How the node honours its Auto Scaling group's lifecycle hooks (infra/components/fleet.py).
+
+    Every node drains on the termination hook ``drain_hook``; a gang's members also wait in
+    the launch hook ``gang_ready_hook`` until the head serves. ``enabled=False`` renders no
+    watcher (tests that boot a node without an Auto Scaling group); on an instance without
+    the ``aws:autoscaling:groupName`` tag the watcher does nothing either. docs/node.md has
+    the sequence.
+    """
+
+    enabled: bool = True
+    drain_hook: str = "drain"
+    gang_ready_hook: str = "gang-ready"
+    # The target group's deregistration delay; None means shutdown_timeout_s, which is what
+    # the Fleet sets it to (serving.shutdownTimeoutS).
+    deregistration_delay_s: int | None = None
+    # How often the node reads its target lifecycle state from instance metadata.
+    poll_interval_s: int = 5
+    # A lifecycle hook times out after its heartbeat timeout (at least 30 s, the Fleet's are
+    # longer); the node records a heartbeat this often while it waits in one.
+    heartbeat_interval_s: int = 25
+    # Gangs: how often a member checks its gang, and how many failed /health checks in a
+    # row mean the head's engine is dead.
+    health_interval_s: int = 15
+    unhealthy_after: int = 3
+    # Gangs: after vLLM is healthy, how long the head's target may take to pass the load
+    # balancer's health check.
+    target_healthy_timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        for key in ("drain_hook", "gang_ready_hook"):
+            if not _HOOK_NAME.match(getattr(self, key)):
+                raise FleetError(
+                    f"lifecycle_hooks.{key}={getattr(self, key)!r}: letters, digits and ._/- only"
+                )
+        if self.deregistration_delay_s is not None and not 0 <= self.deregistration_delay_s <= 3600:
+            raise FleetError(
+                f"lifecycle_hooks.deregistration_delay_s={self.deregistration_delay_s}: must be 0..3600 "
+                "(a target group's range)"
+            )
+        if not 1 <= self.poll_interval_s <= 5:
+            raise FleetError(f"lifecycle_hooks.poll_interval_s={self.poll_interval_s}: must be 1..5")
+        if not 1 <= self.heartbeat_interval_s < 30:
+            raise FleetError(
+                f"lifecycle_hooks.heartbeat_interval_s={self.heartbeat_interval_s}: must be 1..29 "
+                "(below the shortest lifecycle hook timeout, 30 s)"
+            )
+        for key in ("health_interval_s", "unhealthy_after", "target_healthy_timeout_s"):
+            if getattr(self, key) < 1:
+                raise FleetError(f"lifecycle_hooks.{key}={getattr(self, key)}: must be at least 1")
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """A node of the fleet: what it serves, where its caches live, how it joins a gang."""
@@ -171,6 +227,7 @@ class NodeSpec:
     ray_temp_dir: str = "/var/cache/vllm/ray"
     ray_port: int = 6379
     gang_discovery: GangDiscovery = field(default_factory=GangDiscovery)
+    lifecycle_hooks: LifecycleHooks = field(default_factory=LifecycleHooks)
     # Only tests set this (a local moto server); production talks to the real endpoints.
     aws_endpoint_url: str | None = None
 
@@ -270,6 +327,12 @@ class NodeSpec:
     @property
     def total_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def deregistration_delay_s(self) -> int:
+        """How long the load balancer drains this node (the Fleet sets it to shutdown_timeout_s)."""
+        delay = self.lifecycle_hooks.deregistration_delay_s
+        return self.shutdown_timeout_s if delay is None else delay
 
     def _check_download_dir(self, argv: tuple[str, ...]) -> None:
         """vLLM's --download-dir must be writable by the unit (ProtectSystem=strict)."""
