@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - tests take the imported pulumi_mocks fixture as a parameter
 """The Monitoring component under Pulumi mocks (preview and update), and the monitoring host's
 files checked with the real tools: cloud-init schema, shellcheck, systemd-analyze, promtool and
 amtool, the AWS CLI against a moto server (config sync, Grafana password), gpg (key pinning).
@@ -88,7 +89,9 @@ SUBNET_ID = "subnet-0123456789abcdef0"
 SCRAPERS_SG = "sg-0scrapers00000000"
 PRIVATE_IP = "10.42.3.7"
 BUCKET_SUFFIX = "20261128000000000000000001"
-AMP_ENDPOINT = "https://aps-workspaces.us-east-1.amazonaws.com/workspaces/ws-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/"
+AMP_ENDPOINT = (
+    "https://aps-workspaces.us-east-1.amazonaws.com/workspaces/ws-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/"
+)
 GRAFANA_HOST = "g-0123456789.grafana-workspace.us-east-1.amazonaws.com"
 
 
@@ -96,8 +99,15 @@ GRAFANA_HOST = "g-0123456789.grafana-workspace.us-east-1.amazonaws.com"
 
 
 def monitored_stacks() -> list[str]:
-    names = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
-    return [n for n in names if load_stack_file(n).monitoring.mode != "none"]
+    """Fleet stacks (they declare a model; image-build stacks do not) with monitoring on."""
+    names = []
+    for path in sorted(STACKS_DIR.glob("Pulumi.*.yaml")):
+        if "vllm-fleet:model" not in (yaml.safe_load(path.read_text()).get("config") or {}):
+            continue
+        name = path.name[len("Pulumi.") : -len(".yaml")]
+        if load_stack_file(name).monitoring.mode != "none":
+            names.append(name)
+    return names
 
 
 STACKS = monitored_stacks()
@@ -147,7 +157,9 @@ def computed_outputs(preview: bool, shared: dict[str, dict[str, Any]] | None = N
     hooks: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {}
     if not preview:
         hooks[INSTANCE] = lambda name, inputs: {"privateIp": PRIVATE_IP}
-        hooks["aws:s3/bucket:Bucket"] = lambda name, inputs: {"bucket": inputs["bucketPrefix"] + BUCKET_SUFFIX}
+        hooks["aws:s3/bucket:Bucket"] = lambda name, inputs: {
+            "bucket": inputs["bucketPrefix"] + BUCKET_SUFFIX
+        }
         hooks["aws:amp/workspace:Workspace"] = lambda name, inputs: {"prometheusEndpoint": AMP_ENDPOINT}
         hooks["aws:grafana/workspace:Workspace"] = lambda name, inputs: {"endpoint": GRAFANA_HOST}
     if shared is not None:
@@ -160,8 +172,12 @@ def computed_outputs(preview: bool, shared: dict[str, dict[str, Any]] | None = N
     return hooks
 
 
-def run(pulumi_mocks: Callable[..., PulumiHarness], args: MonitoringArgs, *, preview: bool, **kwargs: Any) -> tuple[PulumiHarness, Monitoring]:
-    harness = pulumi_mocks(preview=preview, region=args.region, resource_outputs=computed_outputs(preview, **kwargs))
+def run(
+    pulumi_mocks: Callable[..., PulumiHarness], args: MonitoringArgs, *, preview: bool, **kwargs: Any
+) -> tuple[PulumiHarness, Monitoring]:
+    harness = pulumi_mocks(
+        preview=preview, region=args.region, resource_outputs=computed_outputs(preview, **kwargs)
+    )
     component = harness.run(lambda: Monitoring("monitoring", args))
     return harness, component
 
@@ -202,7 +218,10 @@ def test_host_is_private_imdsv2_encrypted_and_keyless(pulumi_mocks: Any, stack: 
     # Its own group plus the network's scrapers group, which the nodes admit metrics from.
     assert SCRAPERS_SG in host["vpcSecurityGroupIds"] and len(host["vpcSecurityGroupIds"]) == 2
     # The AMI comes from AWS's public AL2023 parameter, read at deploy time.
-    assert ("aws:ssm/getParameter:getParameter", {"name": facts.ami_ssm_parameter.value}) in harness.mocks.invokes
+    assert (
+        "aws:ssm/getParameter:getParameter",
+        {"name": facts.ami_ssm_parameter.value},
+    ) in harness.mocks.invokes
     assert the(harness, INSTANCE).options.get("ignoreChanges") == ["ami"]
     # The user-data is the rendered cloud-config, gzipped, and known even in a preview.
     assert host_user_data(harness) == render_host_user_data(host_spec(spec_of(stack)))
@@ -224,10 +243,14 @@ def test_host_is_not_a_scrape_target_of_its_own_prometheus(pulumi_mocks: Any, st
     prometheus = yaml.safe_load(uploaded_objects(harness)[f"{stack}/files/prometheus.yml"])
     for job in prometheus["scrape_configs"]:
         for sd in job["ec2_sd_configs"]:
-            tag_filters = {f["name"][len("tag:") :]: f["values"] for f in sd["filters"] if f["name"].startswith("tag:")}
+            tag_filters = {
+                f["name"][len("tag:") :]: f["values"] for f in sd["filters"] if f["name"].startswith("tag:")
+            }
             assert tag_filters, job["job_name"]
             matches = all(tags.get(key) in values for key, values in tag_filters.items())
-            assert not matches, f"the monitoring host matches the {job['job_name']} job's filters {tag_filters}"
+            assert not matches, (
+                f"the monitoring host matches the {job['job_name']} job's filters {tag_filters}"
+            )
     # Everything else the stack tags carry, it carries.
     for key, value in stack_tags(stack_plan(stack)).items():
         if key != STACK_TAG:
@@ -240,7 +263,10 @@ def test_ingress_only_from_the_allowed_cidrs(pulumi_mocks: Any, stack: str, prev
     args = args_for(stack)
     assert args.allowed_cidrs, "the stacks name allowed CIDRs; this test needs some"
     harness, _ = run(pulumi_mocks, args, preview=preview)
-    rules = {(r.engine_inputs["fromPort"], r.engine_inputs["toPort"], r.engine_inputs.get("cidrIpv4")) for r in harness.records(INGRESS)}
+    rules = {
+        (r.engine_inputs["fromPort"], r.engine_inputs["toPort"], r.engine_inputs.get("cidrIpv4"))
+        for r in harness.records(INGRESS)
+    }
     assert rules == {(port, port, cidr) for cidr in args.allowed_cidrs for port in (3000, 9090)}
     sg = the(harness, "aws:ec2/securityGroup:SecurityGroup").engine_inputs
     assert not sg.get("ingress")
@@ -250,7 +276,10 @@ def test_ingress_only_from_the_allowed_cidrs(pulumi_mocks: Any, stack: str, prev
     network_policies = {"no-world-ingress", "no-ssh"}
     violations = [
         v
-        for v in check_resources((r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in harness.records())
+        for v in check_resources(
+            (r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", []))
+            for r in harness.records()
+        )
         if v.policy in network_policies
     ]
     assert violations == []
@@ -260,7 +289,10 @@ def test_no_allowed_cidrs_means_no_ingress_at_all(pulumi_mocks: Any) -> None:
     harness, _ = run(pulumi_mocks, args_for(STACKS[0], allowed_cidrs=()), preview=False)
     assert harness.records(INGRESS) == []
     # Reachable through Session Manager instead: the host's role has the SSM core policy.
-    attachments = [r.engine_inputs["policyArn"] for r in harness.records("aws:iam/rolePolicyAttachment:RolePolicyAttachment")]
+    attachments = [
+        r.engine_inputs["policyArn"]
+        for r in harness.records("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+    ]
     assert attachments == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
 
 
@@ -276,7 +308,10 @@ def test_world_or_malformed_cidrs_are_refused_before_any_resource(pulumi_mocks: 
 
 def test_ipv6_cidrs_become_ipv6_rules(pulumi_mocks: Any) -> None:
     harness, _ = run(pulumi_mocks, args_for(STACKS[0], allowed_cidrs=("fd00:42::/48",)), preview=False)
-    rules = {(r.engine_inputs["fromPort"], r.engine_inputs.get("cidrIpv6"), r.engine_inputs.get("cidrIpv4")) for r in harness.records(INGRESS)}
+    rules = {
+        (r.engine_inputs["fromPort"], r.engine_inputs.get("cidrIpv6"), r.engine_inputs.get("cidrIpv4"))
+        for r in harness.records(INGRESS)
+    }
     assert rules == {(3000, "fd00:42::/48", None), (9090, "fd00:42::/48", None)}
 
 
@@ -308,7 +343,12 @@ def test_admin_password_exists_only_as_a_secret(pulumi_mocks: Any, stack: str) -
     # Not in the component's outputs.
     outputs = {key: harness.resolve(value) for key, value in component.stack_outputs().items()}
     assert password not in json.dumps(outputs)
-    assert set(outputs) == {OUTPUT_GRAFANA_URL, OUTPUT_PROMETHEUS_URL, OUTPUT_GRAFANA_SECRET_ARN, OUTPUT_SECURITY_GROUP_ID}
+    assert set(outputs) == {
+        OUTPUT_GRAFANA_URL,
+        OUTPUT_PROMETHEUS_URL,
+        OUTPUT_GRAFANA_SECRET_ARN,
+        OUTPUT_SECURITY_GROUP_ID,
+    }
     assert outputs[OUTPUT_GRAFANA_SECRET_ARN].startswith("arn:aws:secretsmanager:")
 
 
@@ -380,7 +420,10 @@ def test_content_goes_to_s3_with_a_checksum_manifest(pulumi_mocks: Any, stack: s
         assert host_destination(rel, spec_of(stack).grafana_dashboards_dir).startswith("/")
     # The bucket is private and TLS-only.
     block = the(harness, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").engine_inputs
-    assert all(block[k] is True for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets"))
+    assert all(
+        block[k] is True
+        for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
+    )
     if not preview:
         policy = json.loads(the(harness, "aws:s3/bucketPolicy:BucketPolicy").engine_inputs["policy"])
         assert policy["Statement"][0]["Effect"] == "Deny"
@@ -408,13 +451,16 @@ def accepts_tags(type_token: str) -> bool:
 
 @pytest.mark.parametrize("preview", [False, True], ids=["update", "preview"])
 @pytest.mark.parametrize("stack", STACKS)
-def test_policy_pack_findings_are_only_the_known_tag_gaps(pulumi_mocks: Any, stack: str, preview: bool) -> None:
+def test_policy_pack_findings_are_only_the_known_tag_gaps(
+    pulumi_mocks: Any, stack: str, preview: bool
+) -> None:
     """Everything passes the guardrails except two tag findings the pack's owner must settle:
     resource types that take no tags (the pack lists such types in TAGLESS_TYPES), and the host
     lacking vllm-fleet:stack, which it must lack (see test_host_is_not_a_scrape_target...)."""
     harness, _ = run(pulumi_mocks, args_for(stack), preview=preview)
     violations = check_resources(
-        (r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in harness.records()
+        (r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", []))
+        for r in harness.records()
     )
     unexplained = []
     for v in violations:
@@ -423,7 +469,13 @@ def test_policy_pack_findings_are_only_the_known_tag_gaps(pulumi_mocks: Any, sta
         if not (tagless or host_stack_tag):
             unexplained.append(v)
     assert unexplained == []
-    tagless_types = sorted({v.resource_type for v in violations if v.policy == "required-tags" and not accepts_tags(v.resource_type)})
+    tagless_types = sorted(
+        {
+            v.resource_type
+            for v in violations
+            if v.policy == "required-tags" and not accepts_tags(v.resource_type)
+        }
+    )
     print(f"\n[{stack}] resource types without tags (add to policies.TAGLESS_TYPES): {tagless_types}")
 
 
@@ -432,7 +484,9 @@ def test_policy_pack_findings_are_only_the_known_tag_gaps(pulumi_mocks: Any, sta
 
 @pytest.mark.parametrize("preview", [False, True], ids=["update", "preview"])
 @pytest.mark.parametrize("stack", STACKS)
-def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(pulumi_mocks: Any, stack: str, preview: bool) -> None:
+def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(
+    pulumi_mocks: Any, stack: str, preview: bool
+) -> None:
     args = args_for(stack, mode="managed")
     spec = spec_of(stack)
     if spec.serving_tag is not None:
@@ -446,7 +500,9 @@ def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(pulumi_moc
     assert workspace["alias"] == f"vllm-fleet-{stack}"
     rules = the(harness, "aws:amp/ruleGroupNamespace:RuleGroupNamespace").engine_inputs
     assert rules["data"] == rendered[RULES_FILE]
-    definition = the(harness, "aws:amp/alertManagerDefinition:AlertManagerDefinition").engine_inputs["definition"]
+    definition = the(harness, "aws:amp/alertManagerDefinition:AlertManagerDefinition").engine_inputs[
+        "definition"
+    ]
     assert definition == amp_alertmanager_definition(rendered["alertmanager.yml"])
     grafana = the(harness, "aws:grafana/workspace:Workspace").engine_inputs
     assert grafana["accountAccessType"] == "CURRENT_ACCOUNT"
@@ -468,14 +524,21 @@ def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(pulumi_moc
     assert harness.resolve(component.amp_endpoint) == AMP_ENDPOINT
     remote_write = json.loads(harness.resolve(component.node_remote_write_policy))
     assert remote_write["Statement"] == [
-        {"Sid": "RemoteWriteMetrics", "Effect": "Allow", "Action": ["aps:RemoteWrite"], "Resource": [workspace_arn]}
+        {
+            "Sid": "RemoteWriteMetrics",
+            "Effect": "Allow",
+            "Action": ["aps:RemoteWrite"],
+            "Resource": [workspace_arn],
+        }
     ]
     agent = harness.resolve(component.node_agent_files)
     assert agent == render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write")
 
 
 def test_managed_mode_needs_an_sns_topic(pulumi_mocks: Any) -> None:
-    spec = dataclasses.replace(spec_of(STACKS[0]), sns_topic_arn=None, webhook_url="https://hooks.example.com/alerts")
+    spec = dataclasses.replace(
+        spec_of(STACKS[0]), sns_topic_arn=None, webhook_url="https://hooks.example.com/alerts"
+    )
     harness = pulumi_mocks(preview=False)
     with pytest.raises(FleetError, match="snsTopicArn: required with mode managed"):
         harness.run(lambda: Monitoring("monitoring", args_for(STACKS[0], mode="managed", spec=spec)))
@@ -495,7 +558,9 @@ def test_amp_alertmanager_definition_keeps_only_sns_and_amtool_accepts_it(stack:
         assert all(sns["sigv4"]["region"] for sns in receiver["sns_configs"])
     path = tmp_path / "alertmanager.yml"
     path.write_text(definition["alertmanager_config"])
-    result = subprocess.run(["amtool", "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["amtool", "check-config", str(path)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -516,7 +581,7 @@ class RemoteWriteSink:
         sink = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 sink.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
                 self.send_response(204)
@@ -535,7 +600,26 @@ class RemoteWriteSink:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("stack", [s for s in STACKS if spec_of(s).serving_tag is None])
+@pytest.mark.parametrize("stack", STACKS)
+def test_node_agent_config_passes_promtool(stack: str, tmp_path: Path) -> None:
+    spec = spec_of(stack)
+    if spec.serving_tag is not None:
+        with pytest.raises(FleetError, match="multi-node"):
+            render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write")
+        return
+    files_on_disk(render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write"), tmp_path)
+    check = subprocess.run(
+        ["promtool", "check", "config", "--agent", str(tmp_path / AGENT_CONFIG)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# The agent's config differs between stacks only in names and ports (promtool checks each above).
+@pytest.mark.parametrize("stack", [next(s for s in STACKS if spec_of(s).serving_tag is None)])
 def test_node_agent_config_runs_in_a_real_prometheus_agent(stack: str, tmp_path: Path) -> None:
     """promtool accepts the agent config; a real Prometheus in agent mode runs it with the
     node's labels expanded from its environment and remote-writes what it scrapes. The AMP URL
@@ -545,16 +629,31 @@ def test_node_agent_config_runs_in_a_real_prometheus_agent(stack: str, tmp_path:
     assert set(files) == {AGENT_CONFIG, AGENT_LABELS_SCRIPT, AGENT_UNIT}
     files_on_disk(files, tmp_path)
     config = tmp_path / AGENT_CONFIG
-    check = subprocess.run(["promtool", "check", "config", "--agent", str(config)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        ["promtool", "check", "config", "--agent", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    shell = subprocess.run(["shellcheck", "--shell=bash", str(tmp_path / AGENT_LABELS_SCRIPT)], capture_output=True, text=True)
+    shell = subprocess.run(
+        ["shellcheck", "--shell=bash", str(tmp_path / AGENT_LABELS_SCRIPT)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert shell.returncode == 0, shell.stdout
 
     sink = RemoteWriteSink()
     text = config.read_text()
     assert text.count(json.dumps(remote_write)) == 1
     local = tmp_path / "agent-local.yml"
-    local.write_text(text.replace(json.dumps(remote_write), json.dumps(sink.url)).replace("scrape_interval: 15s", "scrape_interval: 1s").replace("scrape_timeout: 10s", "scrape_timeout: 1s"))
+    local.write_text(
+        text.replace(json.dumps(remote_write), json.dumps(sink.url))
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("scrape_timeout: 10s", "scrape_timeout: 1s")
+    )
     port = free_port()
     env = {
         "PATH": "/usr/bin:/bin",
@@ -585,10 +684,14 @@ def test_node_agent_config_runs_in_a_real_prometheus_agent(stack: str, tmp_path:
         loaded = None
         while loaded is None or not sink.requests:
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline, f"no remote write within 90 s (config loaded: {loaded is not None})"
+            assert time.monotonic() < deadline, (
+                f"no remote write within 90 s (config loaded: {loaded is not None})"
+            )
             if loaded is None:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status/config", timeout=2) as response:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/api/v1/status/config", timeout=2
+                    ) as response:
                         loaded = json.loads(response.read())["data"]["yaml"]
                 except OSError:
                     pass
@@ -610,7 +713,10 @@ def test_node_agent_config_runs_in_a_real_prometheus_agent(stack: str, tmp_path:
 def test_node_agent_refuses_gangs_and_foreign_urls() -> None:
     spec = spec_of(STACKS[0])
     with pytest.raises(FleetError, match="multi-node"):
-        render_node_agent(dataclasses.replace(spec, serving_tag=("vllm-fleet:serving", "true")), AMP_ENDPOINT + "api/v1/remote_write")
+        render_node_agent(
+            dataclasses.replace(spec, serving_tag=("vllm-fleet:serving", "true")),
+            AMP_ENDPOINT + "api/v1/remote_write",
+        )
     with pytest.raises(FleetError, match="remote_write endpoint"):
         render_node_agent(spec, "https://metrics.example.com/api/v1/write")
 
@@ -642,7 +748,11 @@ def test_shared_mode_needs_another_stack(pulumi_mocks: Any) -> None:
     with pytest.raises(FleetError, match="sharedStack: required"):
         harness.run(lambda: Monitoring("monitoring", args_for(STACKS[0], mode="shared", shared_stack=None)))
     with pytest.raises(FleetError, match="cannot share its own"):
-        harness.run(lambda: Monitoring("again", args_for(STACKS[0], mode="shared", shared_stack=f"acme/vllm-fleet/{STACKS[0]}")))
+        harness.run(
+            lambda: Monitoring(
+                "again", args_for(STACKS[0], mode="shared", shared_stack=f"acme/vllm-fleet/{STACKS[0]}")
+            )
+        )
 
 
 def test_shared_stack_config_key(tmp_path: Path) -> None:
@@ -655,7 +765,10 @@ def test_shared_stack_config_key(tmp_path: Path) -> None:
     with pytest.raises(FleetError, match="sharedStack is required with mode shared"):
         parse_stack_config(STACKS[0], {**base, "vllm-fleet:monitoring": dict(monitoring, sharedStack=None)})
     with pytest.raises(FleetError, match="sharedStack is required with mode shared, and allowed only there"):
-        parse_stack_config(STACKS[0], {**base, "vllm-fleet:monitoring": dict(base["vllm-fleet:monitoring"], sharedStack="a/b/c")})
+        parse_stack_config(
+            STACKS[0],
+            {**base, "vllm-fleet:monitoring": dict(base["vllm-fleet:monitoring"], sharedStack="a/b/c")},
+        )
 
 
 def test_none_mode_declares_nothing(pulumi_mocks: Any) -> None:
@@ -673,7 +786,13 @@ def test_host_user_data_is_valid_cloud_config_carrying_every_file(stack: str, tm
     user_data = render_host_user_data(spec)
     path = tmp_path / "user-data"
     path.write_text(user_data)
-    result = subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["cloud-init", "schema", "--config-file", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "Valid cloud-config" in result.stdout, result.stdout + result.stderr
     doc = yaml.safe_load(user_data)
     written = {f["path"].lstrip("/"): f["content"] for f in doc["write_files"]}
@@ -686,8 +805,16 @@ def test_host_user_data_is_valid_cloud_config_carrying_every_file(stack: str, tm
 
 def test_cloud_init_schema_can_fail(tmp_path: Path) -> None:
     path = tmp_path / "user-data"
-    path.write_text(render_host_user_data(host_spec(spec_of(STACKS[0]))).replace("runcmd:\n", "runcmd: nonsense\n"))
-    result = subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+    path.write_text(
+        render_host_user_data(host_spec(spec_of(STACKS[0]))).replace("runcmd:\n", "runcmd: nonsense\n")
+    )
+    result = subprocess.run(
+        ["cloud-init", "schema", "--config-file", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
 
 
@@ -697,13 +824,20 @@ def host_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Grafana RPM's unit) so systemd-analyze can resolve every reference."""
     root = tmp_path_factory.mktemp("monitoring-host")
     files_on_disk(render_host(host_spec(spec_of(STACKS[0]))), root)
-    for rel in ("usr/local/bin/prometheus", "usr/local/bin/alertmanager", "usr/sbin/grafana-server", "usr/bin/kill"):
+    for rel in (
+        "usr/local/bin/prometheus",
+        "usr/local/bin/alertmanager",
+        "usr/sbin/grafana-server",
+        "usr/bin/kill",
+    ):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\nexit 0\n")
         path.chmod(0o755)
     # Stand-in for the unit the Grafana RPM installs; our drop-in extends it.
-    (root / UNIT_DIR / "grafana-server.service").write_text("[Unit]\nDescription=stand-in\n[Service]\nExecStart=/usr/sbin/grafana-server\n")
+    (root / UNIT_DIR / "grafana-server.service").write_text(
+        "[Unit]\nDescription=stand-in\n[Service]\nExecStart=/usr/sbin/grafana-server\n"
+    )
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     return root
 
@@ -729,11 +863,14 @@ MAX_EXPOSURE = {
 def test_host_units_pass_systemd_analyze_verify(host_root: Path) -> None:
     result = subprocess.run(
         ["systemd-analyze", "verify", f"--root={host_root}", "--man=no", "--generators=no", *HOST_UNITS],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", (
+        result.stdout + result.stderr
+    )
     dropin = (host_root / UNIT_DIR / "grafana-server.service.d" / "vllm-fleet.conf").read_text()
     assert 'Environment="GF_SECURITY_ADMIN_PASSWORD=$__file{%d/admin-password}"' in dropin
     assert "LoadCredential=admin-password:/run/vllm-fleet-monitoring/grafana-admin-password" in dropin
@@ -742,7 +879,13 @@ def test_host_units_pass_systemd_analyze_verify(host_root: Path) -> None:
 def test_host_unit_exposure(host_root: Path) -> None:
     scores = {}
     for unit, limit in MAX_EXPOSURE.items():
-        result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(host_root / UNIT_DIR / unit)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", str(host_root / UNIT_DIR / unit)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
         assert match, result.stdout + result.stderr
         scores[unit] = float(match.group(1))
@@ -753,7 +896,9 @@ def test_host_unit_exposure(host_root: Path) -> None:
 def test_host_scripts_pass_shellcheck(host_root: Path) -> None:
     scripts = sorted((host_root / LIBEXEC).iterdir())
     assert [p.name for p in scripts] == ["fetch-grafana-password", "install", "pin-gpg-key", "sync-config"]
-    result = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["shellcheck", "--shell=bash", *map(str, scripts)], check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -761,13 +906,21 @@ def test_install_script_verifies_every_download_against_its_pinned_checksum(host
     install = (host_root / LIBEXEC / "install").read_text()
     facts = host_facts()
     for release in (facts.prometheus.value, facts.alertmanager.value):
-        line = next(line for line in install.splitlines() if line.startswith("install_release ") and release.url in line)
+        line = next(
+            line
+            for line in install.splitlines()
+            if line.startswith("install_release ") and release.url in line
+        )
         assert release.sha256 in line and release.archive_dir in line
         assert all(binary in line.split() for binary in release.binaries)
     repo = facts.grafana_repo.value
     assert f'"$libexec/pin-gpg-key" {repo.key_fingerprint}' in install
     repo_file = (host_root / "etc/yum.repos.d/grafana.repo").read_text()
-    assert "gpgcheck=1" in repo_file and "repo_gpgcheck=1" in repo_file and f"baseurl={repo.baseurl}" in repo_file
+    assert (
+        "gpgcheck=1" in repo_file
+        and "repo_gpgcheck=1" in repo_file
+        and f"baseurl={repo.baseurl}" in repo_file
+    )
 
 
 def test_snapshot_of_the_rendered_host_user_data() -> None:
@@ -775,7 +928,9 @@ def test_snapshot_of_the_rendered_host_user_data() -> None:
     stack = "dev-8b" if "dev-8b" in STACKS else STACKS[0]
     rendered = {
         f"{stack}.user-data.yaml": render_host_user_data(host_spec(spec_of(stack))),
-        f"{stack}.prometheus-agent.yml": render_node_agent(spec_of(stack), AMP_ENDPOINT + "api/v1/remote_write")[AGENT_CONFIG],
+        f"{stack}.prometheus-agent.yml": render_node_agent(
+            spec_of(stack), AMP_ENDPOINT + "api/v1/remote_write"
+        )[AGENT_CONFIG],
     }
     for name, content in rendered.items():
         path = SNAPSHOT_DIR / name
@@ -783,7 +938,9 @@ def test_snapshot_of_the_rendered_host_user_data() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)
         assert path.is_file(), f"{path} missing; run with UPDATE_SNAPSHOTS=1"
-        assert content == path.read_text(), f"{name} differs from its snapshot; regenerate with UPDATE_SNAPSHOTS=1"
+        assert content == path.read_text(), (
+            f"{name} differs from its snapshot; regenerate with UPDATE_SNAPSHOTS=1"
+        )
 
 
 # --- pin-gpg-key with real gpg --------------------------------------------------------------
@@ -792,7 +949,18 @@ def test_snapshot_of_the_rendered_host_user_data() -> None:
 def gpg(home: Path, *args: str, faked_time: str | None = None) -> subprocess.CompletedProcess[str]:
     extra = [f"--faked-system-time={faked_time}"] if faked_time else []
     return subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", "", *extra, *args],
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+            *extra,
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -818,7 +986,9 @@ def key_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     # gpg writes a revocation certificate per key, guarded by a leading ':'; importing it revokes.
     certificate = (home / "openpgp-revocs.d" / f"{keys['revoked']}.rev").read_text()
-    (home / "revoke.asc").write_text(certificate.replace(":-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----BEGIN PGP PUBLIC KEY BLOCK-----"))
+    (home / "revoke.asc").write_text(
+        certificate.replace(":-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    )
     gpg(home, "--import", str(home / "revoke.asc"))
     bundle = home / "bundle.asc"
     bundle.write_text(gpg(home, "--armor", "--export").stdout)
@@ -827,10 +997,19 @@ def key_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def pin(host_root: Path, fingerprint: str, bundle: Path, out: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "GNUPGHOME"}
-    return subprocess.run([str(host_root / LIBEXEC / "pin-gpg-key"), fingerprint, str(bundle), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [str(host_root / LIBEXEC / "pin-gpg-key"), fingerprint, str(bundle), str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
-def test_pin_gpg_key_keeps_only_the_pinned_key(host_root: Path, key_bundle: dict[str, Any], tmp_path: Path) -> None:
+def test_pin_gpg_key_keeps_only_the_pinned_key(
+    host_root: Path, key_bundle: dict[str, Any], tmp_path: Path
+) -> None:
     keys = key_bundle["keys"]
     out = tmp_path / "pinned.asc"
     result = pin(host_root, keys["wanted"], key_bundle["bundle"], out)
@@ -838,13 +1017,22 @@ def test_pin_gpg_key_keeps_only_the_pinned_key(host_root: Path, key_bundle: dict
     check = tmp_path / "check"
     check.mkdir(mode=0o700)
     gpg(check, "--import", str(out))
-    listed = [line.split(":")[9] for line in gpg(check, "--with-colons", "--list-keys").stdout.splitlines() if line.startswith("fpr:")]
+    listed = [
+        line.split(":")[9]
+        for line in gpg(check, "--with-colons", "--list-keys").stdout.splitlines()
+        if line.startswith("fpr:")
+    ]
     assert listed == [keys["wanted"]]
     assert oct(stat.S_IMODE(out.stat().st_mode)) == "0o644"
 
 
-@pytest.mark.parametrize("which,message", [("absent", "holds no primary key"), ("expired", "is expired"), ("revoked", "is revoked")])
-def test_pin_gpg_key_refuses_absent_expired_and_revoked_keys(host_root: Path, key_bundle: dict[str, Any], tmp_path: Path, which: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "which,message",
+    [("absent", "holds no primary key"), ("expired", "is expired"), ("revoked", "is revoked")],
+)
+def test_pin_gpg_key_refuses_absent_expired_and_revoked_keys(
+    host_root: Path, key_bundle: dict[str, Any], tmp_path: Path, which: str, message: str
+) -> None:
     fingerprint = "0" * 40 if which == "absent" else key_bundle["keys"][which]
     out = tmp_path / "pinned.asc"
     result = pin(host_root, fingerprint, key_bundle["bundle"], out)
@@ -880,7 +1068,14 @@ def run_sync(host_root: Path, root: Path, uri: str, bin_dir: Path) -> subprocess
         "VLLM_FLEET_MONITORING_ROOT": str(root),
         "VLLM_FLEET_MONITORING_CONFIG_URI": uri,
     }
-    return subprocess.run([str(host_root / LIBEXEC / "sync-config")], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [str(host_root / LIBEXEC / "sync-config")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def systemctl_calls(log: Path) -> list[str]:
@@ -905,7 +1100,9 @@ def test_sync_installs_validated_content_and_reloads_only_what_changed(
     first = run_sync(host_root, root, uri, bin_dir)
     assert first.returncode == 0, first.stderr
     for rel, content in files.items():
-        assert (root / host_destination(rel, spec.grafana_dashboards_dir).lstrip("/")).read_text() == content, rel
+        assert (
+            root / host_destination(rel, spec.grafana_dashboards_dir).lstrip("/")
+        ).read_text() == content, rel
     assert systemctl_calls(log) == [
         "try-reload-or-restart prometheus.service alertmanager.service",
         "try-restart grafana-server.service",
@@ -943,7 +1140,12 @@ def test_sync_installs_validated_content_and_reloads_only_what_changed(
     ],
 )
 def test_sync_leaves_the_running_config_alone_when_the_new_one_is_bad(
-    moto_env: dict[str, str], host_root: Path, fake_systemctl: tuple[Path, Path], tmp_path: Path, breakage: str, message: str
+    moto_env: dict[str, str],
+    host_root: Path,
+    fake_systemctl: tuple[Path, Path],
+    tmp_path: Path,
+    breakage: str,
+    message: str,
 ) -> None:
     bin_dir, log = fake_systemctl
     stack = STACKS[0]
@@ -968,13 +1170,17 @@ def test_sync_leaves_the_running_config_alone_when_the_new_one_is_bad(
         objects = config_objects(bad)
     elif breakage == "stale-file":
         # The manifest of a newer deploy, whose files have not all arrived yet.
-        bad["prometheus.yml"] = files["prometheus.yml"].replace("scrape_interval: 15s", "scrape_interval: 30s")
+        bad["prometheus.yml"] = files["prometheus.yml"].replace(
+            "scrape_interval: 15s", "scrape_interval: 30s"
+        )
         objects = {MANIFEST_NAME: config_objects(bad)[MANIFEST_NAME]}
     elif breakage == "unknown-path":
         bad["grafana/plugins/evil.yml"] = "x: 1\n"
         objects = config_objects(bad)
     else:
-        objects = {MANIFEST_NAME: config_objects({**files, "rules/extra.rules.yml": "groups: []\n"})[MANIFEST_NAME]}
+        objects = {
+            MANIFEST_NAME: config_objects({**files, "rules/extra.rules.yml": "groups: []\n"})[MANIFEST_NAME]
+        }
     put_objects(bucket, prefix, objects)
     result = run_sync(host_root, root, uri, bin_dir)
     assert result.returncode != 0
@@ -984,11 +1190,25 @@ def test_sync_leaves_the_running_config_alone_when_the_new_one_is_bad(
 
 
 def run_fetch(host_root: Path, run_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PATH": f"{VENV_BIN}:/usr/bin:/bin", "VLLM_FLEET_MONITORING_RUN_DIR": str(run_dir), **env}
-    return subprocess.run([str(host_root / LIBEXEC / "fetch-grafana-password")], capture_output=True, text=True, env=full_env, timeout=300)
+    full_env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "VLLM_FLEET_MONITORING_RUN_DIR": str(run_dir),
+        **env,
+    }
+    return subprocess.run(
+        [str(host_root / LIBEXEC / "fetch-grafana-password")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
 
 
-def test_fetch_grafana_password_writes_a_root_only_file(moto_env: dict[str, str], host_root: Path, tmp_path: Path) -> None:
+def test_fetch_grafana_password_writes_a_root_only_file(
+    moto_env: dict[str, str], host_root: Path, tmp_path: Path
+) -> None:
     stack = STACKS[0]
     password = "Xy7" + "a" * 29
     boto3.client("secretsmanager").create_secret(Name=grafana_admin_secret_name(stack), SecretString=password)
@@ -1001,13 +1221,17 @@ def test_fetch_grafana_password_writes_a_root_only_file(moto_env: dict[str, str]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["grafana-admin-password"]
 
 
-def test_fetch_grafana_password_refuses_a_weak_or_missing_secret(moto_env: dict[str, str], host_root: Path, tmp_path: Path) -> None:
+def test_fetch_grafana_password_refuses_a_weak_or_missing_secret(
+    moto_env: dict[str, str], host_root: Path, tmp_path: Path
+) -> None:
     stack = STACKS[0]
     boto3.client("secretsmanager").create_secret(Name=grafana_admin_secret_name(stack), SecretString="admin")
     weak = run_fetch(host_root, tmp_path / "run")
     assert weak.returncode == 1 and "fewer than 32 characters" in weak.stderr
     assert not (tmp_path / "run" / "grafana-admin-password").exists()
-    boto3.client("secretsmanager").delete_secret(SecretId=grafana_admin_secret_name(stack), ForceDeleteWithoutRecovery=True)
+    boto3.client("secretsmanager").delete_secret(
+        SecretId=grafana_admin_secret_name(stack), ForceDeleteWithoutRecovery=True
+    )
     missing = run_fetch(host_root, tmp_path / "run", VLLM_FLEET_FETCH_ATTEMPTS="1")
     assert missing.returncode == 1 and "giving up" in missing.stderr
     assert list((tmp_path / "run").iterdir()) == []

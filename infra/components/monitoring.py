@@ -36,13 +36,13 @@ from infra.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.monitoring_host import (
     CONFIG_URI_TAG,
     GRAFANA_PASSWORD_LENGTH,
+    MANIFEST_NAME,
     HostPolicyInputs,
     amp_alertmanager_definition,
     assume_role_policy,
-    check_node_agent,
     check_host_layout,
+    check_node_agent,
     config_objects,
-    grafana_admin_secret_name,
     grafana_workspace_policy_document,
     gzip_base64,
     host_destination,
@@ -164,11 +164,10 @@ class Monitoring(pulumi.ComponentResource):
         elif args.mode == "shared":
             self._shared(name, args)
         elif args.mode != "none":
-            raise FleetError(f"vllm-fleet:monitoring.mode = {args.mode!r}: use self-hosted, managed, shared or none")
-        self.register_outputs(
-            {key: value for key, value in self.stack_outputs().items()}
-            | {"mode": args.mode}
-        )
+            raise FleetError(
+                f"vllm-fleet:monitoring.mode = {args.mode!r}: use self-hosted, managed, shared or none"
+            )
+        self.register_outputs({**self.stack_outputs(), "mode": args.mode})
 
     def stack_outputs(self) -> dict[str, pulumi.Output[Any]]:
         """What the program exports (and what a ``shared`` fleet reads back): only known parts."""
@@ -194,7 +193,9 @@ class Monitoring(pulumi.ComponentResource):
             host_destination(rel, spec.grafana_dashboards_dir)
         objects = config_objects(files)
         hspec = host_spec(spec)
-        user_data = gzip_base64(render_host_user_data(hspec), limit_bytes=aws_fleet_facts().user_data_max_bytes.value)
+        user_data = gzip_base64(
+            render_host_user_data(hspec), limit_bytes=aws_fleet_facts().user_data_max_bytes.value
+        )
         facts = host_facts()
         ports = facts.ports.value
         child = pulumi.ResourceOptions(parent=self)
@@ -265,9 +266,11 @@ class Monitoring(pulumi.ComponentResource):
         prefix = f"{stack}/"
         object_tags = {k: v for k, v in args.tags.items() if k in REQUIRED_TAG_KEYS}
         if len(object_tags) > S3_OBJECT_TAG_LIMIT:
-            raise FleetError(f"monitoring config objects: {len(object_tags)} tags; S3 allows {S3_OBJECT_TAG_LIMIT}")
+            raise FleetError(
+                f"monitoring config objects: {len(object_tags)} tags; S3 allows {S3_OBJECT_TAG_LIMIT}"
+            )
         file_objects = []
-        manifest_key = next(key for key in objects if "/" not in key)
+        manifest_key = MANIFEST_NAME
         for key, content in objects.items():
             if key == manifest_key:
                 continue
@@ -362,7 +365,9 @@ class Monitoring(pulumi.ComponentResource):
                 from_port=port,
                 to_port=port,
                 cidr_ipv4="0.0.0.0/0",
-                description="AWS APIs, SNS, release downloads, Grafana repository" if port == HTTPS_PORT else "alert webhook",
+                description="AWS APIs, SNS, release downloads, Grafana repository"
+                if port == HTTPS_PORT
+                else "alert webhook",
                 tags=tags,
                 opts=child,
             )
@@ -370,9 +375,12 @@ class Monitoring(pulumi.ComponentResource):
         # --- the host --------------------------------------------------------------------
         instance_facts = facts.instance_type.value
         volume = facts.root_volume.value
-        ami = args.ami_id or aws.ssm.get_parameter_output(
-            name=facts.ami_ssm_parameter.value, opts=pulumi.InvokeOutputOptions(parent=self)
-        ).value
+        ami = (
+            args.ami_id
+            or aws.ssm.get_parameter_output(
+                name=facts.ami_ssm_parameter.value, opts=pulumi.InvokeOutputOptions(parent=self)
+            ).value
+        )
         security_groups: list[pulumi.Input[str]] = [sg.id]
         if args.scraper_security_group_id is not None:
             security_groups.append(args.scraper_security_group_id)
@@ -454,14 +462,18 @@ class Monitoring(pulumi.ComponentResource):
         grafana_role = aws.iam.Role(
             f"{name}-grafana-role",
             description=f"Amazon Managed Grafana workspace of {stack}",
-            assume_role_policy=json.dumps(assume_role_policy("grafana.amazonaws.com", source_account=args.account_id)),
+            assume_role_policy=json.dumps(
+                assume_role_policy("grafana.amazonaws.com", source_account=args.account_id)
+            ),
             tags={**tags, "Name": f"{stack}-grafana"},
             opts=child,
         )
         aws.iam.RolePolicy(
             f"{name}-grafana-policy",
             role=grafana_role.id,
-            policy=workspace.arn.apply(lambda arn: json.dumps(grafana_workspace_policy_document(arn), indent=2)),
+            policy=workspace.arn.apply(
+                lambda arn: json.dumps(grafana_workspace_policy_document(arn), indent=2)
+            ),
             opts=child,
         )
         grafana = aws.grafana.Workspace(
@@ -490,10 +502,16 @@ class Monitoring(pulumi.ComponentResource):
     # --- shared ---------------------------------------------------------------------------
     def _shared(self, name: str, args: MonitoringArgs) -> None:
         if not args.shared_stack:
-            raise FleetError("vllm-fleet:monitoring.sharedStack: required with mode shared (org/project/stack)")
+            raise FleetError(
+                "vllm-fleet:monitoring.sharedStack: required with mode shared (org/project/stack)"
+            )
         if args.shared_stack.split("/")[-1] == args.stack:
-            raise FleetError(f"vllm-fleet:monitoring.sharedStack = {args.shared_stack!r}: a stack cannot share its own monitoring")
-        ref = pulumi.StackReference(f"{name}-shared", stack_name=args.shared_stack, opts=pulumi.ResourceOptions(parent=self))
+            raise FleetError(
+                f"vllm-fleet:monitoring.sharedStack = {args.shared_stack!r}: a stack cannot share its own monitoring"
+            )
+        ref = pulumi.StackReference(
+            f"{name}-shared", stack_name=args.shared_stack, opts=pulumi.ResourceOptions(parent=self)
+        )
         self.grafana_url = ref.require_output(OUTPUT_GRAFANA_URL)
         self.prometheus_url = ref.require_output(OUTPUT_PROMETHEUS_URL)
         self.grafana_admin_secret_arn = ref.require_output(OUTPUT_GRAFANA_SECRET_ARN)
@@ -502,12 +520,20 @@ class Monitoring(pulumi.ComponentResource):
 
 def _require_spec(args: MonitoringArgs) -> MonitoringSpec:
     if args.spec is None:
-        raise FleetError(f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.stackplan.monitoring_spec)")
+        raise FleetError(
+            f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.stackplan.monitoring_spec)"
+        )
     return args.spec
 
 
 def _content_type(key: str) -> str:
-    return "application/json" if key.endswith(".json") else "application/yaml" if key.endswith((".yml", ".yaml")) else "text/plain"
+    return (
+        "application/json"
+        if key.endswith(".json")
+        else "application/yaml"
+        if key.endswith((".yml", ".yaml"))
+        else "text/plain"
+    )
 
 
 def _tls_only_bucket_policy(bucket_arn: str) -> dict[str, Any]:
