@@ -219,7 +219,9 @@ class HostSpec:
                 f"monitoring: Grafana secret id {self.grafana_admin_secret_id!r} is not a Secrets Manager name"
             )
         if not re.fullmatch(r"/(?:[A-Za-z0-9._-]+/)*[A-Za-z0-9._-]+", self.dashboards_dir):
-            raise FleetError(f"monitoring.grafana_dashboards_dir: {self.dashboards_dir!r} is not an absolute path")
+            raise FleetError(
+                f"monitoring.grafana_dashboards_dir: {self.dashboards_dir!r} is not an absolute path"
+            )
 
 
 def grafana_admin_secret_name(stack: str) -> str:
@@ -391,7 +393,12 @@ def host_policy_document(p: HostPolicyInputs) -> dict[str, Any]:
     ]
     if p.sns_topic_arn:
         statements.append(
-            {"Sid": "PublishAlerts", "Effect": "Allow", "Action": ["sns:Publish"], "Resource": [p.sns_topic_arn]}
+            {
+                "Sid": "PublishAlerts",
+                "Effect": "Allow",
+                "Action": ["sns:Publish"],
+                "Resource": [p.sns_topic_arn],
+            }
         )
     return {"Version": "2012-10-17", "Statement": statements}
 
@@ -401,7 +408,12 @@ def remote_write_policy_document(workspace_arn: str) -> dict[str, Any]:
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Sid": "RemoteWriteMetrics", "Effect": "Allow", "Action": ["aps:RemoteWrite"], "Resource": [workspace_arn]}
+            {
+                "Sid": "RemoteWriteMetrics",
+                "Effect": "Allow",
+                "Action": ["aps:RemoteWrite"],
+                "Resource": [workspace_arn],
+            }
         ],
     }
 
@@ -414,7 +426,13 @@ def grafana_workspace_policy_document(workspace_arn: str) -> dict[str, Any]:
             {
                 "Sid": "QueryFleetMetrics",
                 "Effect": "Allow",
-                "Action": ["aps:QueryMetrics", "aps:GetSeries", "aps:GetLabels", "aps:GetMetricMetadata", "aps:DescribeWorkspace"],
+                "Action": [
+                    "aps:QueryMetrics",
+                    "aps:GetSeries",
+                    "aps:GetLabels",
+                    "aps:GetMetricMetadata",
+                    "aps:DescribeWorkspace",
+                ],
                 "Resource": [workspace_arn],
             },
             {
@@ -435,7 +453,11 @@ def grafana_workspace_policy_document(workspace_arn: str) -> dict[str, Any]:
 
 
 def assume_role_policy(service: str, *, source_account: str | None = None) -> dict[str, Any]:
-    statement: dict[str, Any] = {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}
+    statement: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"Service": service},
+        "Action": "sts:AssumeRole",
+    }
     if source_account:
         # Confused-deputy guard for service principals that act for many accounts.
         statement["Condition"] = {"StringEquals": {"aws:SourceAccount": source_account}}
@@ -461,7 +483,9 @@ def amp_alertmanager_definition(alertmanager_yaml: str) -> str:
             )
         for sns in receiver.get("sns_configs", []):
             if not (sns.get("sigv4") or {}).get("region"):
-                raise FleetError(f"receiver {receiver.get('name')!r}: AMP needs sigv4.region on every SNS config")
+                raise FleetError(
+                    f"receiver {receiver.get('name')!r}: AMP needs sigv4.region on every SNS config"
+                )
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=1000)
     return _render("amp-alertmanager.yaml.j2", body=body.rstrip("\n"))
 
@@ -472,16 +496,18 @@ def remote_write_url(prometheus_endpoint: str) -> str:
     return base + host_facts().amp_remote_write_path.value
 
 
-def check_node_agent(spec: MonitoringSpec) -> None:
+def check_node_agent(spec: MonitoringSpec, *, nodes_per_replica: int = 1) -> None:
     """What the node agent cannot do yet; run before any managed-mode resource exists."""
-    if spec.serving_tag is not None:
+    if spec.serving_tag is not None or nodes_per_replica > 1:
         raise FleetError(
             "vllm-fleet:monitoring.mode managed: multi-node replicas are not supported yet (only a gang's "
             "head serves vLLM metrics, and the agent cannot tell head from worker when it is rendered)"
         )
 
 
-def render_node_agent(spec: MonitoringSpec, remote_write: str) -> dict[str, str]:
+def render_node_agent(
+    spec: MonitoringSpec, remote_write: str, *, nodes_per_replica: int = 1
+) -> dict[str, str]:
     """A GPU node's Prometheus agent for managed mode, by path relative to the node's ``/``:
     its config, the unit, and the boot script that puts the node's identity into its labels.
 
@@ -489,7 +515,7 @@ def render_node_agent(spec: MonitoringSpec, remote_write: str) -> dict[str, str]
     with the labels EC2 service discovery would have set (instance_id, instance_type,
     availability_zone), so the rules and dashboards work unchanged on AMP.
     """
-    check_node_agent(spec)
+    check_node_agent(spec, nodes_per_replica=nodes_per_replica)
     if not re.fullmatch(
         r"https://aps-workspaces\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/workspaces/[A-Za-z0-9-]+/api/v1/remote_write",
         remote_write,

@@ -139,6 +139,7 @@ def args_for(name: str, mode: str = "self-hosted", **changes: Any) -> Monitoring
         allowed_cidrs=tuple(config.monitoring.allowed_cidrs),
         scraper_security_group_id=SCRAPERS_SG,
         shared_stack=config.monitoring.shared_stack,
+        nodes_per_replica=plan.plan.layout.nodes_per_replica,
     )
     return dataclasses.replace(args, **changes)
 
@@ -489,9 +490,11 @@ def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(
 ) -> None:
     args = args_for(stack, mode="managed")
     spec = spec_of(stack)
-    if spec.serving_tag is not None:
+    if args.nodes_per_replica > 1:
+        harness = pulumi_mocks(preview=preview)
         with pytest.raises(FleetError, match="multi-node replicas"):
-            run(pulumi_mocks, args, preview=preview)
+            harness.run(lambda: Monitoring("monitoring", args))
+        assert [r.type for r in harness.records()] == ["vllm-fleet:monitoring:Monitoring"]
         return
     harness, component = run(pulumi_mocks, args, preview=preview)
     rendered = render_monitoring(spec)
@@ -532,7 +535,7 @@ def test_managed_mode_creates_amp_and_grafana_with_the_rendered_rules(
         }
     ]
     agent = harness.resolve(component.node_agent_files)
-    assert agent == render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write")
+    assert agent == render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write", nodes_per_replica=1)
 
 
 def test_managed_mode_needs_an_sns_topic(pulumi_mocks: Any) -> None:
@@ -602,12 +605,14 @@ class RemoteWriteSink:
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_node_agent_config_passes_promtool(stack: str, tmp_path: Path) -> None:
-    spec = spec_of(stack)
-    if spec.serving_tag is not None:
+    spec, nodes = spec_of(stack), stack_plan(stack).plan.layout.nodes_per_replica
+    if nodes > 1:
         with pytest.raises(FleetError, match="multi-node"):
-            render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write")
+            render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write", nodes_per_replica=nodes)
         return
-    files_on_disk(render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write"), tmp_path)
+    files_on_disk(
+        render_node_agent(spec, AMP_ENDPOINT + "api/v1/remote_write", nodes_per_replica=nodes), tmp_path
+    )
     check = subprocess.run(
         ["promtool", "check", "config", "--agent", str(tmp_path / AGENT_CONFIG)],
         check=False,
@@ -619,7 +624,9 @@ def test_node_agent_config_passes_promtool(stack: str, tmp_path: Path) -> None:
 
 
 # The agent's config differs between stacks only in names and ports (promtool checks each above).
-@pytest.mark.parametrize("stack", [next(s for s in STACKS if spec_of(s).serving_tag is None)])
+@pytest.mark.parametrize(
+    "stack", [next(s for s in STACKS if stack_plan(s).plan.layout.nodes_per_replica == 1)]
+)
 def test_node_agent_config_runs_in_a_real_prometheus_agent(stack: str, tmp_path: Path) -> None:
     """promtool accepts the agent config; a real Prometheus in agent mode runs it with the
     node's labels expanded from its environment and remote-writes what it scrapes. The AMP URL

@@ -97,6 +97,8 @@ class MonitoringArgs:
     ami_id: pulumi.Input[str] | None = None
     # shared: the stack (org/project/stack) whose monitoring this fleet uses.
     shared_stack: str | None = None
+    # The plan's nodes per replica: managed mode's node agent handles single-node replicas only.
+    nodes_per_replica: int = 1
     secret_recovery_window_days: int = 7
     extra_host_tags: Mapping[str, str] = field(default_factory=dict)
 
@@ -435,7 +437,7 @@ class Monitoring(pulumi.ComponentResource):
         spec = _require_spec(args)
         files = render_monitoring(spec)
         definition = amp_alertmanager_definition(files["alertmanager.yml"])
-        check_node_agent(spec)
+        check_node_agent(spec, nodes_per_replica=args.nodes_per_replica)
         child = pulumi.ResourceOptions(parent=self)
         tags = {**args.tags, ROLE_TAG: "monitoring"}
         stack = args.stack
@@ -496,7 +498,9 @@ class Monitoring(pulumi.ComponentResource):
             lambda arn: json.dumps(remote_write_policy_document(arn), indent=2)
         )
         self.node_agent_files = workspace.prometheus_endpoint.apply(
-            lambda endpoint: render_node_agent(spec, remote_write_url(endpoint))
+            lambda endpoint: render_node_agent(
+                spec, remote_write_url(endpoint), nodes_per_replica=args.nodes_per_replica
+            )
         )
 
     # --- shared ---------------------------------------------------------------------------

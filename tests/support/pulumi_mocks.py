@@ -26,8 +26,8 @@ from typing import Any
 import pulumi
 import pytest
 from pulumi._utils import ContextProperty
-from pulumi.runtime import config as runtime_config
 from pulumi.runtime import MockResourceArgs, set_mocks, settings
+from pulumi.runtime import config as runtime_config
 from pulumi.runtime.stack import run_pulumi_func
 
 from infra.offline import OfflineMocks, RecordingMonitor, ResourceRecord
