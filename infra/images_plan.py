@@ -157,7 +157,6 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
         f"Python >= {runtime['RequiresPython']}" + (f", Ray {runtime['RayVersion']}" if runtime["RayVersion"] else ""),
     )
     decision.add_row("base image", f"{plan.spec.base_image}: {summary['base_image']['description']}")
-    decision.add_row("base parameter", plan.base_image_ssm_parameter)
     decision.add_row("build instance", plan.spec.build_instance_type + (" (multi-node: Ray, EFA check)" if plan.spec.multi_node else ""))
     weights = plan.spec.weights
     decision.add_row(
@@ -169,7 +168,6 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
     )
     decision.add_row("prewarm", "yes: " + " ".join(plan.spec.prewarm.serve_args) if plan.spec.prewarm else "no")
     decision.add_row("root volume", f"base AMI's root snapshot + {plan.extra_root_gib} GiB")
-    decision.add_row("publishes", f"SSM {plan.ami_ssm_parameter_name} (data type {plan.ami_ssm_parameter_data_type})")
     decision.add_row("schedule", bake.schedule or "none: builds when started")
     decision.add_row("build on deploy", "yes: `pulumi up` bakes one image (hours)" if bake.build_on_deploy else "no")
     out.print(decision)
@@ -179,9 +177,14 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
         components.add_column(column, overflow="fold")
     for component in summary["components"]:
         components.add_row(
-            component["key"], component["version"], component["installs"], ", ".join(component["scripts"])
+            component["key"], component["version"], component["installs"], "\n".join(component["scripts"])
         )
     out.print(components)
+    out.file.flush()
+    # Plain print: parameter names must stay whole (and greppable) at any terminal width.
+    print(f"Base image parameter: {plan.base_image_ssm_parameter} (the recipe's parent, read at each build)")
+    print(f"Publishes each new AMI id to SSM {plan.ami_ssm_parameter_name} ({plan.ami_ssm_parameter_data_type})")
+    print(f"Fleet stacks use it as vllm-fleet:image.ssmParameter: {plan.ami_ssm_parameter_name}", flush=True)
     out.print(f"\n[bold]Resources[/bold] ({len(records)}; what `pulumi up` would create, from the mocked run):")
     out.file.flush()
     # Plain print: the tree's lines must not be wrapped at the terminal width.

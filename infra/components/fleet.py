@@ -69,6 +69,12 @@ LOG_RETENTION_DAYS = 30
 GZIP_MAGIC = b"\x1f\x8b"
 # Weights are downloaded to the root volume unless they arrive on instance-store NVMe.
 ROOT_VOLUME_WITHOUT_WEIGHTS = ("local-nvme",)
+# Weights baked into the image's root snapshot and read as EBS fetches each block (ebs-lazy):
+# the planner times that source at a rate EBS only guarantees when the volume is created with a
+# provisioned volume initialization rate. ebs-initialized (fast snapshot restore, or a volume
+# written at boot) must not set one: a rate on an FSR-enabled snapshot replaces FSR with it.
+PROVISIONED_INITIALIZATION_SOURCES = ("ebs-lazy",)
+MiB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,14 @@ def root_volume_gib(stack_plan: StackPlan) -> int:
     if stack_plan.config.serving.weights_source in ROOT_VOLUME_WITHOUT_WEIGHTS:
         return base
     return base + math.ceil(stack_plan.plan.weights_bytes / GiB)
+
+
+def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
+    """The root volume's provisioned initialization rate: the planner's figure for the source
+    (infra/data/weight_sources.yaml), or None where EBS must initialize by its own means."""
+    if weights_source not in PROVISIONED_INITIALIZATION_SOURCES:
+        return None
+    return round(default_catalog().weight_sources[weights_source].throughput_mb_s * 1_000_000 / MiB)
 
 
 def encoded_user_data(stack_plan: StackPlan, instance_type: str) -> str:
@@ -480,6 +494,17 @@ class Fleet(pulumi.ComponentResource):
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value
         volume_gib = root_volume_gib(stack_plan)
+        initialization_rate = volume_initialization_rate_mib_s(config.serving.weights_source)
+        root_snapshot_id: pulumi.Output[str] | None = None
+        if initialization_rate is not None:
+            # The rate applies to a volume created from a snapshot, named in the mapping: the
+            # image's root snapshot, read from the AMI itself so it can never name another image's.
+            root_snapshot_id = aws.ec2.get_ami_output(
+                filters=pulumi.Output.from_input(args.image_id).apply(
+                    lambda ami_id: [aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami_id])]
+                ),
+                opts=pulumi.InvokeOutputOptions(parent=self),
+            ).root_snapshot_id
         market = config.capacity.market
         templates: dict[str, aws.ec2.LaunchTemplate] = {}
         for instance_type in types:
@@ -524,6 +549,8 @@ class Fleet(pulumi.ComponentResource):
                             throughput=gp3.throughput_mib_s,
                             encrypted="true",
                             delete_on_termination="true",
+                            snapshot_id=root_snapshot_id,
+                            volume_initialization_rate=initialization_rate,
                         ),
                     )
                 ],
