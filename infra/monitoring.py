@@ -188,6 +188,9 @@ class MonitoringSpec:
     node_exporter_port: int = 9100
     dcgm_port: int = 9400
     serving_tag: tuple[str, str] | None = None
+    # Discovery also requires this tag, so other instances of the stack that carry the stack
+    # tag (the monitoring host itself) are never scraped as GPU nodes.
+    node_role_tag: tuple[str, str] = ("vllm-fleet:role", "node")
     scrape_interval_s: int = 15
     alertmanager_address: str = "127.0.0.1:9093"
     prometheus_url: str = "http://127.0.0.1:9090"

@@ -55,6 +55,10 @@ TAGLESS_TYPES = frozenset(
         "aws:ec2/routeTableAssociation:RouteTableAssociation",
         "aws:autoscaling/policy:Policy",
         "aws:autoscaling/schedule:Schedule",
+        "aws:s3/bucketPolicy:BucketPolicy",
+        "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+        "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
+        "aws:amp/alertManagerDefinition:AlertManagerDefinition",
     }
 )
 

@@ -133,10 +133,10 @@ def egress_ports(spec: MonitoringSpec) -> list[int]:
 
 
 def host_tags(tags: Mapping[str, str], spec: MonitoringSpec) -> dict[str, str]:
-    """The host's own tags: the stack's, minus the tag Prometheus finds the fleet's nodes by
-    (MonitoringSpec: the host would otherwise scrape itself as a vLLM node)."""
-    kept = {k: v for k, v in tags.items() if not (k == spec.stack_tag_key and v == spec.stack_tag_value)}
-    return {**kept, ROLE_TAG: "monitoring"}
+    """The host's own tags: the stack's, with role monitoring. Prometheus discovers nodes by
+    stack tag AND role node (MonitoringSpec.node_role_tag), so it never scrapes itself."""
+    assert spec.node_role_tag[0] == ROLE_TAG and spec.node_role_tag[1] != "monitoring"
+    return {**tags, ROLE_TAG: "monitoring"}
 
 
 class Monitoring(pulumi.ComponentResource):
