@@ -994,3 +994,87 @@ def test_a_gang_that_never_serves_is_abandoned(
     # No health verdicts from members on their way out.
     time.sleep(2)
     assert aws.find("SetInstanceHealth") == []
+
+
+# --- under real systemd: the sandboxed unit stops the serving units itself -------------------
+
+# Stands in for the vLLM unit: systemd runs it, the watcher must stop it through systemctl.
+SERVING_STAND_IN = """\
+[Unit]
+Description=stand-in for vllm.service (tests/test_node_lifecycle.py)
+[Service]
+ExecStart=/bin/sleep infinity
+"""
+FLEET_TARGET_STAND_IN = """\
+[Unit]
+Description=stand-in for vllm-fleet.target (tests/test_node_lifecycle.py)
+Wants=vllm.service vllm-fleet-lifecycle.service
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_the_sandboxed_unit_drains_a_booted_node(
+    node_rootfs: Path, moto_env: dict[str, str], aws: AwsStandIn, vllms: list[FakeVllm], tmp_path: Path
+) -> None:
+    """The rendered unit under systemd in systemd-nspawn (the container shares this host's
+    network, so it reaches the stand-ins on 127.0.0.1): its sandbox lets the watcher read
+    metadata, scrape vLLM, call AWS with the image's CLI, and stop a unit through systemctl."""
+    from tests.support.rootfs import prepare_node, stop_node
+
+    moto = moto_env["AWS_ENDPOINT_URL"]
+    port = free_port()
+    group = make_group(moto, "booted", 1, gang=False, port=port)
+    (instance_id,) = group.instance_ids
+    vllms.append(FakeVllm(port, running=1))
+    imds = FakeImds(instance_id, {ASG_NAME_TAG: group.name})
+    spec = single_spec(
+        replicas=(ReplicaSpec(serve_argv(port), port=port),),
+        shutdown_timeout_s=5,
+        aws_endpoint_url=aws.url,
+        lifecycle_hooks=LifecycleHooks(deregistration_delay_s=30, **FAST),  # type: ignore[arg-type]
+    )
+    files = render_node(spec)
+    node = prepare_node(node_rootfs, tmp_path / "node", "lifecycle", holds_vllm_slot=False)
+    try:
+        node.write(f"{UNIT_DIR}/{UNIT}", files[f"{UNIT_DIR}/{UNIT}"])
+        node.write(SCRIPT, files[SCRIPT], 0o755)
+        node.write(f"{UNIT_DIR}/vllm.service", SERVING_STAND_IN)
+        node.write(f"{UNIT_DIR}/vllm-fleet.target", FLEET_TARGET_STAND_IN)
+        # Test-only: where metadata is, and credentials for moto (a node has its instance role).
+        node.write(
+            f"{UNIT_DIR}/{UNIT}.d/10-test.conf",
+            f"[Service]\nEnvironment=VLLM_FLEET_IMDS={imds.url} AWS_ACCESS_KEY_ID=testing "
+            "AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLED=true\n",
+        )
+        wants = node.root / UNIT_DIR / "multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / "vllm-fleet.target").symlink_to("../vllm-fleet.target")
+        node.boot()
+
+        def state() -> str:
+            path = node.path("/run/vllm-fleet/lifecycle.state")
+            return path.read_text().strip() if path.exists() else ""
+
+        node.wait_for(lambda: state() == "serving", 60, "the watcher to serve")
+        assert node.show("vllm.service", "ActiveState")["ActiveState"] == "active"
+        aws.begin(instance_id, "TERMINATING")
+        imds.set_state("Terminated")
+        vllms[0].set_in_flight_later(2.0, 0)
+        node.wait_for(lambda: state() == "drained", 120, "the drain")
+        journal = node.journal("-u", UNIT)
+        (complete,) = aws.find("CompleteLifecycleAction")
+        assert complete.params["LifecycleActionResult"] == "CONTINUE", journal
+        # systemctl from inside the sandbox stopped the serving unit before the completion.
+        shown = node.show("vllm.service", "ActiveState", "InactiveEnterTimestampMonotonic")
+        assert shown["ActiveState"] == "inactive", journal
+        assert "stopping vllm-fleet.target vllm.service" in journal
+        node.wait_for(
+            lambda: node.show(UNIT, "ActiveState")["ActiveState"] == "inactive", 30, "the watcher to exit"
+        )
+        assert node.show(UNIT, "Result")["Result"] == "success", journal
+        assert asg_instance(moto, instance_id) is None
+    finally:
+        stop_node(node)
+        imds.shutdown()
+        imds.server_close()
