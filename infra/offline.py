@@ -187,6 +187,13 @@ class OfflineMocks(Mocks):
             "aws:iam/instanceProfile:InstanceProfile": {
                 "arn": f"arn:aws:iam::{self.account_id}:instance-profile/{name}"
             },
+            # Computed outputs the monitoring component reads (URLs, the config bucket).
+            "aws:ec2/instance:Instance": {"privateIp": f"10.42.{int(suffix[:2], 16) % 16}.{int(suffix[2:4], 16) % 250 + 4}"},
+            "aws:s3/bucket:Bucket": {"bucket": outputs.get("bucket") or name},
+            "aws:amp/workspace:Workspace": {
+                "prometheusEndpoint": f"https://aps-workspaces.{self.region}.amazonaws.com/workspaces/ws-{suffix[:12]}/"
+            },
+            "aws:grafana/workspace:Workspace": {"endpoint": f"g-{suffix[:10]}.grafana-workspace.{self.region}.amazonaws.com"},
             "random:index/randomPassword:RandomPassword": {
                 "result": "offline-" + _digest("password", args.name, length=40),
                 "bcryptHash": "$2a$10$offline",

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.config import STACKS_DIR, load_stack_file, parse_stack_config, resolve_model
+from infra.config import STACKS_DIR, load_stack_file, parse_stack_config, resolve_model, stack_names
 from infra.errors import FleetError
 
-STACKS = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 
 
 def base_values() -> dict[str, Any]:

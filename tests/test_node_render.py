@@ -422,7 +422,7 @@ def test_launch_template_user_data_is_gzip_under_the_ec2_limit(name: str) -> Non
 def test_shell_scripts_pass_shellcheck(name: str, rendered_roots: dict) -> None:
     root, _ = rendered_roots[name]
     scripts = [p for p in (root / LIBEXEC).iterdir() if p.read_text().startswith("#!/bin/bash")]
-    assert len(scripts) == (2 if name == "multi" else 1)
+    assert len(scripts) == (3 if name == "multi" else 2)
     result = subprocess.run(
         ["shellcheck", "--shell=bash", *map(str, scripts)], check=False, capture_output=True, text=True
     )
@@ -433,7 +433,7 @@ def test_shell_scripts_pass_shellcheck(name: str, rendered_roots: dict) -> None:
 def test_python_helpers_pass_ruff(name: str, rendered_roots: dict) -> None:
     root, _ = rendered_roots[name]
     scripts = [p for p in (root / LIBEXEC).iterdir() if "python3" in p.read_text().splitlines()[0]]
-    assert len(scripts) == (2 if name == "multi" else 1)
+    assert len(scripts) == (3 if name == "multi" else 2)
     result = subprocess.run(
         [
             str(VENV_BIN / "ruff"),

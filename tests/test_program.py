@@ -36,7 +36,7 @@ from infra.components.fleet import (
     ladder_types,
     node_policy_document,
 )
-from infra.config import STACKS_DIR, StackConfig, load_stack_file
+from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.offline import OfflineRun, ResourceRecord
 from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
@@ -44,7 +44,7 @@ from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"
-STACKS = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 # Stacks the program refuses as written, with the reason. A stack leaves this list when its
 # file is fixed (the test below then fails until the entry is removed).
 REFUSED: dict[str, str] = {}
@@ -83,8 +83,13 @@ def deployable(stack: str) -> str:
     return stack
 
 
-def of_type(run: OfflineRun, type_token: str) -> list[ResourceRecord]:
-    return sorted((r for r in run.records if r.type == type_token), key=lambda r: r.name)
+def of_type(run: OfflineRun, type_token: str, component: str | None = None) -> list[ResourceRecord]:
+    """Records of a type, optionally only those inside one component type (e.g. the Fleet's
+    role, not the monitoring host's)."""
+    return sorted(
+        (r for r in run.records if r.type == type_token and (component is None or r.parent_type == component)),
+        key=lambda r: r.name,
+    )
 
 
 def one(run: OfflineRun, type_token: str, name: str) -> ResourceRecord:
@@ -129,6 +134,7 @@ def test_components_own_every_resource(stack: str, preview: bool) -> None:
         "vllm-fleet:endpoint:Endpoint",
         "vllm-fleet:fleet:Fleet",
         "vllm-fleet:scaling:FleetScaling",
+        "vllm-fleet:monitoring:Monitoring",
     }
     for record in run.records:
         if record.custom:
@@ -182,7 +188,7 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
 def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> None:
     run = stack_run(deployable(stack), preview)
-    (version,) = of_type(run, SECRET_VERSION)
+    (version,) = of_type(run, SECRET_VERSION, "vllm-fleet:api_key:ApiKey")
     assert version.secret_paths == ("secretString",)
     assert version.inputs["secretString"] == offline.SECRET_MASK
     assert "secretString" in version.options["additionalSecretOutputs"]
@@ -198,7 +204,7 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
         assert key not in offline.resources_json(run.records)
         assert key not in offline.resource_tree_text(run.records)
         assert run.outputs["apiKeySecretArn"].startswith("arn:aws:secretsmanager:")
-    (secret,) = of_type(run, SECRET)
+    (secret,) = of_type(run, SECRET, "vllm-fleet:api_key:ApiKey")
     assert secret.inputs["name"] == stack_plan(stack).api_key_secret_name
     assert secret.inputs["recoveryWindowInDays"] >= 7
 
@@ -360,8 +366,8 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
 def test_node_policy_is_least_privilege(stack: str, preview: bool) -> None:
     plan = stack_plan(deployable(stack))
     run = stack_run(stack, preview)
-    (policy,) = of_type(run, ROLE_POLICY)
-    attachment = of_type(run, "aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+    (policy,) = of_type(run, ROLE_POLICY, "vllm-fleet:fleet:Fleet")
+    attachment = of_type(run, "aws:iam/rolePolicyAttachment:RolePolicyAttachment", "vllm-fleet:fleet:Fleet")
     assert [a.inputs["policyArn"] for a in attachment] == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
     if preview:
         assert policy.inputs["policy"] == offline.UNKNOWN_MASK  # built from ARNs not known yet
@@ -605,7 +611,9 @@ def test_image_source_must_be_one_of_id_or_parameter() -> None:
         offline.run_stack(plan_for(neither), preview=True)
     run = offline.run_stack(plan_for(config), preview=False)
     ssm_calls = [args for token, args in run.mocks.invokes if token == "aws:ssm/getParameter:getParameter"]
-    assert ssm_calls == [{"name": config.image.ssm_parameter}]
+    # The fleet's image parameter (the monitoring host also looks up its AL2023 parameter).
+    assert {"name": config.image.ssm_parameter} in ssm_calls
+    assert [c for c in ssm_calls if c["name"].startswith("/vllm-fleet/")] == [{"name": config.image.ssm_parameter}]
     (template,) = of_type(run, LT)
     assert template.engine_inputs["imageId"].startswith("ami-")  # resolved at deploy time, pinned
 

@@ -28,13 +28,14 @@ from infra.components.fleet import (
     encoded_user_data,
     ladder_types,
 )
+from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
 from infra.program.tags import plan_id, stack_tags
-from infra.stackplan import StackPlan
+from infra.stackplan import StackPlan, monitoring_spec
 
 # Weight sources a node can reach without internet egress (endpoints-only networks).
 SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")
@@ -162,6 +163,25 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         ),
     )
     api_key = ApiKey("api-key", ApiKeyArgs(secret_name=stack_plan.api_key_secret_name, tags=tags))
+    monitoring = Monitoring(
+        "monitoring",
+        MonitoringArgs(
+            mode=config.monitoring.mode,
+            stack=config.stack,
+            region=config.region,
+            partition=partition,
+            account_id=identity.account_id,
+            tags=tags,
+            spec=monitoring_spec(stack_plan) if config.monitoring.mode in ("self-hosted", "managed") else None,
+            vpc_id=network.vpc_id,
+            subnet_id=network.private_subnet_ids[0],
+            allowed_cidrs=config.monitoring.allowed_cidrs,
+            # The host wears the scrapers group, which the nodes admit on their metrics ports.
+            scraper_security_group_id=network.scraper_security_group_id,
+            shared_stack=config.monitoring.shared_stack,
+            nodes_per_replica=layout.nodes_per_replica,
+        ),
+    )
     deregistration_delay = config.serving.shutdown_timeout_s
     endpoint = Endpoint(
         "endpoint",
@@ -224,6 +244,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         "vpcId": network.vpc_id,
         "scalingPolicyArns": pulumi.Output.from_input(scaling.policy_arns),
     }
+    outputs.update(monitoring.stack_outputs())
     for key, value in outputs.items():
         pulumi.export(key, value)
     return outputs
