@@ -433,7 +433,7 @@ def test_shell_scripts_pass_shellcheck(name: str, rendered_roots: dict) -> None:
 def test_python_helpers_pass_ruff(name: str, rendered_roots: dict) -> None:
     root, _ = rendered_roots[name]
     scripts = [p for p in (root / LIBEXEC).iterdir() if "python3" in p.read_text().splitlines()[0]]
-    assert len(scripts) == (3 if name == "multi" else 2)
+    assert len(scripts) == (2 if name == "multi" else 1)
     result = subprocess.run(
         [
             str(VENV_BIN / "ruff"),
