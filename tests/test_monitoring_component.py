@@ -69,7 +69,7 @@ from infra.monitoring_host import (
 )
 from infra.offline import MOCK_ACCOUNT_ID
 from infra.policies import check_resources
-from infra.program.tags import STACK_TAG, stack_tags
+from infra.program.tags import stack_tags
 from infra.stackplan import StackPlan, build_stack_plan, monitoring_spec
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
