@@ -66,6 +66,9 @@ DEBIAN_PACKAGES = (
     "iproute2",
     "ca-certificates",
     "procps",
+    # The CPU build's vllm._C links libnuma (without it: "libnuma.so.1: cannot open shared
+    # object file" and the CPU worker fails in init_cpu_memory_env).
+    "libnuma1",
 )
 # Bake scripts the rootfs runs, in order (images/scripts/, the AMI component's own).
 BAKE_SCRIPTS = ("common.sh", "install-vllm.sh", "create-vllm-user.sh", "test-vllm.sh")
@@ -328,6 +331,9 @@ def _prune_others(keep: str) -> None:
             lock_path.unlink(missing_ok=True)
 
 
+_trees_in_use: list[object] = []
+
+
 def ensure_rootfs() -> BuiltRootfs:
     """The cached rootfs for the current inputs, building it first when missing.
 
@@ -354,6 +360,11 @@ def ensure_rootfs() -> BuiltRootfs:
             print(f"rootfs: built {entry} in {phases.timings['total']:.0f} s", file=sys.stderr, flush=True)
         else:
             print(f"rootfs: cached {entry}", file=sys.stderr, flush=True)
+    # Held while this process lives: a shared lock marks the tree in use, so another
+    # process's _prune_others (which needs it exclusively) leaves it alone.
+    in_use = (base / f"{key}.lock").open("a+")
+    fcntl.flock(in_use, fcntl.LOCK_SH)
+    _trees_in_use.append(in_use)
     if built_now:
         _prune_others(key)
     return BuiltRootfs(path=entry / "rootfs", key=key, built_now=built_now, timings_s=phases.timings)
@@ -453,7 +464,11 @@ class NodeContainer:
 
     def boot(self, timeout_s: float = 120) -> None:
         argv = ["systemd-nspawn", "-D", str(self.root), "--boot", "--register=no", "--keep-unit",
-                f"--machine={self.name}", "--console=read-only", *self.nspawn_args]  # fmt: skip
+                f"--machine={self.name}", "--console=read-only",
+                # A real host's PID 1 has systemd's 524288 hard limit; this machine's shell has
+                # 20000, which would cap the unit's LimitNOFILE=65536.
+                "--rlimit=RLIMIT_NOFILE=524288",
+                *self.nspawn_args]  # fmt: skip
         with self.console_log.open("wb") as log:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -467,9 +482,10 @@ class NodeContainer:
             if time.monotonic() > deadline:
                 raise NodeBootError(f"no container PID 1 under nspawn {self.process.pid}:\n{self.console_tail()}")
             time.sleep(0.2)
-        # systemd answers once its manager is up; then wait for the boot transaction to end.
+        # Up once the container's systemd answers. Not "running": a gang's vllm.service start
+        # job legitimately waits (ExecStartPre) for the other nodes, which keeps it "starting".
         self.wait_for(lambda: self.exec("systemctl", "is-system-running", check=False).stdout.strip()
-                      in ("running", "degraded"), timeout_s, "the boot to finish")  # fmt: skip
+                      in ("starting", "running", "degraded"), timeout_s, "systemd in the container")  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL the container's PID 1 (the kernel then kills its whole PID namespace)."""
@@ -533,6 +549,15 @@ class NodeContainer:
                         found.append(int(entry.name))
         return found
 
+    def unit_pids(self, unit: str) -> list[int]:
+        """Host PIDs of the container's processes in ``unit``'s cgroup."""
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                if f"/system.slice/{unit}\n" in Path(f"/proc/{pid}/cgroup").read_text():
+                    found.append(pid)
+        return found
+
     def console_tail(self, lines: int = 60) -> str:
         text = self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -552,6 +577,11 @@ class NodeContainer:
 
 
 def stop_node(node: NodeContainer) -> None:
+    """Kill the container; its whole journal is kept in workdir/journal.log for post-mortems."""
+    if node.alive:
+        with contextlib.suppress(Exception):
+            journal = node.exec("journalctl", "--no-pager", "-o", "short-precise", check=False, timeout=60).stdout
+            (node.workdir / "journal.log").write_text(journal)
     node.kill()
     node.unmount()
     if node.lock_file is not None:
