@@ -1,0 +1,341 @@
+"""A rendered fleet node booted for real: systemd, cloud-init, the secret fetch and vLLM together.
+
+The dev-8b stack's NodeSpec, with only what a CPU and the tiny test model need changed (the
+diff is printed), is rendered to user-data and fed to cloud-init's NoCloud datasource in a
+Debian rootfs that the image's own bake scripts installed vLLM into (tests/support/rootfs.py).
+systemd-nspawn boots it (sharing this host's network, so vLLM answers on 127.0.0.1); the API
+key lives in a local moto Secrets Manager. Then: health, the key's path and where it never
+shows, a chat completion, and a SIGKILL of vLLM that systemd restarts.
+
+Only one vLLM runs at a time on this machine: each node holds the machine-wide vLLM lock
+(tests/support/vllm_server.py), and booting another node stops the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import secrets
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from infra.config import load_stack_file
+from infra.node.render import render_user_data
+from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.stackplan import build_stack_plan
+from tests.support.rootfs import (
+    AWS_TEST_CREDENTIALS_DROPIN,
+    FETCH_KEY_DROPIN_PATH,
+    TINY_MODEL_IN_NODE,
+    MotoServer,
+    NodeContainer,
+    argv_diff,
+    free_port,
+    install_tiny_model,
+    prepare_node,
+    replace_serve_flags,
+    seed_nocloud,
+    stop_node,
+)
+
+STACK = "dev-8b"
+UNIT = "vllm.service"
+FETCH_UNIT = "vllm-fleet-fetch-key.service"
+# What the CPU build needs and the production env lacks: a KV cache size (the CPU build
+# sizes it from this, in GiB), the device (vLLM cannot infer it without a GPU), no Hub calls
+# (the model is a local directory) and no usage report.
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+MAX_MODEL_LEN = 2048  # the tiny model's max_position_embeddings
+HEALTH_TIMEOUT_S = 420
+TIMINGS: dict[str, float] = {}
+TIMINGS_NOTES: dict[str, str] = {}
+
+
+@functools.cache
+def production_spec() -> NodeSpec:
+    """The NodeSpec the dev-8b stack deploys on its chosen instance type."""
+    stack_plan = build_stack_plan(load_stack_file(STACK))
+    return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
+
+
+def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
+    """The production spec with the tiny model and the CPU-needed changes, nothing else."""
+    (replica,) = production.replicas
+    argv = replace_serve_flags(
+        replica.serve_argv,
+        TINY_MODEL_IN_NODE,
+        {
+            # Servers on this shared machine listen on loopback only, on a free port.
+            "--host": "127.0.0.1",
+            "--port": str(port),
+            "--max-model-len": str(MAX_MODEL_LEN),
+        },
+        # No CUDA graphs on CPU to keep; skipping torch.compile saves ~45 s per start.
+        added=("--enforce-eager",),
+    )
+    return dataclasses.replace(
+        production,
+        replicas=(ReplicaSpec(argv, port=port),),
+        vllm_env={**production.vllm_env, **CPU_ENV},
+        aws_endpoint_url=endpoint,
+        # No Auto Scaling group here, so no lifecycle watcher (the spec's switch for exactly
+        # this; it would poll instance metadata, which a test must not reach for).
+        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+    )
+
+
+# This sandbox's cgroup setup (legacy hierarchies, not delegated to the container) stops the
+# container's systemd from killing what is left of a unit whose main process died: it logs
+# this and moves on, and vLLM's engine core and worker stay behind, pinned to the same CPU
+# as the next start's (whose worker then died of SIGILL at its first request). A real host
+# kills the whole cgroup; the tests do what it would, only when systemd reported the failure.
+CGROUP_KILL_FAILED = "vllm.service: Failed to kill control group /system.slice/vllm.service"
+
+
+def reap_leftovers(node: NodeContainer) -> int:
+    """SIGKILL what remains of vllm.service once its main process is gone; returns how many."""
+    if CGROUP_KILL_FAILED not in node.journal("-u", UNIT, "-o", "cat"):
+        return 0
+    leftovers = node.unit_pids(UNIT)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(leftovers)
+
+
+def health(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+@dataclass
+class BootedNode:
+    node: NodeContainer
+    spec: NodeSpec
+    port: int
+    api_key: str
+    moto: MotoServer
+    served_model_name: str
+    boot_to_healthy_s: float = 0.0
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.api_key, timeout=120)
+
+    def wait_healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+        return self.node.wait_for(lambda: health(self.port) == 200, timeout_s, f"{UNIT} /health 200")
+
+    def unit_state(self) -> dict[str, str]:
+        return self.node.show(UNIT, "ActiveState", "SubState", "Result", "MainPID", "NRestarts")
+
+    def failure_context(self) -> str:
+        return self.node.exec("systemctl", "status", "--no-pager", "-n", "40", UNIT, FETCH_UNIT, check=False).stdout
+
+
+def boot(
+    rootfs: Path, workdir: Path, tiny_llama_dir: Path, moto: MotoServer, name: str
+) -> BootedNode:
+    """Render the node for a CPU, seed cloud-init, boot it; returns as soon as systemd is up."""
+    production = production_spec()
+    port = free_port()
+    spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
+    print(f"\n{STACK} serve argv, production vs this CPU test:\n"
+          f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
+          f"environment added: {CPU_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
+    node = prepare_node(rootfs, workdir, name)
+    install_tiny_model(node, tiny_llama_dir)
+    node.write(FETCH_KEY_DROPIN_PATH, AWS_TEST_CREDENTIALS_DROPIN)
+    seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
+    argv = spec.replicas[0].serve_argv
+    served = argv[argv.index("--served-model-name") + 1]
+    booted = BootedNode(node, spec, port, "node-boot-" + secrets.token_hex(16), moto, served)
+    started = time.monotonic()
+    node.boot()
+    TIMINGS[f"{name}: nspawn to systemd up"] = time.monotonic() - started
+    return booted
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def node(
+    node_rootfs: Path, tiny_llama_dir: Path, moto: MotoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BootedNode]:
+    """A node booted with Secrets Manager up, vLLM healthy."""
+    workdir = tmp_path_factory.mktemp("node-a")
+    production = production_spec()
+    api_key = "node-boot-" + secrets.token_hex(16)
+    moto.put_secret(production.api_key_secret_id, api_key, production.region)
+    booted = boot(node_rootfs, workdir, tiny_llama_dir, moto, "node-a")
+    booted.api_key = api_key
+    try:
+        booted.boot_to_healthy_s = booted.wait_healthy() + TIMINGS["node-a: nspawn to systemd up"]
+        TIMINGS["boot to healthy"] = booted.boot_to_healthy_s
+        print(f"node-a: boot to /health 200 in {booted.boot_to_healthy_s:.1f} s")
+        yield booted
+    except Exception:
+        print(booted.failure_context() if booted.node.alive else booted.node.console_tail())
+        raise
+    finally:
+        stop_node(booted.node)
+
+
+def test_cloud_init_ran_the_rendered_user_data_without_errors(node: BootedNode) -> None:
+    status = node.node.exec("cloud-init", "status", "--wait", "--long", check=False, timeout=300)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "status: done" in status.stdout
+    result = json.loads(node.node.path("/run/cloud-init/result.json").read_text())
+    assert result["v1"]["errors"] == [], result
+    assert "NoCloud" in result["v1"]["datasource"], result
+    # Every runcmd step ran: the target is enabled, and it pulled in the units.
+    enabled = node.node.exec("systemctl", "is-enabled", "vllm-fleet.target").stdout.strip()
+    assert enabled == "enabled"
+    assert node.node.exec("id", "-u", "vllm").returncode == 0
+    assert node.node.show(FETCH_UNIT, "ActiveState", "Result") == {"ActiveState": "active", "Result": "success"}
+
+
+def test_vllm_unit_is_active_and_healthy(node: BootedNode) -> None:
+    state = node.unit_state()
+    assert state["ActiveState"] == "active" and state["SubState"] == "running", state
+    assert health(node.port) == 200
+    # It runs as the unprivileged service user, the production `vllm serve` path.
+    main_pid = state["MainPID"]
+    user = node.node.exec("ps", "-o", "user=", "-p", main_pid).stdout.strip()
+    assert user == "vllm"
+    cmdline = node.node.exec("ps", "-o", "args=", "-p", main_pid).stdout
+    assert "/opt/vllm/venv/bin/vllm serve /opt/models/tiny-llama" in cmdline
+    assert "--config /run/credentials/vllm.service/vllm-api-keys.yaml" in cmdline
+
+
+def test_key_file_is_root_only_on_tmpfs(node: BootedNode) -> None:
+    key_file = "/run/vllm-fleet/api-keys.yaml"
+    st = node.node.path(key_file).stat()
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 0, 0)
+    fs_type = node.node.exec("stat", "-f", "-c", "%T", key_file).stdout.strip()
+    assert fs_type == "tmpfs"
+    # The service user cannot read the file itself, only its credential copy.
+    denied = node.node.exec("setpriv", "--reuid=vllm", "--regid=vllm", "--clear-groups", "cat", key_file, check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_key_is_in_no_argv_environment_journal_or_file(node: BootedNode) -> None:
+    key = node.api_key.encode()
+    processes = node.node.pids()
+    assert len(processes) >= 5  # systemd, journald, dbus, vLLM's API server and engine core
+    for pid in processes:
+        for name in ("cmdline", "environ"):
+            try:
+                data = Path(f"/proc/{pid}/{name}").read_bytes()
+            except OSError:
+                continue  # exited meanwhile
+            assert key not in data, f"API key in /proc/{pid}/{name}: {data[:200]!r}"
+    journal = node.node.exec("journalctl", "--no-pager", "-o", "export", timeout=120).stdout
+    assert "vllm-fleet-fetch-key" in journal and "Started" in journal  # the journal has the boot
+    assert node.api_key not in journal
+    assert node.api_key not in node.node.console_log.read_text(errors="replace")
+
+    # Files: the key is only where the design puts it (the fetched file, the credential copy).
+    holders = []
+    root = node.node.path("/")
+    for top in ("etc", "var", "run", "opt/models", "root", "tmp"):
+        for path in (root / top).rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink() and key in path.read_bytes():
+                    holders.append("/" + str(path.relative_to(root)))
+            except OSError:
+                continue
+    assert sorted(holders) == [
+        "/run/credentials/vllm.service/vllm-api-keys.yaml",
+        "/run/vllm-fleet/api-keys.yaml",
+    ]
+    # cloud-init's own copy of the user-data was among the files scanned (instance/ is an
+    # absolute symlink, which would resolve on the host through /proc/PID/root).
+    assert (root / "var/lib/cloud/instances/i-node-a/user-data.txt").is_file()
+
+
+def test_chat_completion_needs_the_key_and_works_with_it(node: BootedNode) -> None:
+    reply = node.client.chat.completions.create(
+        model=node.served_model_name,
+        messages=[{"role": "user", "content": "Hello! How are you today?"}],
+        max_tokens=8,
+    )
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    nokey = openai.OpenAI(base_url=f"http://127.0.0.1:{node.port}/v1", api_key="wrong-key-0123456789")
+    with pytest.raises(openai.AuthenticationError):
+        nokey.models.list()
+
+
+def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
+    before = node.unit_state()
+    assert before["ActiveState"] == "active"
+    killed_at = time.monotonic()
+    node.node.exec("kill", "-9", before["MainPID"])
+    node.node.wait_for(lambda: health(node.port) != 200, 30, "vLLM to go down after SIGKILL")
+    node.node.wait_for(lambda: node.unit_state()["ActiveState"] != "active", 30, "systemd to see the crash")
+    reaped = reap_leftovers(node.node)
+    node.wait_healthy()
+    crash_to_healthy = time.monotonic() - killed_at
+    TIMINGS["crash (SIGKILL) to healthy"] = crash_to_healthy
+    after = node.unit_state()
+    assert after["ActiveState"] == "active" and after["MainPID"] != before["MainPID"]
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+    restart_sec = float(node.node.show(UNIT, "RestartUSec")["RestartUSec"].rstrip("s"))
+    assert crash_to_healthy > restart_sec  # systemd waited RestartSec, then started it again
+    journal = node.node.journal("-u", UNIT, "-o", "cat")
+    assert "Main process exited, code=killed, status=9/KILL" in journal
+    # The first request after the restart. Measured here (2 cores, nspawn): the restarted
+    # server's CPU worker dies at its first forward pass (SIGILL or no exit code), the request
+    # gets a 500, and vLLM exits with status 0, so Restart=on-failure does not start it again.
+    # Recorded as a finding (see the report); asserted either way so a change shows up.
+    try:
+        reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
+        outcome = f"served ({reply.usage.completion_tokens if reply.usage else '?'} tokens)"
+    except openai.APIError as error:
+        node.node.wait_for(lambda: node.unit_state()["ActiveState"] != "active", 60, "vLLM to exit")
+        after_error = node.unit_state()
+        journal = node.node.journal("-u", UNIT, "-o", "cat")
+        assert "Worker proc VllmWorker-0 died unexpectedly" in journal, journal[-3000:]
+        assert after_error["ActiveState"] == "inactive" and after_error["Result"] == "success", after_error
+        outcome = (f"FAILED ({type(error).__name__}): the restarted worker died; vLLM then exited 0 and "
+                   f"the unit is {after_error['ActiveState']}/{after_error['Result']} (no restart)")  # fmt: skip
+    TIMINGS_NOTES["first request after the restart"] = outcome
+    print(f"SIGKILL to /health 200 again: {crash_to_healthy:.1f} s (RestartSec={restart_sec:g}; "
+          f"{reaped} leftover processes killed for systemd, see CGROUP_KILL_FAILED); first request after: {outcome}")
+
+
+def test_print_timings() -> None:
+    """Phase timings of this module (run last; pytest -s shows them)."""
+    print("\nnode boot timings:")
+    for name, seconds in TIMINGS.items():
+        print(f"  {name}: {seconds:.1f} s")
+    for name, note in TIMINGS_NOTES.items():
+        print(f"  {name}: {note}")
+    assert "boot to healthy" in TIMINGS
