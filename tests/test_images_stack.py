@@ -450,7 +450,11 @@ def test_a_new_bake_reaches_dev_8b_on_its_next_up_as_a_launch_template_diff() ->
         mocks = OfflineMocks(region="us-east-1", preview=True, ssm_parameters={published: ami})
         run = run_offline(lambda: deploy(stack_plan), project=PROJECT, stack="dev-8b", mocks=mocks, preview=True)
         # Read at deploy time, by name: not `resolve:ssm:` at launch, so a new AMI is a visible diff.
-        assert [a["name"] for t, a in mocks.invokes if t == "aws:ssm/getParameter:getParameter"] == [published]
+        # The fleet's image parameter (the monitoring host looks up its own AL2023 one too).
+        assert [
+            a["name"] for t, a in mocks.invokes
+            if t == "aws:ssm/getParameter:getParameter" and a["name"].startswith("/vllm-fleet/")
+        ] == [published]
         return {r.inputs["imageId"] for r in run.records if r.type == LT}
 
     assert image_ids("ami-0aaaaaaaaaaaaaaa1") == {"ami-0aaaaaaaaaaaaaaa1"}

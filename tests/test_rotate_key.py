@@ -471,7 +471,8 @@ def test_rotation_under_load_drops_no_request(
         for node in nodes.values():  # one at a time: each load takes the CPU for ~40 s
             stack.callback(node.stop)
             node.fetch_keys()
-            node.start(timeout_s=300)
+            # Generous: a vLLM start is ~40 s alone but several minutes on a busy 2-core box.
+            node.start(timeout_s=900)
         backends = [Backend(n.name, f"127.0.0.1:{n.port}") for n in nodes.values()]
         lb = stack.enter_context(run_local_lb(backends, tmp_path / "lb", port=free_loopback_port()))
         pool = HaproxyTargetPool(lb)
@@ -494,7 +495,7 @@ def test_rotation_under_load_drops_no_request(
             pool,
             LocalNodeRestarter(nodes),
             new_key=NEW_KEY,
-            timeouts=Timeouts(drain_s=120, restart_s=300, healthy_s=60),
+            timeouts=Timeouts(drain_s=120, restart_s=900, healthy_s=60),
             progress=lambda line: progress.append((time.monotonic(), line)),
             on_keys_added=switch_clients,
         )
