@@ -334,6 +334,51 @@ def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
           f"{reaped} leftover processes killed for systemd, see CGROUP_KILL_FAILED); first request after: {outcome}")
 
 
+def test_stop_with_a_stream_in_flight_lets_the_stream_finish(node: BootedNode) -> None:
+    """`systemctl stop` (what the drain hook does) while a completion streams: vLLM's
+    --shutdown-timeout drain finishes the stream instead of cutting it."""
+    import threading
+
+    node.wait_healthy()
+    argv = list(node.spec.replicas[0].serve_argv)
+    shutdown_s = int(argv[argv.index("--shutdown-timeout") + 1])
+    first_token = threading.Event()
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        try:
+            chunks = node.client.completions.create(
+                model=node.served_model_name, prompt="Count:", max_tokens=1900, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            tokens, finish = 0, None
+            for chunk in chunks:
+                tokens += 1
+                first_token.set()
+                finish = chunk.choices[0].finish_reason or finish
+            result.update(tokens=tokens, finish=finish)
+        except (openai.APIError, OSError) as error:  # recorded and asserted below
+            result["error"] = repr(error)
+            first_token.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert first_token.wait(120), "the stream never started"
+    stop_at = time.monotonic()
+    node.node.exec("systemctl", "stop", UNIT)
+    stopped_after = time.monotonic() - stop_at
+    thread.join(timeout=shutdown_s + 60)
+    TIMINGS["stop with a stream in flight"] = stopped_after
+    print(f"systemctl stop with a stream in flight: {stopped_after:.1f} s (--shutdown-timeout {shutdown_s}); "
+          f"stream: {result}")
+    assert "error" not in result, result
+    assert result["finish"] == "length", result  # every requested token arrived: nothing was cut
+    assert stopped_after <= shutdown_s + 30
+    # Leave the node serving for whatever runs next.
+    node.node.exec("systemctl", "start", UNIT)
+    node.wait_healthy()
+
+
 def test_print_timings() -> None:
     """Phase timings of this module (run last; pytest -s shows them)."""
     print("\nnode boot timings:")
