@@ -24,9 +24,7 @@ import base64
 import datetime as dt
 import gzip
 import hashlib
-import json
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import FleetError
 from infra.monitoring import RULES_FILE, MonitoringSpec
+from infra.templating import script_environment
 
 TEMPLATE_DIR = Path(str(resources.files("infra") / "templates" / "monitoring-host"))
 FACTS_FILE = TEMPLATE_DIR / "facts.yaml"
@@ -173,20 +172,7 @@ def host_facts() -> HostFacts:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
-    env.filters["sh_quote"] = shlex.quote
-    env.filters["yaml_str"] = lambda value: json.dumps(str(value), ensure_ascii=False)
-    return env
+    return script_environment(TEMPLATE_DIR)
 
 
 def _render(template: str, **context: object) -> str:

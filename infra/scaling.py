@@ -33,7 +33,6 @@ import json
 import math
 import random
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -50,6 +49,7 @@ from infra.errors import FleetError
 from infra.monitoring import default_metric_catalog
 from infra.planner import Layout, Plan
 from infra.stackplan import StackPlan
+from infra.templating import script_environment
 
 SCALING_FILE = DATA_DIR / "scaling.yaml"
 TEMPLATE_DIR = Path(str(resources.files("infra") / "templates" / "scaling"))
@@ -581,20 +581,7 @@ def describe_scaling(stack_plan: StackPlan) -> list[str]:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
-    env.filters["sh_quote"] = shlex.quote
-    env.filters["json"] = lambda v: json.dumps(v)
-    return env
+    return script_environment(TEMPLATE_DIR)
 
 
 def _render(template: str, **context: object) -> str:
