@@ -57,7 +57,13 @@ from infra.ops.rotate import (
     ssm_commands,
 )
 from infra.ops.smoke import http_status
-from tests.support.vllm_server import LOCK_PATH, api_server_command, free_loopback_port, wait_until_healthy
+from tests.support.vllm_server import (
+    LOCK_PATH,
+    VllmServerError,
+    api_server_command,
+    free_loopback_port,
+    wait_until_healthy,
+)
 
 REGION = "us-east-1"
 OLD_KEY = "old-fleet-key-0123456789abcdef"
@@ -340,6 +346,7 @@ class LocalNode:
     aws_env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     starts: list[float] = field(default_factory=list)
+    retried_starts: list[str] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -400,7 +407,15 @@ class LocalNodeRestarter:
         local = self.nodes[node.node_id]
         local.stop()
         local.fetch_keys()
-        local.start(timeout_s)
+        # Like vllm.service (TimeoutStartSec, then Restart=always): a start that does not
+        # reach /health in half the budget is killed and started once more. Seen in loaded
+        # full-suite runs here: a restarted vLLM stuck before spawning its engine core.
+        try:
+            local.start(timeout_s / 2)
+        except VllmServerError as first:
+            local.retried_starts.append(str(first).splitlines()[0])
+            local.stop()
+            local.start(timeout_s / 2)
 
 
 @dataclass
@@ -526,4 +541,5 @@ def test_rotation_under_load_drops_no_request(
         f"\nrotation: {client.sent} requests sent, {len(client.failures)} failed "
         f"({client.by_key.get(OLD_KEY, 0)} with the old key, {client.by_key.get(NEW_KEY, 0)} with the new); "
         f"served during each node's restart window: {windows}; vLLM restarts to /health took {restarts} s"
+        f"; starts killed and retried: {[r for n in nodes.values() for r in n.retried_starts]}"
     )
