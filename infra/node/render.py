@@ -49,6 +49,8 @@ class FetchRetry:
     attempts: int = 10
     first_delay_s: int = 2
     max_delay_s: int = 30
+    # After the script gives up, systemd runs it again this much later (Restart=on-failure).
+    restart_s: int = 30
 
     @property
     def total_backoff_s(self) -> int:
