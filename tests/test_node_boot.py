@@ -154,7 +154,7 @@ class BootedNode:
 
 
 def boot(
-    rootfs: Path, workdir: Path, tiny_llama_dir: Path, moto: MotoServer, name: str
+    rootfs: Path, workdir: Path, tiny_llama_dir: Path, moto: MotoServer, name: str, fetch_warn_after: int | None = None
 ) -> BootedNode:
     """Render the node for a CPU, seed cloud-init, boot it; returns as soon as systemd is up."""
     production = production_spec()
@@ -165,7 +165,10 @@ def boot(
           f"environment added: {CPU_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
     node = prepare_node(rootfs, workdir, name)
     install_tiny_model(node, tiny_llama_dir)
-    node.write(FETCH_KEY_DROPIN_PATH, AWS_TEST_CREDENTIALS_DROPIN)
+    dropin = AWS_TEST_CREDENTIALS_DROPIN
+    if fetch_warn_after is not None:  # the script's own test switch: say it sooner than after 10 tries
+        dropin += f"Environment=VLLM_FLEET_FETCH_WARN_AFTER={fetch_warn_after}\n"
+    node.write(FETCH_KEY_DROPIN_PATH, dropin)
     seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
     argv = spec.replicas[0].serve_argv
     served = argv[argv.index("--served-model-name") + 1]
@@ -293,6 +296,31 @@ def test_chat_completion_needs_the_key_and_works_with_it(node: BootedNode) -> No
         nokey.models.list()
 
 
+def first_completion(node: BootedNode) -> str:
+    """A completion from a freshly started vLLM; says how it went.
+
+    Measured here (2 cores, nspawn): a freshly started server's CPU worker may die at its first
+    forward pass (SIGILL or no exit code); the request then fails and vLLM exits with status 0.
+    That clean exit is why the unit says Restart=always (on-failure would leave the node dead):
+    when it happens, assert that systemd starts vLLM again and that the next request is served.
+    """
+    try:
+        reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
+        return f"served ({reply.usage.completion_tokens if reply.usage else '?'} tokens)"
+    except openai.APIError as error:
+        restarts = int(node.unit_state()["NRestarts"])
+        node.node.wait_for(lambda: int(node.unit_state()["NRestarts"]) > restarts or health(node.port) != 200,
+                           120, "vLLM to exit after its worker died")
+        reap_leftovers(node.node)
+        node.wait_healthy()
+        again = node.unit_state()
+        assert again["ActiveState"] == "active" and int(again["NRestarts"]) > restarts, again
+        reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
+        assert reply.choices
+        return (f"{type(error).__name__}: the worker died and vLLM exited 0; Restart=always brought it "
+                "back, /health is 200 again and the next request was served")
+
+
 def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     before = node.unit_state()
     assert before["ActiveState"] == "active"
@@ -311,24 +339,8 @@ def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     assert crash_to_healthy > restart_sec  # systemd waited RestartSec, then started it again
     journal = node.node.journal("-u", UNIT, "-o", "cat")
     assert "Main process exited, code=killed, status=9/KILL" in journal
-    # The first request after the restart. Measured here (2 cores, nspawn): the restarted
-    # server's CPU worker may die at its first forward pass (SIGILL or no exit code; the
-    # container's systemd cannot kill a unit's leftovers, see CGROUP_KILL_FAILED); the request
-    # then gets a 500 and vLLM exits with status 0. That clean exit is why the unit says
-    # Restart=always (on-failure would leave the node dead): assert systemd starts it again.
-    try:
-        reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
-        outcome = f"served ({reply.usage.completion_tokens if reply.usage else '?'} tokens)"
-    except openai.APIError as error:
-        restarts = int(node.unit_state()["NRestarts"])
-        node.node.wait_for(lambda: int(node.unit_state()["NRestarts"]) > restarts or health(node.port) != 200,
-                           120, "vLLM to exit after its worker died")
-        reap_leftovers(node.node)
-        node.wait_healthy()
-        again = node.unit_state()
-        assert again["ActiveState"] == "active" and int(again["NRestarts"]) > restarts, again
-        outcome = (f"{type(error).__name__}: the restarted worker died and vLLM exited 0; "
-                   "Restart=always brought it back and /health is 200 again")
+    # The first request after the restart (first_completion says what may happen here).
+    outcome = first_completion(node)
     TIMINGS_NOTES["first request after the restart"] = outcome
     print(f"SIGKILL to /health 200 again: {crash_to_healthy:.1f} s (RestartSec={restart_sec:g}; "
           f"{reaped} leftover processes killed for systemd, see CGROUP_KILL_FAILED); first request after: {outcome}")
@@ -377,6 +389,111 @@ def test_stop_with_a_stream_in_flight_lets_the_stream_finish(node: BootedNode) -
     # Leave the node serving for whatever runs next.
     node.node.exec("systemctl", "start", UNIT)
     node.wait_healthy()
+
+
+def test_repeated_crashes_stop_at_the_start_rate_limit(node: BootedNode) -> None:
+    """A crash loop ends: after StartLimitBurst starts within StartLimitIntervalSec systemd
+    refuses another, the unit stays failed and /health stays down (the load balancer's check
+    then fails and the Auto Scaling group replaces the instance)."""
+    limits = node.node.show(UNIT, "StartLimitBurst", "StartLimitIntervalUSec", "RestartUSec")
+    burst = int(limits["StartLimitBurst"])
+    # Count from zero: earlier tests' starts (boot, SIGKILL restart, stop/start) count too.
+    node.node.exec("systemctl", "reset-failed", UNIT)
+    started_at = time.monotonic()
+    kills = 0
+    last_pid = ""
+
+    def started_again_or_failed(previous_pid: str) -> bool:
+        state = node.unit_state()
+        return state["ActiveState"] == "failed" or (
+            state["ActiveState"] == "active" and state["MainPID"] not in ("0", previous_pid))
+
+    while True:
+        # Each start: wait until systemd has exec'd a new main process, then SIGKILL it.
+        node.node.wait_for(functools.partial(started_again_or_failed, last_pid), 120,
+                           f"start {kills + 1} of {UNIT} (or the start limit)")  # fmt: skip
+        state = node.unit_state()
+        if state["ActiveState"] == "failed":
+            break
+        last_pid = state["MainPID"]
+        node.node.exec("kill", "-9", last_pid, check=False)
+        kills += 1
+        reap_leftovers(node.node)
+        assert kills <= burst + 1, f"{UNIT} kept restarting past StartLimitBurst={burst}"
+    loop_s = time.monotonic() - started_at
+    failed = node.node.show(UNIT, "ActiveState", "Result", "NRestarts")
+    journal = node.node.journal("-u", UNIT, "-o", "cat")
+    print("vllm.service journal, end of the loop:\n" + "\n".join(journal.splitlines()[-8:]))
+    assert failed["ActiveState"] == "failed", failed
+    assert "Start request repeated too quickly." in journal
+    # The start that had run when the counter was reset plus `burst` restarts: `burst` kills
+    # of restarted processes and one of the first, then the refused start.
+    assert kills == burst + 1, (kills, burst, failed)
+    # It stays down: no start for well over RestartSec.
+    restart_s = float(limits["RestartUSec"].rstrip("s"))
+    time.sleep(restart_s * 2)
+    assert node.unit_state()["ActiveState"] == "failed"
+    assert health(node.port) is None
+    TIMINGS["crash loop to start-limit-hit"] = loop_s
+    print(f"crash loop: {kills} SIGKILLs, then start-limit-hit after {loop_s:.1f} s "
+          f"(StartLimitBurst={burst}, StartLimitInterval={limits['StartLimitIntervalUSec']}, RestartSec={restart_s:g})")
+    # An operator's way back (or a new instance): reset-failed, start.
+    node.node.exec("systemctl", "reset-failed", UNIT)
+    node.node.exec("systemctl", "start", UNIT)
+    node.wait_healthy()
+
+
+def test_secrets_manager_down_at_boot_fails_clearly_and_recovers(
+    node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Boot with the Secrets Manager endpoint down: the fetch says clearly what is missing,
+    vLLM's start waits behind it (no key, no vLLM, no crash loop), and once the endpoint is
+    back the next attempt succeeds and vLLM serves, with no one touching the node."""
+    production = production_spec()
+    down = MotoServer(free_port(), tmp_path_factory.mktemp("moto-down") / "moto.log")  # not started
+    booted = boot(node_rootfs, tmp_path_factory.mktemp("node-b"), tiny_llama_dir, down, "node-b",
+                  fetch_warn_after=2)  # fmt: skip
+    try:
+        booted.node.wait_for(
+            lambda: "NO API KEY YET" in booted.node.journal("-u", FETCH_UNIT, "-o", "cat"),
+            180, "the key fetch to report the missing key")
+        failed_at = time.monotonic()
+        journal = booted.node.journal("-u", FETCH_UNIT, "-o", "cat")
+        giving_up = next(line for line in journal.splitlines() if "NO API KEY YET" in line)
+        assert production.api_key_secret_id in giving_up and "vLLM starts once it is" in giving_up
+        assert "Could not connect to the endpoint URL" in journal  # the AWS CLI's own reason
+        assert booted.node.show(FETCH_UNIT, "ActiveState")["ActiveState"] == "activating"
+        # vLLM is not started without the key, and its start job is still queued (not failed).
+        vllm_state = booted.unit_state()
+        assert vllm_state["ActiveState"] in ("inactive", "activating") and vllm_state["MainPID"] == "0", vllm_state
+        jobs = booted.node.exec("systemctl", "list-jobs", "--no-legend").stdout
+        assert UNIT in jobs, jobs
+        assert not booted.node.path("/run/vllm-fleet/api-keys.yaml").exists()
+
+        down.start()  # the same port: the endpoint the node was given comes up
+        down.put_secret(production.api_key_secret_id, booted.api_key, production.region)
+        back_at = time.monotonic()
+        booted.wait_healthy()
+        recovered_s = time.monotonic() - back_at
+        TIMINGS["Secrets Manager back to healthy"] = recovered_s
+        fetch = booted.node.show(FETCH_UNIT, "ActiveState", "Result")
+        assert fetch == {"ActiveState": "active", "Result": "success"}, fetch
+        assert "wrote /run/vllm-fleet/api-keys.yaml" in booted.node.journal("-u", FETCH_UNIT, "-o", "cat")
+        # A chat completion, as node-a's first request (a bare 2-token completion prompt is what
+        # first_completion has seen kill the CPU worker with SIGILL on this machine).
+        reply = booted.client.chat.completions.create(
+            model=booted.served_model_name, messages=[{"role": "user", "content": "Hello! How are you today?"}],
+            max_tokens=8,
+        )
+        assert reply.choices[0].message.content
+        print(f"Secrets Manager down at boot: the fetch said {giving_up.strip()!r}; endpoint back "
+              f"{back_at - failed_at:.1f} s later; /health 200 {recovered_s:.1f} s after that")
+    except Exception:
+        print(booted.failure_context() if booted.node.alive else booted.node.console_tail())
+        raise
+    finally:
+        stop_node(booted.node)
+        down.stop()
 
 
 def test_print_timings() -> None:

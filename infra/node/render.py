@@ -46,11 +46,13 @@ USER_DATA_LIMIT_BYTES = 16 * 1024
 class FetchRetry:
     """fetch-api-key's retry schedule: delays double from first_delay_s up to max_delay_s."""
 
-    attempts: int = 10
+    # 70 attempts are about 33 minutes: a node rides out a Secrets Manager or NAT outage at
+    # boot (vLLM's start job waits behind this unit) and is replaced only after that.
+    attempts: int = 70
     first_delay_s: int = 2
     max_delay_s: int = 30
-    # After the script gives up, systemd runs it again this much later (Restart=on-failure).
-    restart_s: int = 30
+    # After this many failures the script says loudly what to check, and keeps trying.
+    warn_after: int = 10
 
     @property
     def total_backoff_s(self) -> int:
