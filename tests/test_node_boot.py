@@ -30,20 +30,21 @@ from pathlib import Path
 import openai
 import pytest
 
-from infra.config import load_stack_file
 from infra.node.render import render_user_data
 from infra.node.spec import NodeSpec, ReplicaSpec
-from infra.stackplan import build_stack_plan
 from tests.support.rootfs import (
     AWS_TEST_CREDENTIALS_DROPIN,
+    CPU_NODE_ENV,
     FETCH_KEY_DROPIN_PATH,
     TINY_MODEL_IN_NODE,
+    TINY_MODEL_MAX_LEN,
     MotoServer,
     NodeContainer,
     argv_diff,
     free_port,
     install_tiny_model,
     prepare_node,
+    production_node_spec,
     replace_serve_flags,
     seed_nocloud,
     stop_node,
@@ -52,26 +53,16 @@ from tests.support.rootfs import (
 STACK = "dev-8b"
 UNIT = "vllm.service"
 FETCH_UNIT = "vllm-fleet-fetch-key.service"
-# What the CPU build needs and the production env lacks: a KV cache size (the CPU build
-# sizes it from this, in GiB), the device (vLLM cannot infer it without a GPU), no Hub calls
-# (the model is a local directory) and no usage report.
-CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_TARGET_DEVICE": "cpu",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
-MAX_MODEL_LEN = 2048  # the tiny model's max_position_embeddings
+CPU_ENV = CPU_NODE_ENV
+MAX_MODEL_LEN = TINY_MODEL_MAX_LEN
 HEALTH_TIMEOUT_S = 420
 TIMINGS: dict[str, float] = {}
 TIMINGS_NOTES: dict[str, str] = {}
 
 
-@functools.cache
 def production_spec() -> NodeSpec:
     """The NodeSpec the dev-8b stack deploys on its chosen instance type."""
-    stack_plan = build_stack_plan(load_stack_file(STACK))
-    return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
+    return production_node_spec(STACK)
 
 
 def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:

@@ -25,9 +25,9 @@ key comes from a moto Secrets Manager inside the head's namespace, reached over 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import load_stack_file
 from infra.node.render import render_user_data, systemd_argv
 from infra.node.spec import NodeSpec, ReplicaSpec
-from infra.stackplan import build_stack_plan
 from tests.support.rootfs import (
     AWS_TEST_CREDENTIALS_DROPIN,
+    CPU_NODE_ENV,
     FETCH_KEY_DROPIN_PATH,
     TINY_MODEL_IN_NODE,
+    TINY_MODEL_MAX_LEN,
     GangNetwork,
     MotoServer,
     NodeContainer,
@@ -50,6 +50,7 @@ from tests.support.rootfs import (
     free_port,
     install_tiny_model,
     prepare_node,
+    production_node_spec,
     replace_serve_flags,
     seed_nocloud,
     stop_node,
@@ -57,14 +58,9 @@ from tests.support.rootfs import (
 
 STACK = "prod-405b"
 UNIT = "vllm.service"
-CPU_ENV = {
-    "VLLM_CPU_CI_ENV": "1",  # Dynamo + eager backend instead of TorchInductor (no C++ compiler here)
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_TARGET_DEVICE": "cpu",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
-MAX_MODEL_LEN = 2048  # the tiny model's max_position_embeddings
+# The single-node test's CPU environment, plus Dynamo + eager backend instead of TorchInductor
+# (no C++ compiler in the rootfs; see cpu_gang_spec).
+CPU_ENV = {"VLLM_CPU_CI_ENV": "1", **CPU_NODE_ENV}
 MASTER_PORT = 29501  # vLLM's default --master-port, on the gang's private network
 RAY_ERROR = "current platform cpu does not support ray."
 NATIVE_DROPIN = "etc/systemd/system/vllm.service.d/50-test-native-multinode.conf"
@@ -72,10 +68,8 @@ TIMINGS: dict[str, float] = {}
 NOTES: dict[str, str] = {}
 
 
-@functools.cache
 def production_spec() -> NodeSpec:
-    stack_plan = build_stack_plan(load_stack_file(STACK))
-    spec = stack_plan.node_specs[stack_plan.plan.layout.instance_type]
+    spec = production_node_spec(STACK)
     assert spec.multi_node and spec.nodes == 2, spec
     return spec
 
@@ -87,7 +81,7 @@ def cpu_gang_spec(production: NodeSpec, endpoint: str) -> NodeSpec:
         replica.serve_argv,
         TINY_MODEL_IN_NODE,
         # The CPU build computes in bfloat16 (the tiny model's dtype).
-        {"--tensor-parallel-size": "1", "--max-model-len": str(MAX_MODEL_LEN), "--dtype": "bfloat16"},
+        {"--tensor-parallel-size": "1", "--max-model-len": str(TINY_MODEL_MAX_LEN), "--dtype": "bfloat16"},
         # No --enforce-eager here (the single-node test adds it to skip torch.compile): on the
         # CPU build it skips the warm-up run, which is where a later PP stage allocates its
         # buffer for the activations it receives (vllm/v1/worker/cpu_model_runner.py
@@ -160,8 +154,6 @@ class Gang:
             "except OSError as e:\n"
             "    print(0); print(repr(e))\n"
         )
-        import sys
-
         result = self.net.run(
             0, [sys.executable, "-c", script, f"http://{self.net.addresses[0]}:{self.port}{path}", key or "",
                 str(timeout)],
@@ -212,6 +204,7 @@ def gang(node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempP
     moto = MotoServer(free_port(), tmp_path_factory.mktemp("gang-moto") / "moto.log",
                       host=net.addresses[0], netns=net.namespaces[0])  # fmt: skip
     nodes: list[NodeContainer] = []
+    booted: list[Gang] = []
     try:
         moto.start()
         production = production_spec()
@@ -227,18 +220,17 @@ def gang(node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempP
                            holds_vllm_slot=True)  # fmt: skip
         nodes.append(head)
         worker_dir = tmp_path_factory.mktemp("gang-worker")
-        yield Gang(net, spec, head, NodeContainer("gang-worker", worker_dir, node_rootfs, []), api_key,
-                   spec.replicas[0].port, served)  # fmt: skip
+        # The worker boots in the first test (after the head has been seen waiting alone).
+        booted.append(Gang(net, spec, head, NodeContainer("gang-worker", worker_dir, node_rootfs, []), api_key,
+                           spec.replicas[0].port, served))  # fmt: skip
+        yield booted[0]
     finally:
         for node in nodes:
             stop_node(node)
-        for extra in _extra_nodes:
-            stop_node(extra)
+        for gang in booted:
+            stop_node(gang.worker)  # booted by the first test
         moto.stop()
         net.remove()
-
-
-_extra_nodes: list[NodeContainer] = []
 
 
 def test_ray_cluster_forms_and_the_head_waits_for_every_node(
@@ -257,7 +249,6 @@ def test_ray_cluster_forms_and_the_head_waits_for_every_node(
     worker = boot_member(node_rootfs, gang.worker.workdir, tiny_llama_dir, gang.net, gang.spec, 1,
                          holds_vllm_slot=False)  # fmt: skip
     gang.worker = worker
-    _extra_nodes.append(worker)
     worker.wait_for(lambda: worker.show("ray-worker.service", "ActiveState")["ActiveState"] == "active", 180,
                     "ray-worker.service active")  # fmt: skip
     assert worker.show(UNIT, "ActiveState")["ActiveState"] == "inactive"  # vLLM runs on the head only

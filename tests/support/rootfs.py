@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.images import SCRIPTS_DIR, default_facts, default_pin
+from infra.node.spec import NodeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / "build" / "rootfs"
@@ -657,6 +659,26 @@ Environment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_META
 """
 FETCH_KEY_DROPIN_PATH = "etc/systemd/system/vllm-fleet-fetch-key.service.d/10-test-aws-credentials.conf"
 TINY_MODEL_IN_NODE = "/opt/models/tiny-llama"
+TINY_MODEL_MAX_LEN = 2048  # the tiny model's max_position_embeddings
+# What the CPU build needs and the production env lacks: a KV cache size (the CPU build
+# sizes it from this, in GiB), the device (vLLM cannot infer it without a GPU), no Hub calls
+# (the model is a local directory) and no usage report.
+CPU_NODE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+@functools.cache
+def production_node_spec(stack: str) -> NodeSpec:
+    """The NodeSpec that ``stack`` deploys on its chosen instance type."""
+    from infra.config import load_stack_file
+    from infra.stackplan import build_stack_plan
+
+    stack_plan = build_stack_plan(load_stack_file(stack))
+    return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
 
 
 class MotoServer:
