@@ -58,7 +58,7 @@ from tests.support.rootfs import (
     seed_nocloud,
     stop_node,
 )
-from tests.support.vllm_server import CPU_WARMUP_FLAGS
+from tests.support.vllm_server import CPU_TWO_SERVERS_ENV, CPU_WARMUP_FLAGS
 
 STACK = "prod-405b"
 UNIT = "vllm.service"
@@ -119,8 +119,8 @@ def native_dropin(spec: NodeSpec, net: GangNetwork, rank: int) -> str:
         "# native multi-node mode (tests/test_node_gang_boot.py).\n"
         f"{unit}[Service]\nExecStartPre=\nExecStart=\n"
         f"ExecStart={systemd_argv(native_argv(spec, net, rank))} --config %d/vllm-api-keys.yaml\n"
-        # Two CPU-bound vLLMs on two cores: one core's OpenMP threads each.
-        f"Environment=VLLM_CPU_OMP_THREADS_BIND={rank}\n"
+        # Two CPU-bound vLLMs on two cores: one unbound OpenMP thread each (CPU_TWO_SERVERS_ENV).
+        + "".join(f"Environment={name}={value}\n" for name, value in CPU_TWO_SERVERS_ENV.items())
     )
 
 

@@ -58,6 +58,8 @@ from infra.ops.rotate import (
 )
 from infra.ops.smoke import http_status
 from tests.support.vllm_server import (
+    CPU_TWO_SERVERS_ENV,
+    CPU_WARMUP_FLAGS,
     LOCK_PATH,
     VllmServerError,
     api_server_command,
@@ -353,7 +355,6 @@ class LocalNode:
 
     name: str
     port: int
-    cpu: str  # the core its vLLM's OpenMP threads bind to: two servers share 2 cores
     argv: list[str]
     run_dir: Path
     libexec: Path
@@ -387,7 +388,7 @@ class LocalNode:
             "VLLM_NO_USAGE_STATS": "1",
             "VLLM_TARGET_DEVICE": "cpu",
             "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": self.cpu,
+            **CPU_TWO_SERVERS_ENV,  # two servers on 2 cores: no core binding (why: the constant)
             # A stuck start (issue #8) gets SIGABRT before it is killed: every Python thread's
             # traceback then lands in the log, and says where it waits.
             "PYTHONFAULTHANDLER": "1",
@@ -495,12 +496,6 @@ class Client:
             time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    reason="KNOWN FLAKE, issue #8 left open: on 2 cores a restarted vLLM (second server under "
-    "load) sometimes never spawns its engine core; passed twice in isolation, failed in 3 "
-    "full runs. Not silenced: pytest reports it as XFAIL/XPASS in every run.",
-    strict=False,
-)
 def test_rotation_under_load_drops_no_request(
     tiny_llama_dir: Path, tmp_path: Path, moto_env: dict[str, str]
 ) -> None:
@@ -512,7 +507,7 @@ def test_rotation_under_load_drops_no_request(
     argv = [
         "vllm", "serve", str(tiny_llama_dir), "--served-model-name", "tiny",
         "--max-model-len", "512", "--max-num-seqs", "4", "--dtype", "bfloat16",
-        "--enforce-eager", "--shutdown-timeout", "10",
+        *CPU_WARMUP_FLAGS, "--shutdown-timeout", "10",
     ]  # fmt: skip
     spec = NodeSpec(
         stack="rot", region=REGION, replicas=(ReplicaSpec(serve_argv=tuple(argv)),), api_key_secret_id=secret_id,
@@ -526,8 +521,8 @@ def test_rotation_under_load_drops_no_request(
         (libexec / name).chmod(0o755)
     aws_env = {k: moto_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     nodes = {
-        name: LocalNode(name, free_loopback_port(), str(i), argv, tmp_path / name / "run", libexec, aws_env)
-        for i, name in enumerate(("node0", "node1"))
+        name: LocalNode(name, free_loopback_port(), argv, tmp_path / name / "run", libexec, aws_env)
+        for name in ("node0", "node1")
     }
     progress: list[tuple[float, str]] = []
 

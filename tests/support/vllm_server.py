@@ -52,6 +52,16 @@ LOCK_PATH = Path(tempfile.gettempdir()) / "vllm-fleet-tests-vllm-server.lock"
 # inductor only for mode 3, vllm/platforms/cpu.py). The warm-up costs ~1.5 s per start.
 CPU_WARMUP_FLAGS = ("--compilation-config.mode", "2", "--compilation-config.backend", "eager")
 
+# For two CPU vLLM servers on one machine (the rotation test's pair, the gang's two stages):
+# one OpenMP thread each, bound to no core. Measured here: importing torch pins the importing
+# thread to each CPU in turn (pytorch/cpuinfo probes every core: sched_setaffinity [0], [1],
+# then [0 1], seen with strace, before /proc/cpuinfo is read), and a process pinned to a core
+# where a busy vLLM worker is bound (VLLM_CPU_OMP_THREADS_BIND=0) starves there: under load
+# `python -c "import torch"` took 20 s, 40 s, then never finished (state R, no CPU for
+# minutes), against ~2 s with the worker unbound. That was the restarted vLLM that "never
+# spawned its engine core" in the rotation test (issue #8): stuck in its first import.
+CPU_TWO_SERVERS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
 
 class VllmServerError(RuntimeError):
     """The server died or never became healthy; the message carries the log tail."""
