@@ -13,13 +13,10 @@ Only one vLLM runs at a time on this machine: each node holds the machine-wide v
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
 import secrets
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +51,6 @@ from tests.support.vllm_server import CPU_WARMUP_FLAGS
 STACK = "dev-8b"
 UNIT = "vllm.service"
 FETCH_UNIT = "vllm-fleet-fetch-key.service"
-CPU_ENV = CPU_NODE_ENV
 MAX_MODEL_LEN = TINY_MODEL_MAX_LEN
 HEALTH_TIMEOUT_S = 420
 TIMINGS: dict[str, float] = {}
@@ -84,7 +80,7 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
     return dataclasses.replace(
         production,
         replicas=(ReplicaSpec(argv, port=port),),
-        vllm_env={**production.vllm_env, **CPU_ENV},
+        vllm_env={**production.vllm_env, **CPU_NODE_ENV},
         aws_endpoint_url=endpoint,
         # No Auto Scaling group here, so no lifecycle watcher (the spec's switch for exactly
         # this; it would poll instance metadata, which a test must not reach for).
@@ -94,9 +90,9 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
 
 # This sandbox's cgroup setup (legacy hierarchies, not delegated to the container) stops the
 # container's systemd from killing what is left of a unit whose main process died: it logs
-# this and moves on, and vLLM's engine core and worker stay behind, pinned to the same CPU
-# as the next start's. A real host
-# kills the whole cgroup; the tests do what it would, only when systemd reported the failure.
+# this and moves on, and vLLM's engine core and worker stay behind, competing with the next
+# start's. A real host kills the whole cgroup; the tests do what it would, only when systemd
+# reported the failure.
 CGROUP_KILL_FAILED = "vllm.service: Failed to kill control group /system.slice/vllm.service"
 
 
@@ -104,11 +100,7 @@ def reap_leftovers(node: NodeContainer) -> int:
     """SIGKILL what remains of vllm.service once its main process is gone; returns how many."""
     if CGROUP_KILL_FAILED not in node.journal("-u", UNIT, "-o", "cat"):
         return 0
-    leftovers = node.unit_pids(UNIT)
-    for pid in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(leftovers)
+    return node.kill_unit(UNIT)
 
 
 def health(port: int) -> int | None:
@@ -154,7 +146,7 @@ def boot(
     spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
     print(f"\n{STACK} serve argv, production vs this CPU test:\n"
           f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-          f"environment added: {CPU_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
+          f"environment added: {CPU_NODE_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
     node = prepare_node(rootfs, workdir, name)
     install_tiny_model(node, tiny_llama_dir)
     dropin = AWS_TEST_CREDENTIALS_DROPIN
@@ -288,14 +280,6 @@ def test_chat_completion_needs_the_key_and_works_with_it(node: BootedNode) -> No
         nokey.models.list()
 
 
-def first_completion(node: BootedNode) -> int:
-    """A restarted vLLM's first request: a bare 3-token prompt, the case that killed the CPU
-    worker with SIGILL when the warm-up pass was skipped (CPU_WARMUP_FLAGS). Its token count."""
-    reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
-    assert reply.choices and reply.usage is not None and reply.usage.completion_tokens > 0, reply
-    return reply.usage.completion_tokens
-
-
 def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     before = node.unit_state()
     assert before["ActiveState"] == "active"
@@ -314,11 +298,14 @@ def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     assert crash_to_healthy > restart_sec  # systemd waited RestartSec, then started it again
     journal = node.node.journal("-u", UNIT, "-o", "cat")
     assert "Main process exited, code=killed, status=9/KILL" in journal
-    served = first_completion(node)
+    # The first request: a bare 3-token prompt, which killed the CPU worker with SIGILL while the
+    # warm-up pass was skipped (CPU_WARMUP_FLAGS).
+    reply = node.client.completions.create(model=node.served_model_name, prompt="One two", max_tokens=4)
+    assert reply.choices and reply.usage is not None and reply.usage.completion_tokens > 0, reply
     assert node.unit_state()["NRestarts"] == after["NRestarts"]  # the request did not crash it
     print(f"SIGKILL to /health 200 again: {crash_to_healthy:.1f} s (RestartSec={restart_sec:g}; "
           f"{reaped} leftover processes killed for systemd, see CGROUP_KILL_FAILED); first request after: "
-          f"served, {served} tokens")
+          f"served, {reply.usage.completion_tokens} tokens")
 
 
 def test_stop_with_a_stream_in_flight_lets_the_stream_finish(node: BootedNode) -> None:

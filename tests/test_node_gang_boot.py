@@ -24,12 +24,9 @@ key comes from a moto Secrets Manager inside the head's namespace, reached over 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -62,7 +59,6 @@ from tests.support.vllm_server import CPU_TWO_SERVERS_ENV, CPU_WARMUP_FLAGS
 
 STACK = "prod-405b"
 UNIT = "vllm.service"
-CPU_ENV = CPU_NODE_ENV
 MASTER_PORT = 29501  # vLLM's default --master-port, on the gang's private network
 RAY_ERROR = "current platform cpu does not support ray."
 NATIVE_DROPIN = "etc/systemd/system/vllm.service.d/50-test-native-multinode.conf"
@@ -93,7 +89,7 @@ def cpu_gang_spec(production: NodeSpec, endpoint: str) -> NodeSpec:
         replicas=(ReplicaSpec(argv, port=replica.port),),
         # Ray sees no GPUs on a CPU: the wait counts nodes (wait-ray-gpus --nodes).
         gpus_per_node=0,
-        vllm_env={**production.vllm_env, **CPU_ENV},
+        vllm_env={**production.vllm_env, **CPU_NODE_ENV},
         aws_endpoint_url=endpoint,
         gang_discovery=dataclasses.replace(production.gang_discovery, ray_wait_timeout_s=600),
         lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
@@ -206,7 +202,7 @@ def gang(node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempP
         spec = cpu_gang_spec(production, moto.endpoint)
         print(f"\n{STACK} serve argv, production vs this CPU gang test:\n"
               f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-              f"gpus_per_node 0 (was {production.gpus_per_node}); environment added: {CPU_ENV}")  # fmt: skip
+              f"gpus_per_node 0 (was {production.gpus_per_node}); environment added: {CPU_NODE_ENV}")  # fmt: skip
         api_key = "gang-boot-" + secrets.token_hex(16)
         moto.put_secret(spec.api_key_secret_id, api_key, spec.region)
         argv = spec.replicas[0].serve_argv
@@ -349,9 +345,7 @@ def test_worker_loss_and_recovery(gang: Gang, node_rootfs: Path) -> None:
     # opens a new process group and the worker joins it.
     restarted_at = time.monotonic()
     for member in (head, gang.worker):
-        for pid in member.unit_pids(UNIT):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        member.kill_unit(UNIT)
     head.wait_for(lambda: head.show(UNIT, "MainPID")["MainPID"] not in ("0", before["MainPID"]), 120,
                   "the head's vLLM to restart")  # fmt: skip
     head.wait_for(lambda: gang.health() == 200, 600, "the replica to serve again after the gang restarted")

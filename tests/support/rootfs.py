@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -559,6 +560,15 @@ class NodeContainer:
                 if f"/system.slice/{unit}\n" in Path(f"/proc/{pid}/cgroup").read_text():
                     found.append(pid)
         return found
+
+    def kill_unit(self, unit: str) -> int:
+        """SIGKILL every process in ``unit``'s cgroup from the host (what a real host's systemd
+        does to a whole cgroup; this sandbox's container systemd cannot); returns how many."""
+        pids = self.unit_pids(unit)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
 
     def console_tail(self, lines: int = 60) -> str:
         text = self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
