@@ -1,0 +1,193 @@
+"""Served benchmark of vLLM engine configs on one GPU: `vllm serve` per config, then a
+closed-loop load at the workload's shape with vLLM's own load generator (`vllm bench serve`),
+goodput counted at the SLO. One JSON line per config on stdout and in OUT/results.jsonl.
+
+Every config runs the same model folder (real config.json, synthetic tokenizer from
+make_model_dir.py, dummy weights), the same workload and the same SLO; only
+--max-num-seqs / --max-num-batched-tokens differ (absent = vLLM's own default).
+
+Usage:
+  python sweep.py --model-dir DIR --served-name NAME [--quantization fp8] \
+     --input-len 256 --output-len 512 --users 512 --prompts 1024 \
+     --ttft-ms 2000 --itl-ms 50 --deadline-s 560 --out OUT \
+     --config planner:600:8192 --config defaults:: --config seed:128:
+Configs run in the order given; one that would start after --deadline-s is skipped and
+reported as skipped (the call must end inside the device's 10-minute limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+PORT = 8011
+
+
+def parse_config(text: str) -> dict:
+    label, seqs, mnbt = (text.split(":") + ["", ""])[:3]
+    return {
+        "label": label,
+        "max_num_seqs": int(seqs) if seqs else None,
+        "max_num_batched_tokens": int(mnbt) if mnbt else None,
+    }
+
+
+def wait_healthy(proc: subprocess.Popen, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("vllm serve not healthy in time")
+
+
+def scrape(name: str) -> float | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+def log_facts(log: str) -> dict:
+    facts: dict = {}
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", log)
+    if m:
+        facts["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
+    m = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", log)
+    if m:
+        facts["max_concurrency_at_max_model_len"] = float(m.group(2))
+    m = re.search(r"max_num_seqs=(\d+)", log)
+    if m:
+        facts["engine_max_num_seqs"] = int(m.group(1))
+    m = re.search(r"max_num_batched_tokens=(\d+)", log)
+    if m:
+        facts["engine_max_num_batched_tokens"] = int(m.group(1))
+    return facts
+
+
+def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
+    label = config["label"]
+    serve = [
+        *VLLM, "serve", args.model_dir, "--served-model-name", args.served_name,
+        "--load-format", "dummy", "--max-model-len", str(args.max_model_len),
+        "--gpu-memory-utilization", "0.9", "--port", str(PORT), "--host", "127.0.0.1",
+    ]
+    if args.quantization:
+        serve += ["--quantization", args.quantization]
+    serve += args.extra_serve_arg
+    if config["max_num_seqs"] is not None:
+        serve += ["--max-num-seqs", str(config["max_num_seqs"])]
+    if config["max_num_batched_tokens"] is not None:
+        serve += ["--max-num-batched-tokens", str(config["max_num_batched_tokens"])]
+    log_path = out / f"serve-{args.served_name}-{label}.log"
+    t0 = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    result: dict = {"model": args.served_name, **config, "serve_argv": serve[len(VLLM):]}
+    try:
+        result["launch_to_healthy_s"] = round(wait_healthy(proc, args.start_timeout_s), 1)
+        preempt0 = scrape("vllm:num_preemptions_total") or 0.0
+        bench = [
+            *VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{PORT}",
+            "--model", args.served_name, "--tokenizer", args.model_dir,
+            "--dataset-name", "random", "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len), "--ignore-eos",
+            "--num-prompts", str(args.prompts), "--max-concurrency", str(args.users),
+            "--request-rate", "inf", "--num-warmups", str(min(args.users, 32)),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
+            "--goodput", f"ttft:{args.ttft_ms}", f"tpot:{args.itl_ms}",
+            "--save-result", "--result-dir", str(out), "--result-filename", f"bench-{args.served_name}-{label}.json",
+            "--disable-tqdm",
+        ]
+        b0 = time.monotonic()
+        done = subprocess.run(bench, capture_output=True, text=True, timeout=args.bench_timeout_s)
+        result["bench_wall_s"] = round(time.monotonic() - b0, 1)
+        if done.returncode != 0:
+            result["error"] = "bench failed: " + done.stderr[-600:]
+        else:
+            saved = json.loads((out / f"bench-{args.served_name}-{label}.json").read_text())
+            keep = [
+                "duration", "completed", "request_throughput", "output_throughput",
+                "total_token_throughput", "request_goodput",
+                "mean_ttft_ms", "median_ttft_ms", "p95_ttft_ms", "p99_ttft_ms",
+                "mean_tpot_ms", "median_tpot_ms", "p95_tpot_ms", "p99_tpot_ms",
+                "mean_itl_ms", "median_itl_ms", "p95_itl_ms", "p99_itl_ms",
+                "median_e2el_ms", "p95_e2el_ms", "p99_e2el_ms",
+            ]
+            result["bench"] = {k: saved[k] for k in keep if k in saved}
+        result["preemptions"] = (scrape("vllm:num_preemptions_total") or 0.0) - preempt0
+    except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    result.update(log_facts(log_path.read_text(errors="replace")))
+    result["config_wall_s"] = round(time.monotonic() - t0, 1)
+    if "error" in result:
+        result["log_tail"] = log_path.read_text(errors="replace")[-1500:]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--served-name", required=True)
+    p.add_argument("--quantization")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--input-len", type=int, required=True)
+    p.add_argument("--output-len", type=int, required=True)
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--prompts", type=int, required=True)
+    p.add_argument("--ttft-ms", type=float, required=True)
+    p.add_argument("--itl-ms", type=float, required=True)
+    p.add_argument("--deadline-s", type=float, required=True, help="skip configs that would start after this")
+    p.add_argument("--min-left-s", type=float, default=120, help="a config needs at least this much time")
+    p.add_argument("--start-timeout-s", type=float, default=300)
+    p.add_argument("--bench-timeout-s", type=float, default=240)
+    p.add_argument("--extra-serve-arg", action="append", default=[], help="e.g. CPU-only flags in a local dry run")
+    p.add_argument("--config", action="append", required=True, type=parse_config)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    for config in args.config:
+        if time.monotonic() - start > args.deadline_s - args.min_left_s:
+            result = {"model": args.served_name, **config, "skipped": "device time"}
+        else:
+            result = run_config(args, config, out)
+        line = json.dumps(result)
+        print("SWEEP " + line, flush=True)
+        with (out / "results.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
