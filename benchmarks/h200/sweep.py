@@ -1,6 +1,6 @@
-"""Served benchmark of vLLM engine configs on one GPU: `vllm serve` per config, then a
-closed-loop load at the workload's shape with vLLM's own load generator (`vllm bench serve`),
-goodput counted at the SLO. One JSON line per config on stdout and in OUT/results.jsonl.
+"""Served benchmark of vLLM engine configs on one GPU: `vllm serve` per config, then the
+workload's shape offered at a ladder of Poisson request rates by `python -m infra.ops.bench`
+(vLLM's own `vllm bench serve` underneath), goodput counted at the SLO. One JSON line per config on stdout and in --results.
 
 Every config runs the same model folder (real config.json, synthetic tokenizer from
 make_model_dir.py, dummy weights), the same workload and the same SLO; only
@@ -8,9 +8,10 @@ make_model_dir.py, dummy weights), the same workload and the same SLO; only
 
 Usage:
   python sweep.py --model-dir DIR --served-name NAME [--quantization fp8] \
-     --input-len 256 --output-len 512 --users 512 --prompts 1024 \
-     --ttft-ms 2000 --itl-ms 50 --deadline-s 560 --out OUT \
-     --config planner:600:8192 --config defaults:: --config seed:128:
+     --input-len 1024 --output-len 256 --ttft-ms 2000 --itl-ms 40 \
+     --rates 18,24,30 --duration-s 15 --max-requests 600 --prediction pred.json \
+     --deadline-s 560 --out DIR --results FILE \
+     --config planner:256:8192:18/24/30/inf --config defaults:: --config seed:128:
 Configs run in the order given; one that would start after --deadline-s is skipped and
 reported as skipped (the call must end inside the device's 10-minute limit).
 """
@@ -33,11 +34,14 @@ PORT = 8011
 
 
 def parse_config(text: str) -> dict:
-    label, seqs, mnbt = (text.split(":") + ["", ""])[:3]
+    """LABEL:MAX_NUM_SEQS:MAX_NUM_BATCHED_TOKENS[:RATES]; an empty field is vLLM's default,
+    RATES (e.g. 18/24/30/inf) overrides --rates for this config."""
+    label, seqs, mnbt, rates = (text.split(":") + ["", "", ""])[:4]
     return {
         "label": label,
         "max_num_seqs": int(seqs) if seqs else None,
         "max_num_batched_tokens": int(mnbt) if mnbt else None,
+        "rates": rates.replace("/", ","),
     }
 
 
@@ -93,6 +97,8 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
         *VLLM, "serve", args.model_dir, "--served-model-name", args.served_name,
         "--load-format", "dummy", "--max-model-len", str(args.max_model_len),
         "--gpu-memory-utilization", "0.9", "--port", str(PORT), "--host", "127.0.0.1",
+        # What the fleet's rendered argv also passes (infra/node/serve_args.py).
+        "--enable-prefix-caching", "--dtype", "bfloat16",
     ]
     if args.quantization:
         serve += ["--quantization", args.quantization]
@@ -109,34 +115,28 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
     try:
         result["launch_to_healthy_s"] = round(wait_healthy(proc, args.start_timeout_s), 1)
         preempt0 = scrape("vllm:num_preemptions_total") or 0.0
+        # The load generator is the project's own `vllm-fleet bench` driver (infra/ops/bench.py,
+        # stdlib + vLLM only), which runs vLLM's `vllm bench serve` once per offered rate.
+        bench_out = out / f"bench-{args.served_name}-{label}"
         bench = [
-            *VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{PORT}",
+            sys.executable, "-m", "infra.ops.bench", "--base-url", f"http://127.0.0.1:{PORT}",
             "--model", args.served_name, "--tokenizer", args.model_dir,
-            "--dataset-name", "random", "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--ignore-eos",
-            "--num-prompts", str(args.prompts), "--max-concurrency", str(args.users),
-            "--request-rate", "inf", "--num-warmups", str(min(args.users, 32)),
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
-            "--goodput", f"ttft:{args.ttft_ms}", f"tpot:{args.itl_ms}",
-            "--save-result", "--result-dir", str(out), "--result-filename", f"bench-{args.served_name}-{label}.json",
-            "--disable-tqdm",
+            "--input-tokens", str(args.input_len), "--output-tokens", str(args.output_len),
+            "--ttft-p95-ms", str(args.ttft_ms), "--itl-p95-ms", str(args.itl_ms),
+            "--rates", config["rates"] or args.rates, "--duration-s", str(args.duration_s),
+            "--max-requests", str(args.max_requests), "--out", str(bench_out),
         ]
+        if args.prediction:
+            bench += ["--prediction", args.prediction]
         b0 = time.monotonic()
-        done = subprocess.run(bench, capture_output=True, text=True, timeout=args.bench_timeout_s)
+        done = subprocess.run(bench, capture_output=True, text=True, timeout=args.bench_timeout_s,
+                              cwd=Path(__file__).resolve().parents[2])
         result["bench_wall_s"] = round(time.monotonic() - b0, 1)
+        print(done.stdout[-3000:], flush=True)
         if done.returncode != 0:
-            result["error"] = "bench failed: " + done.stderr[-600:]
+            result["error"] = "bench failed: " + (done.stdout + done.stderr)[-800:]
         else:
-            saved = json.loads((out / f"bench-{args.served_name}-{label}.json").read_text())
-            keep = [
-                "duration", "completed", "request_throughput", "output_throughput",
-                "total_token_throughput", "request_goodput",
-                "mean_ttft_ms", "median_ttft_ms", "p95_ttft_ms", "p99_ttft_ms",
-                "mean_tpot_ms", "median_tpot_ms", "p95_tpot_ms", "p99_tpot_ms",
-                "mean_itl_ms", "median_itl_ms", "p95_itl_ms", "p99_itl_ms",
-                "median_e2el_ms", "p95_e2el_ms", "p99_e2el_ms",
-            ]
-            result["bench"] = {k: saved[k] for k in keep if k in saved}
+            result["bench"] = json.loads((bench_out / "bench.json").read_text())
         result["preemptions"] = (scrape("vllm:num_preemptions_total") or 0.0) - preempt0
     except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -163,17 +163,20 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--input-len", type=int, required=True)
     p.add_argument("--output-len", type=int, required=True)
-    p.add_argument("--users", type=int, required=True)
-    p.add_argument("--prompts", type=int, required=True)
+    p.add_argument("--rates", required=True, help="offered request rates, e.g. 18,24,30")
+    p.add_argument("--duration-s", type=float, required=True, help="offered load per rate")
+    p.add_argument("--max-requests", type=int, required=True, help="most requests per rate (and for inf)")
+    p.add_argument("--prediction", help="the planner's `size --json` for this model, to compare")
     p.add_argument("--ttft-ms", type=float, required=True)
     p.add_argument("--itl-ms", type=float, required=True)
     p.add_argument("--deadline-s", type=float, required=True, help="skip configs that would start after this")
     p.add_argument("--min-left-s", type=float, default=120, help="a config needs at least this much time")
     p.add_argument("--start-timeout-s", type=float, default=300)
-    p.add_argument("--bench-timeout-s", type=float, default=240)
+    p.add_argument("--bench-timeout-s", type=float, default=400)
     p.add_argument("--extra-serve-arg", action="append", default=[], help="e.g. CPU-only flags in a local dry run")
     p.add_argument("--config", action="append", required=True, type=parse_config)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the server logs and vLLM's result files")
+    p.add_argument("--results", required=True, help="JSON lines, one per config, appended as each ends")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,7 @@ def main() -> None:
             result = run_config(args, config, out)
         line = json.dumps(result)
         print("SWEEP " + line, flush=True)
-        with (out / "results.jsonl").open("a") as f:
+        with Path(args.results).open("a") as f:
             f.write(line + "\n")
 
 
