@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,45 @@ class ServerDefaultTier(BaseModel):
 
 class ServerDefaults(Cited):
     tiers: list[ServerDefaultTier]
+
+
+class MeasuredPoint(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_rate: float | Literal["inf"]
+    output_tokens_per_s: float = Field(ge=0)
+    requests_per_s: float = Field(ge=0)
+    goodput_requests_per_s: float = Field(ge=0)
+    ttft_p95_ms: float = Field(ge=0)
+    tpot_p95_ms: float = Field(ge=0)
+    itl_p95_ms: float = Field(ge=0)
+    slo_met: bool
+
+
+class GpuMeasurement(Cited):
+    """One server configuration measured with infra/ops/bench.py (gpu_measurements.yaml)."""
+
+    model: str
+    quantization: str
+    gpu: str
+    tensor_parallel_size: int = Field(ge=1)
+    vllm_version: str
+    weights: Literal["dummy", "real"]
+    server_flags: dict[str, int | None]
+    flags_from: Literal["planner", "vllm-defaults", "sweep"]
+    workload: dict[str, float]
+    predicted: dict[str, float] | None = None
+    points: list[MeasuredPoint]
+
+
+class GpuMeasurements(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runs: list[GpuMeasurement]
+
+
+def gpu_measurements() -> GpuMeasurements:
+    return GpuMeasurements.model_validate(read_yaml(DATA_DIR / "gpu_measurements.yaml"))
 
 
 @cache

@@ -44,7 +44,10 @@ READY_CHECK_TIMEOUT_S = 120
 BENCH_SERVE_PROGRAM = (
     "import sys\n"
     "from vllm.benchmarks.serve import add_cli_args, main\n"
-    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "try:\n"
+    "    from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "except ImportError:  # vLLM before the vllm.utils split (the GPU machine's 0.26.0)\n"
+    "    from vllm.utils import FlexibleArgumentParser\n"
     "parser = FlexibleArgumentParser(prog='vllm bench serve')\n"
     "add_cli_args(parser)\n"
     "main(parser.parse_args(sys.argv[1:]))\n"
