@@ -26,7 +26,8 @@ from infra.config import (
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
-from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, serving_facts
+from infra.perf import Workload, default_workload
+from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, performance_json, serving_facts
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(
@@ -69,9 +70,19 @@ def size(
         str | None, typer.Option(help="comma-separated instance types or families")
     ] = None,
     max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span")] = 4,
+    input_tokens: Annotated[int | None, typer.Option(help="typical prompt tokens (default from data)")] = None,
+    output_tokens: Annotated[int | None, typer.Option(help="typical output tokens (default from data)")] = None,
+    ttft_p95_ms: Annotated[float | None, typer.Option(help="time-to-first-token p95 target, ms")] = None,
+    itl_p95_ms: Annotated[float | None, typer.Option(help="inter-token latency p95 target, ms")] = None,
+    peak_rps: Annotated[float | None, typer.Option(help="peak requests/s, for the replica count")] = None,
+    concurrent_users: Annotated[int | None, typer.Option(help="requests in flight at peak (instead of --peak-rps)")] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option(help="consider only layouts with this TP (e.g. 1 for one GPU per replica)")
+    ] = None,
+    memory_only: Annotated[bool, typer.Option(help="size by memory alone, without the performance model")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Pick the instance type, GPUs and vLLM parallelism for one model."""
+    """Pick the instance type, GPUs, vLLM parallelism and batch flags for one model and workload."""
     catalog = default_catalog()
     if quantization not in catalog.quantizations:
         raise FleetError(
@@ -88,7 +99,17 @@ def size(
         if t not in known:
             raise FleetError(f"--instance-types: {t!r} is not a known instance type or family")
     name, arch = _model_request(model)
-    plan = make_plan(SizingRequest(name, arch, quantization, max_model_len, seqs, types, max_nodes))
+    workload = workload_from_options(
+        {"--input-tokens": input_tokens, "--output-tokens": output_tokens, "--ttft-p95-ms": ttft_p95_ms,
+         "--itl-p95-ms": itl_p95_ms, "--peak-rps": peak_rps, "--concurrent-users": concurrent_users},
+        max_model_len,
+    )
+    if tensor_parallel_size is not None and tensor_parallel_size not in (1, 2, 4, 8, 16):
+        raise FleetError(f"--tensor-parallel-size = {tensor_parallel_size}: must be 1, 2, 4, 8 or 16")
+    plan = make_plan(SizingRequest(
+        name, arch, quantization, max_model_len, seqs, types, max_nodes, workload=workload,
+        performance_model=not memory_only, tensor_parallel_size=tensor_parallel_size,
+    ))
     if as_json:
         _print_json({**plan.summary(), "alternatives": _alternatives_json(plan)})
     else:
@@ -160,6 +181,30 @@ def plan(
         out.print(f"  {path.relative_to(target)}")
 
 
+def workload_from_options(options: dict[str, float | int | None], max_model_len: int) -> Workload:
+    """The `size` command's workload: given options, else the data's defaults (one line per bad value)."""
+    for key, value in options.items():
+        if value is not None and not value > 0:
+            raise FleetError(f"{key} = {value}: must be positive")
+    if options["--peak-rps"] is not None and options["--concurrent-users"] is not None:
+        raise FleetError("--peak-rps and --concurrent-users: give one of them, not both")
+    base = default_workload()
+    workload = Workload(
+        input_tokens=int(options["--input-tokens"] or base.input_tokens),
+        output_tokens=int(options["--output-tokens"] or base.output_tokens),
+        ttft_p95_ms=float(options["--ttft-p95-ms"] or base.ttft_p95_ms),
+        itl_p95_ms=float(options["--itl-p95-ms"] or base.itl_p95_ms),
+        peak_requests_per_s=float(options["--peak-rps"]) if options["--peak-rps"] is not None else None,
+        concurrent_users=int(options["--concurrent-users"]) if options["--concurrent-users"] is not None else None,
+    )
+    if workload.input_tokens + workload.output_tokens > max_model_len:
+        raise FleetError(
+            f"--input-tokens + --output-tokens = {workload.input_tokens + workload.output_tokens}: "
+            f"exceeds --max-model-len {max_model_len}"
+        )
+    return workload
+
+
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
     return [
         {
@@ -170,6 +215,7 @@ def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
             "replicas_per_node": c.layout.replicas_per_node,
             "feasible": c.feasible,
             "hourly_usd": round(c.hourly_usd_per_replica, 4) if c.hourly_usd_per_replica else None,
+            "performance": performance_json(c) if c.serving is not None and c.feasible else None,
             "why_not_chosen": _why_lost(plan, c),
         }
         for c in plan.alternatives
@@ -179,6 +225,16 @@ def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
 def _why_lost(plan: Plan, cand: Candidate) -> str:
     if not cand.feasible:
         return cand.reason
+    mine, theirs = plan.chosen.usd_per_million_tokens, cand.usd_per_million_tokens
+    if mine is not None and theirs is not None and cand.serving and cand.serving.performance:
+        perf = cand.serving.performance
+        return (
+            f"${theirs:,.2f} per 1M tokens vs ${mine:,.2f} at the SLO ({perf.output_tokens_per_s:,.0f} tok/s "
+            f"at batch {perf.batch}, TTFT {perf.ttft_ms:,.0f} ms, ITL {perf.itl_ms:.1f} ms, "
+            f"${cand.hourly_usd_per_replica or 0:,.2f}/h)"
+        )
+    if mine is not None and theirs is None:
+        return "no performance prediction: ranked after the predicted layouts"
     chosen_cost = plan.chosen.hourly_usd_per_replica or 0.0
     cost = cand.hourly_usd_per_replica or 0.0
     if cost > chosen_cost:
@@ -208,17 +264,20 @@ def _print_plan(plan: Plan) -> None:
     decision.add_row("model", f"{req.model_name} ({req.arch.params / 1e9:.1f}B params), {req.quantization}")
     decision.add_row("instance", f"{s['instance_type']} ({s['gpu']})")
     decision.add_row("replica", _layout_text(chosen) + f" = {s['gpus_per_replica']} GPU(s)")
-    decision.add_row("vLLM", f"--max-model-len {req.max_model_len} --max-num-seqs {req.concurrency} "
+    decision.add_row("vLLM", f"--max-model-len {req.max_model_len} --max-num-seqs {plan.max_num_seqs} "
+                     f"--max-num-batched-tokens {plan.max_num_batched_tokens} "
                      f"--gpu-memory-utilization {s['gpu_memory_utilization']}")
     decision.add_row("weights", f"{plan.weights_bytes / GB:,.1f} GB total, {mem.weights / GiB:,.2f} GiB per GPU")
     decision.add_row("KV cache", f"{plan.kv_cache_bytes_per_token:,} B/token (model); "
                      f"{chosen.kv_cache_tokens:,} tokens per replica = "
                      f"{plan.concurrent_full_context_seqs} sequences at {req.max_model_len:,}")
-    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica (on-demand, us-east-1)")
+    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica (on-demand, us-east-1)"
+                     + _per_token_text(plan.chosen))
     decision.add_row("time to ready", f"{s['time_to_ready_s']} s from {s['weights_source']} "
                      f"(timeouts use {s['startup_timeout_s']} s)")
     decision.add_row("fallback ladder", " → ".join(s["fallback_instance_types"]))
     out.print(decision)
+    _print_performance(plan)
 
     budget = Table(title="Per-GPU memory budget (GiB)", title_justify="left")
     for col in ("GPU", "usable", "weights", "activation", "CUDA graphs", "non-torch", "NCCL", "KV cache"):
@@ -229,16 +288,17 @@ def _print_plan(plan: Plan) -> None:
     out.print(budget)
 
     alts = Table(title="Runner-ups (best layout per instance type) and rejects", title_justify="left")
-    for col in ("instance", "layout", "$/h/replica", "why not chosen"):
+    for col in ("instance", "layout", "$/h/replica", "$/1M tok", "why not chosen"):
         alts.add_column(col)
     for c in plan.alternatives:
         if c.feasible:
             cost = f"{c.hourly_usd_per_replica:,.2f}" if c.hourly_usd_per_replica is not None else "-"
-            alts.add_row(c.layout.instance_type, _layout_text(c), cost, _why_lost(plan, c))
+            per_token = f"{c.usd_per_million_tokens:,.2f}" if c.usd_per_million_tokens is not None else "-"
+            alts.add_row(c.layout.instance_type, _layout_text(c), cost, per_token, _why_lost(plan, c))
     rejected_types = sorted({c.layout.instance_type for c in plan.alternatives if not c.feasible})
     for name in rejected_types:
         best = _closest_reject(plan, name)
-        alts.add_row(name, _layout_text(best), "-", best.reason)
+        alts.add_row(name, _layout_text(best), "-", "-", best.reason)
     out.print(alts)
 
     ttr = Table(title="Modeled time to ready by weight source", title_justify="left")
@@ -247,6 +307,40 @@ def _print_plan(plan: Plan) -> None:
     for source, seconds in sorted(plan.time_to_ready_by_source.items(), key=lambda kv: kv[1]):
         ttr.add_row(source, f"{seconds:,.0f}")
     out.print(ttr)
+
+
+def _per_token_text(cand: Candidate) -> str:
+    per_token = cand.usd_per_million_tokens
+    return f"; ${per_token:,.2f} per 1M output tokens at the SLO" if per_token is not None else ""
+
+
+def _print_performance(plan: Plan) -> None:
+    """The workload, the SLO, and what one replica is predicted to deliver at it."""
+    wl = plan.workload
+    perf_table = Table(title="Workload and SLO → serving point (performance model)", show_header=False,
+                       title_justify="left")
+    perf_table.add_column("", style="bold")
+    perf_table.add_column("")
+    peak = (
+        f"{wl.peak_requests_per_s:g} requests/s" if wl.peak_requests_per_s is not None
+        else f"{wl.concurrent_users} concurrent users" if wl.concurrent_users is not None else "not stated"
+    )
+    perf_table.add_row("workload", f"{wl.input_tokens:,} → {wl.output_tokens:,} tokens per request; peak {peak}"
+                       + ("" if plan.request.workload is not None else " (defaults: no workload stated)"))
+    perf_table.add_row("SLO", f"TTFT p95 ≤ {wl.ttft_p95_ms:,.0f} ms, inter-token latency p95 ≤ {wl.itl_p95_ms:g} ms")
+    serving, capacity = plan.chosen.serving, plan.chosen.capacity
+    assert serving is not None
+    perf = serving.performance
+    perf_table.add_row("batch", f"--max-num-seqs {serving.max_num_seqs}: {serving.reason}")
+    if perf is not None:
+        perf_table.add_row("predicted", f"TTFT {perf.ttft_ms:,.0f} ms, ITL {perf.itl_ms:.1f} ms, "
+                           f"{perf.output_tokens_per_s:,.0f} output tok/s, {perf.requests_per_s:.2f} req/s per replica "
+                           "(steady-state means; AIConfigurator)")
+    if capacity is not None and capacity.replicas_needed is not None and capacity.peak_requests_per_s is not None:
+        assert capacity.headroom is not None
+        perf_table.add_row("at peak", f"{capacity.peak_requests_per_s:,.2f} req/s needs {capacity.replicas_needed} "
+                           f"replica(s); headroom {capacity.headroom:.0%}")
+    out.print(perf_table)
 
 
 def _closest_reject(plan: Plan, instance_type: str) -> Candidate:

@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 from infra.catalog import ModelArch, arch_from_hf_config, default_catalog
 from infra.errors import FleetError
 from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
+from infra.perf import Workload, perf_facts
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
@@ -148,7 +149,10 @@ class EndpointSection(Section):
 class MonitoringSection(Section):
     mode: Literal["self-hosted", "managed", "shared", "none"] = "self-hosted"
     allowed_cidrs: list[str] = Field(default_factory=list)
-    ttft_p95_slo_s: float = Field(default=1.0, gt=0)
+    ttft_p95_slo_s: float = Field(
+        default_factory=lambda: perf_facts().workload_defaults.ttft_p95_ms / 1000, gt=0,
+        description="the TTFT alert's SLO; also the plan's TTFT target unless workload.ttftP95Ms says",
+    )
     sns_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:")
     webhook_url: str | None = Field(default=None, pattern=r"^https://")
     shared_stack: str | None = Field(
@@ -174,6 +178,26 @@ class MonitoringSection(Section):
 class ImageSection(Section):
     ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
     ssm_parameter: str | None = Field(default=None, pattern=r"^/")
+
+
+class WorkloadSection(Section):
+    """What requests look like and what users must get; the planner sizes batches and
+    replicas for it. Unset keys take infra/data/perf_model.yaml's workload_defaults."""
+
+    input_tokens: int | None = Field(default=None, ge=1, description="typical prompt tokens")
+    output_tokens: int | None = Field(default=None, ge=1, description="typical output tokens")
+    peak_requests_per_s: float | None = Field(default=None, gt=0, description="peak arrival rate")
+    concurrent_users: int | None = Field(
+        default=None, ge=1, description="requests in flight at peak (instead of peakRequestsPerS)"
+    )
+    ttft_p95_ms: float | None = Field(default=None, gt=0, description="default: monitoring.ttftP95SloS")
+    itl_p95_ms: float | None = Field(default=None, gt=0, description="inter-token latency p95 target")
+
+    @model_validator(mode="after")
+    def _one_peak(self) -> WorkloadSection:
+        if self.peak_requests_per_s is not None and self.concurrent_users is not None:
+            raise ValueError("give peakRequestsPerS or concurrentUsers, not both")
+        return self
 
 
 class ScalingSection(Section):
@@ -204,9 +228,22 @@ class StackConfig(Section):
     monitoring: MonitoringSection = MonitoringSection(mode="none")
     image: ImageSection = ImageSection()
     scaling: ScalingSection = ScalingSection()
+    workload: WorkloadSection = WorkloadSection()
     tags: dict[str, str] = Field(default_factory=dict)
 
     _stack_name = field_validator("stack")(_check_stack_name)
+
+    def resolved_workload(self) -> Workload:
+        """The workload the plan is made for: stated keys, else the data's defaults."""
+        work, defaults = self.workload, perf_facts().workload_defaults
+        return Workload(
+            input_tokens=work.input_tokens or defaults.input_tokens,
+            output_tokens=work.output_tokens or defaults.output_tokens,
+            ttft_p95_ms=work.ttft_p95_ms or self.monitoring.ttft_p95_slo_s * 1000,
+            itl_p95_ms=work.itl_p95_ms or defaults.itl_p95_ms,
+            peak_requests_per_s=work.peak_requests_per_s,
+            concurrent_users=work.concurrent_users,
+        )
 
 
 # --- image-build stacks: `vllm-fleet:bake` instead of model/serving ---------------------------
@@ -375,6 +412,7 @@ def parse_stack_config(stack: str, values: dict[str, Any]) -> StackConfig:
     except ValidationError as err:
         raise FleetError(_one_line(err, ours)) from None
     validate_against_catalog(config)
+    validate_workload(config)
     return config
 
 
@@ -400,6 +438,28 @@ def _our_values(stack: str, values: dict[str, Any]) -> dict[str, Any]:
     if "region" not in ours:
         raise FleetError("aws:region: required key is missing (e.g. us-east-1)")
     return ours
+
+
+def validate_workload(config: StackConfig) -> None:
+    """Cross-section checks of vllm-fleet:workload (one line each, naming the key)."""
+    work = config.workload
+    if (
+        work.ttft_p95_ms is not None and "ttft_p95_slo_s" in config.monitoring.model_fields_set
+        and abs(work.ttft_p95_ms - config.monitoring.ttft_p95_slo_s * 1000) > 1e-6
+    ):
+        raise FleetError(
+            f"{PROJECT}:workload.ttftP95Ms = {work.ttft_p95_ms:g}: disagrees with "
+            f"{PROJECT}:monitoring.ttftP95SloS = {config.monitoring.ttft_p95_slo_s:g}; state the TTFT SLO once"
+        )
+    resolved = config.resolved_workload()
+    total = resolved.input_tokens + resolved.output_tokens
+    if total > config.serving.max_model_len:
+        unset = work.input_tokens is None or work.output_tokens is None
+        raise FleetError(
+            f"{PROJECT}:workload.inputTokens + outputTokens = {resolved.input_tokens} + {resolved.output_tokens}"
+            f"{' (defaults fill what is unset)' if unset else ''}: exceeds "
+            f"{PROJECT}:serving.maxModelLen {config.serving.max_model_len}"
+        )
 
 
 def validate_against_catalog(config: StackConfig) -> None:

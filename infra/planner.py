@@ -11,7 +11,12 @@ divisible by TP or TP by KV heads, quantization supported by the GPU's compute c
 and against the memory budget: per GPU,
     weights + activation + non-torch + CUDA graphs + NCCL + KV(concurrency × max_model_len)
         ≤ gpu_memory_utilization × GPU memory.
-The cheapest feasible layout per replica wins; ties go to fewer GPUs, then fewer nodes.
+For each layout that fits, the performance model (infra/perf.py) picks vLLM's batch flags
+for the stack's workload: --max-num-seqs, the largest batch whose predicted TTFT and
+inter-token latency meet the SLO within the KV cache; --max-num-batched-tokens, vLLM's own
+hardware-tuned default. The layout with the lowest $ per 1M output tokens at the SLO wins;
+layouts the model has no data for rank after those it predicts, by $/h. Ties go to fewer
+GPUs, then fewer nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog, read_yaml
 from infra.errors import FleetError
+from infra.perf import (
+    Capacity,
+    ServingPoint,
+    Workload,
+    capacity_at_peak,
+    default_workload,
+    serving_point,
+    vllm_server_defaults,
+)
 from infra.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
 
 GiB = 1024**3
@@ -44,7 +58,6 @@ class Defaults(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     gpu_memory_utilization: float
-    max_num_batched_tokens: int
     kv_block_tokens: int
     concurrency: int
     root_volume_base_gib: int
@@ -88,6 +101,14 @@ class SizingRequest:
     max_nodes_per_replica: int = 4
     weights_source: str = "huggingface"
     prewarmed_image: bool = False
+    workload: Workload | None = None  # None: perf_model.yaml's workload_defaults
+    # False: size by memory alone, as when aiconfigurator-core is not installed.
+    performance_model: bool = True
+    tensor_parallel_size: int | None = None  # consider only this TP (e.g. 1: one GPU per replica)
+
+    @property
+    def effective_workload(self) -> Workload:
+        return self.workload or default_workload()
 
 
 @dataclass(frozen=True)
@@ -131,14 +152,34 @@ class Candidate:
     memory: MemoryBudget | None = None
     kv_cache_tokens: int = 0
     hourly_usd_per_replica: float | None = None
+    serving: ServingPoint | None = None  # batch flags and predicted performance (feasible only)
+    capacity: Capacity | None = None  # replicas for the workload's peak
 
     @property
-    def sort_key(self) -> tuple[float, int, int, int, str]:
-        """Cheapest first; ties go to fewer GPUs, fewer nodes, then fewer pipeline stages
-        (TP within a node has lower latency than PP, which only helps divisibility)."""
+    def max_num_seqs(self) -> int:
+        assert self.serving is not None, "only a feasible candidate has serving flags"
+        return self.serving.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        assert self.serving is not None, "only a feasible candidate has serving flags"
+        return self.serving.max_num_batched_tokens
+
+    @property
+    def usd_per_million_tokens(self) -> float | None:
+        """$ per 1M output tokens at the SLO; None when not predicted."""
+        return self.serving.usd_per_million_output_tokens(self.hourly_usd_per_replica) if self.serving else None
+
+    @property
+    def sort_key(self) -> tuple[int, float, float, int, int, int, str]:
+        """Predicted layouts first, cheapest per output token at the SLO; then the ones without
+        a prediction, cheapest per hour. Ties go to fewer GPUs, fewer nodes, then fewer
+        pipeline stages (TP within a node has lower latency than PP, which only helps divisibility)."""
         cost = self.hourly_usd_per_replica if self.hourly_usd_per_replica is not None else math.inf
+        per_token = self.usd_per_million_tokens
         lay = self.layout
         return (
+            0 if per_token is not None else 1, round(per_token, 6) if per_token is not None else math.inf,
             round(cost, 6), lay.gpus_per_replica, lay.nodes_per_replica,
             lay.pipeline_parallel_size, lay.instance_type,
         )
@@ -166,7 +207,6 @@ class Plan:
     weights_bytes: int
     kv_cache_bytes_per_token: int
     gpu_memory_utilization: float
-    max_num_batched_tokens: int
     time_to_ready: TimeToReady
     time_to_ready_by_source: dict[str, float]
     alternatives: list[Candidate] = field(default_factory=list)  # best per other type, + rejects
@@ -175,6 +215,18 @@ class Plan:
     @property
     def layout(self) -> Layout:
         return self.chosen.layout
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.chosen.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.chosen.max_num_batched_tokens
+
+    @property
+    def workload(self) -> Workload:
+        return self.request.effective_workload
 
     @property
     def concurrent_full_context_seqs(self) -> int:
@@ -193,7 +245,8 @@ class Plan:
             "model": self.request.model_name,
             "quantization": self.request.quantization,
             "max_model_len": self.request.max_model_len,
-            "max_num_seqs": self.request.concurrency,
+            "concurrency": self.request.concurrency,
+            "max_num_seqs": self.max_num_seqs,
             "instance_type": lay.instance_type,
             "gpu": self.gpu_name,
             "gpus_per_replica": lay.gpus_per_replica,
@@ -213,7 +266,44 @@ class Plan:
             "weights_source": self.time_to_ready.weights_source,
             "time_to_ready_by_source_s": {k: round(v) for k, v in self.time_to_ready_by_source.items()},
             "fallback_instance_types": [c.layout.instance_type for c in self.fallbacks],
+            "workload": workload_json(self.workload),
+            "performance": performance_json(self.chosen),
         }
+
+
+def workload_json(workload: Workload) -> dict[str, Any]:
+    return {
+        "input_tokens": workload.input_tokens,
+        "output_tokens": workload.output_tokens,
+        "ttft_p95_ms": workload.ttft_p95_ms,
+        "itl_p95_ms": workload.itl_p95_ms,
+        "peak_requests_per_s": workload.peak_requests_per_s,
+        "concurrent_users": workload.concurrent_users,
+    }
+
+
+def performance_json(cand: Candidate) -> dict[str, Any]:
+    """The serving point of one candidate; the keys infra/ops/bench.py reads as a prediction."""
+    serving, capacity = cand.serving, cand.capacity
+    assert serving is not None
+    perf = serving.performance
+    per_token = cand.usd_per_million_tokens
+    return {
+        "predicted": perf is not None,
+        "meets_slo": serving.meets_slo,
+        "max_num_seqs": serving.max_num_seqs,
+        "max_num_batched_tokens": serving.max_num_batched_tokens,
+        "ttft_ms": round(perf.ttft_ms, 1) if perf else None,
+        "itl_ms": round(perf.itl_ms, 2) if perf else None,
+        "output_tokens_per_s": round(perf.output_tokens_per_s, 1) if perf else None,
+        "requests_per_s": round(perf.requests_per_s, 3) if perf else None,
+        "usd_per_million_output_tokens": round(per_token, 4) if per_token is not None else None,
+        "peak_requests_per_s": round(capacity.peak_requests_per_s, 3)
+        if capacity and capacity.peak_requests_per_s is not None else None,
+        "replicas_at_peak": capacity.replicas_needed if capacity else None,
+        "headroom_at_peak": round(capacity.headroom, 4) if capacity and capacity.headroom is not None else None,
+        "why": serving.reason,
+    }
 
 
 def allowed_instance_types(catalog: Catalog, allowed: tuple[str, ...]) -> list[str]:
@@ -249,16 +339,17 @@ def enumerate_layouts(catalog: Catalog, instance_type: str, max_nodes: int) -> l
 
 
 def memory_budget(
-    req: SizingRequest, quant: Quantization, layout: Layout, gpu_memory_gib: float, utilization: float
+    req: SizingRequest, quant: Quantization, layout: Layout, gpu_memory_gib: float, utilization: float,
+    batched: int,
 ) -> tuple[MemoryBudget, int]:
-    """Per-GPU budget and the replica's KV-cache capacity in tokens (whole blocks)."""
+    """Per-GPU budget and the replica's KV-cache capacity in tokens (whole blocks), with
+    ``batched`` = --max-num-batched-tokens (vLLM profiles activations at that many tokens)."""
     facts = serving_facts()
     over, defaults = facts.overheads, facts.defaults
     arch = req.arch
     total = int(gpu_memory_gib * GiB)
     usable = int(total * utilization)
     weights = math.ceil(weights_bytes(arch, quant) / layout.gpus_per_replica)
-    batched = defaults.max_num_batched_tokens
     activation = batched * arch.hidden_size * over.activation_bytes_per_token_per_hidden
     cuda_graphs = arch.hidden_size * over.cuda_graph_bytes_per_hidden
     nccl = over.nccl_bytes_per_gpu if layout.gpus_per_replica > 1 else 0
@@ -294,7 +385,8 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
     if instance.on_demand_usd_per_hour is None:
         return Candidate(layout, False, f"{layout.instance_type} is not sold on demand (capacity blocks only)")
     utilization = facts.defaults.gpu_memory_utilization
-    budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization)
+    _, batched = vllm_server_defaults(gpu)
+    budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization, batched)
     hourly = instance.on_demand_usd_per_hour * layout.nodes_per_replica / layout.replicas_per_node
     needed = req.concurrency * req.max_model_len
     if budget.fixed >= budget.usable:
@@ -313,6 +405,44 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
     return Candidate(layout, True, f"fits with {tokens // req.max_model_len} full-context sequences", budget, tokens, hourly)
 
 
+def dominated_by(cand: Candidate, fitting: list[Candidate]) -> str | None:
+    """Why a layout that fits is not worth predicting, or None.
+
+    * PP inside one node: TP over the same GPUs serves the same batch with lower latency
+      (pipeline stages only add bubbles); PP stays where TP's divisibility rules forbid it.
+    * Several nodes per replica: when one node of the type holds a replica, N single-node
+      replicas cost the same per hour and serve at least as much, with no stage on the network.
+    """
+    lay = cand.layout
+    same_type = [c for c in fitting if c.layout.instance_type == lay.instance_type and c.layout.nodes_per_replica == 1]
+    if lay.nodes_per_replica > 1 and same_type:
+        return f"one {lay.instance_type} holds a replica: {lay.nodes_per_replica} single-node replicas serve more for the same $/h"
+    if lay.nodes_per_replica == 1 and lay.pipeline_parallel_size > 1:
+        tp_only = [c for c in same_type if c.layout.gpus_per_replica == lay.gpus_per_replica
+                   and c.layout.pipeline_parallel_size == 1]
+        if tp_only:
+            return f"TP {lay.gpus_per_replica} on the same GPUs fits, with lower latency than pipeline stages"
+    return None
+
+
+def with_serving(req: SizingRequest, cand: Candidate, catalog: Catalog) -> Candidate:
+    """Attach vLLM's batch flags and the predicted performance at the SLO to a layout that fits."""
+    lay = cand.layout
+    gpu_key = catalog.instances[lay.instance_type].gpu
+    workload = req.effective_workload
+    serving = serving_point(
+        req.arch, req.quantization, gpu_key, catalog.gpus[gpu_key], lay.tensor_parallel_size,
+        lay.pipeline_parallel_size, cand.kv_cache_tokens, workload, predict_performance=req.performance_model,
+    )
+    if serving.meets_slo is False:
+        return Candidate(lay, False, serving.reason, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica,
+                         serving)
+    return Candidate(
+        lay, True, cand.reason, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica,
+        serving, capacity_at_peak(workload, serving.performance),
+    )
+
+
 def time_to_ready(req: SizingRequest, weights: int, source: str, catalog: Catalog) -> TimeToReady:
     start = serving_facts().startup
     throughput = catalog.weight_sources[source].throughput_mb_s * 1e6
@@ -322,12 +452,27 @@ def time_to_ready(req: SizingRequest, weights: int, source: str, catalog: Catalo
     return TimeToReady(start.instance_boot_s, download, start.import_vllm_s, init, source)
 
 
-def plan_candidates(req: SizingRequest, catalog: Catalog) -> list[Candidate]:
+def plan_candidates(req: SizingRequest, catalog: Catalog, *, serving: bool = True) -> list[Candidate]:
+    """Every layout of every allowed type, judged by memory; with ``serving``, the ones that
+    fit and are not dominated also get their batch flags and predicted performance."""
     candidates: list[Candidate] = []
     for name in allowed_instance_types(catalog, req.instance_types):
         for layout in enumerate_layouts(catalog, name, req.max_nodes_per_replica):
-            candidates.append(evaluate(req, layout, catalog))
-    return candidates
+            if req.tensor_parallel_size in (None, layout.tensor_parallel_size):
+                candidates.append(evaluate(req, layout, catalog))
+    if not serving:
+        return candidates
+    fitting = [c for c in candidates if c.feasible]
+    judged: list[Candidate] = []
+    for cand in candidates:
+        if cand.feasible:
+            why = dominated_by(cand, fitting)
+            cand = (
+                Candidate(cand.layout, False, why, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica)
+                if why else with_serving(req, cand, catalog)
+            )
+        judged.append(cand)
+    return judged
 
 
 def _validate_request(req: SizingRequest, catalog: Catalog) -> None:
@@ -383,7 +528,6 @@ def make_plan(req: SizingRequest, catalog: Catalog | None = None) -> Plan:
         weights_bytes=weights,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(req.arch, dtype_bytes=quant.kv_cache_dtype_bytes),
         gpu_memory_utilization=serving_facts().defaults.gpu_memory_utilization,
-        max_num_batched_tokens=serving_facts().defaults.max_num_batched_tokens,
         time_to_ready=time_to_ready(req, weights, req.weights_source, catalog),
         time_to_ready_by_source=ttr_by_source,
         alternatives=alternatives,
@@ -398,6 +542,9 @@ def _node_gpu_bytes(catalog: Catalog, name: str) -> float:
 
 def explain_infeasible(req: SizingRequest, candidates: list[Candidate], catalog: Catalog) -> str:
     """One line: what the model needs, the most the allowed hardware offers, and what would fit."""
+    slo_misses = [c for c in candidates if c.serving is not None and c.serving.meets_slo is False]
+    if slo_misses:
+        return explain_slo_miss(req, slo_misses)
     quant = catalog.quantizations[req.quantization]
     weights = weights_bytes(req.arch, quant)
     allowed = allowed_instance_types(catalog, req.instance_types)
@@ -439,13 +586,32 @@ def explain_infeasible(req: SizingRequest, candidates: list[Candidate], catalog:
     return head + tail
 
 
+def explain_slo_miss(req: SizingRequest, misses: list[Candidate]) -> str:
+    """Layouts fit in memory but none meets the latency targets even one request at a time."""
+    def batch_one(c: Candidate) -> tuple[float, float]:
+        perf = c.serving.best_unconstrained if c.serving else None
+        return (perf.itl_ms, perf.ttft_ms) if perf else (math.inf, math.inf)
+
+    best = min(misses, key=batch_one)
+    itl, ttft = batch_one(best)
+    wl = req.effective_workload
+    lay = best.layout
+    return (
+        f"workload: no allowed layout meets TTFT p95 ≤ {wl.ttft_p95_ms:g} ms and ITL p95 ≤ {wl.itl_p95_ms:g} ms "
+        f"for {req.model_name} {req.quantization} at {wl.input_tokens} → {wl.output_tokens} tokens; the fastest, "
+        f"{lay.instance_type} TP {lay.tensor_parallel_size} × PP {lay.pipeline_parallel_size}, predicts "
+        f"TTFT {ttft:,.0f} ms and ITL {itl:.1f} ms for a single request: raise vllm-fleet:workload.itlP95Ms / "
+        "ttftP95Ms, allow faster GPUs or more GPUs per replica"
+    )
+
+
 def _nodes_note(c: Candidate) -> str:
     return f" × {c.layout.nodes_per_replica} nodes" if c.layout.nodes_per_replica > 1 else ""
 
 
 def _cheapest_feasible(req: SizingRequest, catalog: Catalog, types: tuple[str, ...]) -> Candidate | None:
     probe = SizingRequest(**{**req.__dict__, "instance_types": types})
-    feasible = [c for c in plan_candidates(probe, catalog) if c.feasible]
+    feasible = [c for c in plan_candidates(probe, catalog, serving=False) if c.feasible]
     return min(feasible, key=lambda c: c.sort_key) if feasible else None
 
 

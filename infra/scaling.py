@@ -296,7 +296,7 @@ class ScalingPolicySpec:
     metric: Metric
     namespace: str
     signals: dict[SignalRole, ScalingSignal]
-    concurrency: int  # --max-num-seqs of one replica
+    concurrency: int  # --max-num-seqs of one replica: the largest batch that meets the SLO (infra/perf.py)
     replicas_per_node: int
     nodes_per_replica: int
     min_replicas: int
@@ -350,13 +350,13 @@ def _target(stack_plan: StackPlan, metric: Metric) -> tuple[float, bool]:
             )
         return (given, False) if given is not None else (design.kv_cache_default_target, True)
     per = 1 if layout.nodes_per_replica > 1 else layout.replicas_per_node
-    batch = stack_plan.plan.request.concurrency * per
+    batch = stack_plan.plan.max_num_seqs * per
     if given is not None:
         if given >= batch:
             raise FleetError(
                 f"{_config_key('target')} = {given}: waiting-requests keeps this many batch slots free per "
                 f"{'replica' if per == 1 and layout.nodes_per_replica > 1 else 'instance'}; it must be below the "
-                f"batch of {batch} (concurrency × replicas per node)"
+                f"batch of {batch} (max_num_seqs at the SLO × replicas per node)"
             )
         return given, False
     return max(1.0, batch * design.waiting_target_fraction_of_batch), True
@@ -404,7 +404,9 @@ def scaling_policy_spec(stack_plan: StackPlan) -> ScalingPolicySpec:
     shape: Shape = "fixed" if min_instances == max_instances else ("gang-ladder" if gangs else "target-tracking")
     target, is_default = _target(stack_plan, metric)
     per = 1 if gangs else layout.replicas_per_node  # gangs are counted per replica
-    setpoint = target if metric == "kv-cache-usage" else plan.request.concurrency * per - target
+    # The batch each replica serves within the SLO is its capacity: the setpoint keeps
+    # `target` of those slots free for arrivals while new capacity boots.
+    setpoint = target if metric == "kv-cache-usage" else plan.max_num_seqs * per - target
     steps: tuple[BurstStep, ...] = ()
     if shape == "target-tracking" and metric == "waiting-requests":
         bounds = [m * target for m in design.burst_waiting_of_target]
@@ -427,7 +429,7 @@ def scaling_policy_spec(stack_plan: StackPlan) -> ScalingPolicySpec:
         metric=metric,
         namespace=design.namespace,
         signals=scaling_signals(),
-        concurrency=plan.request.concurrency,
+        concurrency=plan.max_num_seqs,
         replicas_per_node=layout.replicas_per_node,
         nodes_per_replica=layout.nodes_per_replica,
         min_replicas=cap.min_replicas,
@@ -532,7 +534,7 @@ def describe_scaling(stack_plan: StackPlan) -> list[str]:
         if spec.metric == "waiting-requests":
             lines.append(
                 f"target: {_fmt(spec.setpoint)} of {spec.batch_per_instance} batch slots busy per instance "
-                f"(concurrency {spec.concurrency} × {spec.replicas_per_node} replica(s) per node), keeping "
+                f"(max_num_seqs {spec.concurrency} at the SLO × {spec.replicas_per_node} replica(s) per node), keeping "
                 f"{_fmt(spec.target)} free for arrivals while new capacity boots{default}"
             )
         lines.append(

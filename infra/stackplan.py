@@ -79,6 +79,7 @@ def sizing_request(config: StackConfig) -> SizingRequest:
         instance_types=tuple(config.capacity.instance_types),
         max_nodes_per_replica=config.capacity.max_nodes_per_replica,
         weights_source=config.serving.weights_source,
+        workload=config.resolved_workload(),
     )
 
 
@@ -125,9 +126,11 @@ def monitoring_spec(stack_plan: StackPlan) -> MonitoringSpec:
         autoscaling_group_name=stack_plan.autoscaling_group_name,
         sns_topic_arn=config.monitoring.sns_topic_arn,
         webhook_url=config.monitoring.webhook_url,
-        ttft_p95_slo_s=config.monitoring.ttft_p95_slo_s,
+        # One TTFT SLO: the one the plan sized batches for (monitoring.ttftP95SloS unless
+        # workload.ttftP95Ms states it).
+        ttft_p95_slo_s=plan.workload.ttft_p95_ms / 1000,
         # A replica's worth of sequences waiting means the fleet is a replica short.
-        queue_threshold=plan.request.concurrency,
+        queue_threshold=plan.max_num_seqs,
         vllm_port=config.serving.port,
     )
 

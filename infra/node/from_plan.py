@@ -6,10 +6,12 @@ per instance type (a 4×L40S node runs TP 4 where an 8×A100 node runs two TP 4 
 
 from __future__ import annotations
 
+import math
+
 from infra.catalog import default_catalog
 from infra.config import StackConfig
 from infra.node.serve_args import LOCAL_WEIGHT_SOURCES, build_serve_argv
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
 from infra.planner import Candidate, Plan
 
 
@@ -23,6 +25,15 @@ def vllm_environment(config: StackConfig, plan: Plan) -> dict[str, str]:
         # Staged weights: never reach out to the hub at boot.
         env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+def gang_discovery(plan: Plan) -> GangDiscovery:
+    """The head waits for Ray's GPUs inside vllm.service's start timeout, so the wait gets what
+    that budget leaves once vLLM's own modeled load (weights, import, engine init) is set
+    aside; it is always below the timeout, which is 1.5 × the modeled total including boot."""
+    ttr = plan.time_to_ready
+    after_ray = math.ceil(ttr.weights_download_s + ttr.import_vllm_s + ttr.engine_init_s)
+    return GangDiscovery(ray_wait_timeout_s=max(60, plan.startup_timeout_s - after_ray))
 
 
 def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_secret_id: str) -> NodeSpec:
@@ -51,4 +62,5 @@ def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_
         gpus_per_node=gpus_per_node,
         vllm_env=vllm_environment(config, plan),
         nodes=layout.nodes_per_replica,
+        gang_discovery=gang_discovery(plan),
     )

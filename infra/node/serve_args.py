@@ -51,8 +51,8 @@ def build_serve_argv(
         argv += ["--distributed-executor-backend", "ray"]
     argv += [
         "--max-model-len", str(plan.request.max_model_len),
-        "--max-num-seqs", str(plan.request.concurrency),
-        "--max-num-batched-tokens", str(plan.max_num_batched_tokens),
+        "--max-num-seqs", str(chosen.max_num_seqs),
+        "--max-num-batched-tokens", str(chosen.max_num_batched_tokens),
         "--gpu-memory-utilization", f"{plan.gpu_memory_utilization:g}",
         # Explicit, so a change of vLLM's default never silently changes the fleet.
         "--enable-prefix-caching",

@@ -1,0 +1,81 @@
+"""`vllm-fleet bench` / `python -m infra.ops.bench` against the session's real CPU vLLM server."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.ops.bench import (
+    Prediction,
+    Workload,
+    parse_rates,
+    prompts_for_rate,
+    run_sweep,
+    table_text,
+    write_outputs,
+)
+from tests.support.vllm_server import VllmServer
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("pulumi", "typer", "rich", "boto3", "pydantic", "yaml", "jinja2", "aiconfigurator_core")
+
+
+def test_bench_module_imports_only_the_standard_library() -> None:
+    """The lead runs it on a GPU machine that has vLLM and nothing else of ours."""
+    code = (
+        "import sys, infra.ops.bench; "
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_rates_and_request_bounds() -> None:
+    assert parse_rates("1, 2.5,inf") == [1.0, 2.5, math.inf]
+    with pytest.raises(ValueError, match="must be positive"):
+        parse_rates("0")
+    assert prompts_for_rate(2.0, 30, 1000, 10) == 60
+    assert prompts_for_rate(0.1, 30, 1000, 10) == 10
+    assert prompts_for_rate(math.inf, 30, 500, 10) == 500
+
+
+def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    workload = Workload(input_tokens=32, output_tokens=16, ttft_p95_ms=5000, itl_p95_ms=500)
+    prediction = Prediction(max_num_seqs=4, output_tokens_per_s=100.0, requests_per_s=6.0, ttft_ms=200.0, itl_ms=20.0)
+    result = run_sweep(
+        base_url=vllm_server.base_url, model=vllm_server.served_model_name, tokenizer=str(tiny_llama_dir),
+        workload=workload, rates=[2.0, math.inf], out_dir=tmp_path, duration_s=3, max_requests=8,
+        min_requests=4, max_concurrency=4, api_key=vllm_server.api_key, prediction=prediction,
+    )
+    assert [p.error for p in result.points] == [None, None]
+    low, high = result.points
+    assert (low.num_prompts, high.num_prompts) == (6, 8)
+    for point in result.points:
+        assert point.completed == point.num_prompts and point.failed == 0
+        assert point.output_throughput > 0
+        # Every request produced exactly output_tokens tokens (ignore_eos).
+        assert point.output_throughput * point.duration_s == pytest.approx(point.completed * 16, rel=0.01)
+        assert 0 <= point.request_goodput <= point.request_throughput + 1e-9
+        lat = point.latency_ms
+        assert 0 < lat["ttft"]["p50"] <= lat["ttft"]["p95"] <= lat["ttft"]["p99"]
+        assert 0 < lat["itl"]["p50"] <= lat["itl"]["p95"] <= lat["itl"]["p99"]
+        assert lat["e2el"]["p50"] >= lat["ttft"]["p50"]
+    comparison = result.comparison()
+    assert comparison is not None and comparison["at_request_rate"] == math.inf
+    assert comparison["measured_output_tokens_per_s"] == round(high.output_throughput, 1)
+    written = write_outputs(result, tmp_path)
+    doc = json.loads(written["json"].read_text())
+    assert [p["request_rate"] for p in doc["points"]] == [2.0, "inf"]
+    assert doc["prediction_vs_measurement"]["predicted_output_tokens_per_s"] == 100.0
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = table_text(result)
+    assert "SLO: TTFT p95 ≤ 5000 ms" in table and "predicted 100 tok/s" in table
