@@ -155,6 +155,22 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
     return result
 
 
+def summary(result: dict) -> dict:
+    """The few numbers worth a line of stdout; the whole result goes to --results."""
+    keep = {k: result[k] for k in ("model", "label", "max_num_seqs", "max_num_batched_tokens",
+                                   "launch_to_healthy_s", "kv_cache_tokens", "preemptions",
+                                   "config_wall_s", "skipped", "error") if k in result}
+    bench = result.get("bench") or {}
+    keep["best_goodput_rps"] = bench.get("best_goodput_requests_per_s")
+    keep["points"] = [
+        [p["request_rate"], round(p["request_goodput"], 2), round(p["output_throughput"]),
+         round(p["latency_ms"]["ttft"]["p95"]), round(p["latency_ms"]["tpot"]["p95"], 1)]
+        for p in bench.get("points", []) if p.get("completed")
+    ]
+    keep["vs_prediction"] = bench.get("prediction_vs_measurement")
+    return keep
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", required=True)
@@ -186,10 +202,9 @@ def main() -> None:
             result = {"model": args.served_name, **config, "skipped": "device time"}
         else:
             result = run_config(args, config, out)
-        line = json.dumps(result)
-        print("SWEEP " + line, flush=True)
         with Path(args.results).open("a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(result) + "\n")
+        print("SWEEP " + json.dumps(summary(result)), flush=True)
 
 
 if __name__ == "__main__":
