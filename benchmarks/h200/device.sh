@@ -16,6 +16,8 @@ dir=/tmp/models/llama-3.1-$model
 [ -f "$dir/tokenizer.json" ] || python3 "$here/make_model_dir.py" "benchmarks/h200/models/llama-3.1-$model.json" "$dir"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
+# A server that an earlier, timed-out call left behind holds the GPU and the port.
+pkill -f '[e]ntrypoints.cli.main serve' && sleep 10 || true
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 status=0

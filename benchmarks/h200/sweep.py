@@ -45,6 +45,14 @@ def parse_config(text: str) -> dict:
     }
 
 
+def port_answers() -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2)
+        return True
+    except OSError:
+        return False
+
+
 def wait_healthy(proc: subprocess.Popen, timeout_s: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -108,6 +116,10 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
     if config["max_num_batched_tokens"] is not None:
         serve += ["--max-num-batched-tokens", str(config["max_num_batched_tokens"])]
     log_path = out / f"serve-{args.served_name}-{label}.log"
+    if port_answers():
+        # A server left from an earlier call would answer in this config's place (it happened:
+        # results/2026-12-04-call2-8b.jsonl), so refuse rather than measure the wrong server.
+        return {"model": args.served_name, **config, "error": f"port {PORT} already serves: stop the old server"}
     t0 = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,7 +141,7 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
         if args.prediction:
             bench += ["--prediction", args.prediction]
         b0 = time.monotonic()
-        done = subprocess.run(bench, capture_output=True, text=True, timeout=args.bench_timeout_s,
+        done = subprocess.run(bench, check=False, capture_output=True, text=True, timeout=args.bench_timeout_s,
                               cwd=Path(__file__).resolve().parents[2])
         result["bench_wall_s"] = round(time.monotonic() - b0, 1)
         print(done.stdout[-3000:], flush=True)

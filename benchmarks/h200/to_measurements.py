@@ -1,0 +1,82 @@
+"""Turn sweep.py's --results lines into gpu_measurements.yaml runs (printed as YAML).
+
+Usage: python to_measurements.py RESULTS.jsonl LABEL=FLAGS_FROM ... --source TEXT
+  e.g. planner=planner defaults=vllm-defaults mnbt2k=sweep
+Configs whose server never became healthy, or that were skipped, are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import yaml
+
+
+def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
+    bench = result["bench"]
+    workload = bench["workload"]
+    points = []
+    for p in bench["points"]:
+        if not p.get("completed"):
+            continue
+        rate = p["request_rate"]
+        points.append({
+            "request_rate": rate if rate == "inf" else float(rate),
+            "output_tokens_per_s": round(p["output_throughput"], 1),
+            "requests_per_s": round(p["request_throughput"], 3),
+            "goodput_requests_per_s": round(p["request_goodput"], 3),
+            "ttft_p95_ms": round(p["latency_ms"]["ttft"]["p95"], 1),
+            "tpot_p95_ms": round(p["latency_ms"]["tpot"]["p95"], 2),
+            "itl_p95_ms": round(p["latency_ms"]["itl"]["p95"], 2),
+            "slo_met": bool(p["slo_met"]),
+        })
+    pred = bench.get("prediction")
+    quant = "fp8" if "--quantization" in result["serve_argv"] else "bf16"
+    return {
+        "model": result["model"],
+        "quantization": quant,
+        "gpu": "h200",
+        "tensor_parallel_size": 1,
+        "vllm_version": "0.26.0",
+        "weights": "dummy",
+        "server_flags": {
+            "max_num_seqs": result["max_num_seqs"],
+            "max_num_batched_tokens": result["max_num_batched_tokens"],
+        },
+        "flags_from": flags_from,
+        "workload": {
+            "input_tokens": workload["input_tokens"],
+            "output_tokens": workload["output_tokens"],
+            "ttft_p95_ms": workload["ttft_p95_ms"],
+            "itl_p95_ms": workload["itl_p95_ms"],
+        },
+        "predicted": None if pred is None else {
+            "output_tokens_per_s": pred["output_tokens_per_s"],
+            "ttft_ms": pred["ttft_ms"],
+            "itl_ms": pred["itl_ms"],
+        },
+        "points": points,
+        "source": source,
+        "read": read,
+    }
+
+
+def main() -> None:
+    path, *rest = sys.argv[1:]
+    source = rest[rest.index("--source") + 1]
+    read = rest[rest.index("--read") + 1]
+    mapping = dict(arg.split("=", 1) for arg in rest if "=" in arg and not arg.startswith("--"))
+    runs = []
+    with open(path, encoding="utf-8") as lines:
+        results = [json.loads(line) for line in lines]
+    for result in results:
+        if result["label"] in mapping and result.get("bench") and not result.get("error"):
+            runs.append(run_entry(result, mapping[result["label"]], source, read))
+    print(yaml.safe_dump(runs, sort_keys=False, width=100), end="")
+    assert not any(math.isnan(p["output_tokens_per_s"]) for r in runs for p in r["points"])
+
+
+if __name__ == "__main__":
+    main()
