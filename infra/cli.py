@@ -19,8 +19,12 @@ from infra.catalog import default_catalog
 from infra.config import (
     PROJECT,
     STACKS_DIR,
+    CapacitySection,
     ImagesStackConfig,
+    ServingSection,
     arch_from_config_doc,
+    check_serving_fits_model,
+    int_range,
     load_any_stack_file,
     load_config_json,
 )
@@ -43,51 +47,74 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
-def _model_request(model: str) -> tuple[str, Any]:
+def _model_request(model: str) -> tuple[str, Any, bool]:
+    """(name, architecture, described by a config.json) for ``--model``."""
     catalog = default_catalog()
     if model in catalog.models:
-        return model, catalog.models[model]
+        return model, catalog.models[model], False
     path = Path(model)
     if path.suffix == ".json" or path.exists():
         doc = load_config_json(path, key="--model")
-        return path.parent.name or model, arch_from_config_doc(doc, source=str(path), repo=None)
+        arch = arch_from_config_doc(doc, source=str(path), repo=None, key="--model")
+        # The name is the checkpoint's repo id when config.json records it (org/name), else its directory.
+        folder = (path if path.is_dir() else path.parent).resolve().name
+        name = arch.hf_repo if "/" in arch.hf_repo and not arch.hf_repo.startswith((".", "/")) else folder
+        return name or model, arch, True
     raise FleetError(
         f"--model = {model!r}: not a catalog model or a config.json path "
         f"(catalog: {', '.join(sorted(catalog.models))})"
     )
 
 
+def _in_range(flag: str, value: int, bounds: tuple[int, int], what: str) -> int:
+    low, high = bounds
+    if not low <= value <= high:
+        raise FleetError(f"{flag} = {value}: {what} must be {low}..{high} (the stack key's range)")
+    return value
+
+
 @app.command()
 def size(
-    model: Annotated[str, typer.Option(help="catalog name (e.g. llama-3.1-70b) or path to a config.json")],
-    quantization: Annotated[str, typer.Option(help="fp16, bf16, fp8, int8, awq or gptq")],
-    max_model_len: Annotated[int, typer.Option(help="context length in tokens")],
+    model: Annotated[str, typer.Option(help="catalog name (e.g. llama-3.1-70b), or a config.json or its directory")],
+    max_model_len: Annotated[int, typer.Option(help="context length in tokens", metavar="TOKENS")],
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="fp16, bf16, fp8, int8, awq or gptq; default: what config.json's quantization_config says"),
+    ] = None,
     max_num_seqs: Annotated[
-        int | None, typer.Option(help="sequences per replica at full context (default from data)")
+        int | None, typer.Option(help="sequences per replica at full context (default from data)", metavar="N")
     ] = None,
     instance_types: Annotated[
-        str | None, typer.Option(help="comma-separated instance types or families")
+        str | None, typer.Option(help="comma-separated instance types or families", metavar="TYPES")
     ] = None,
-    max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span")] = 4,
+    max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span", metavar="N")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Pick the instance type, GPUs and vLLM parallelism for one model."""
     catalog = default_catalog()
-    if quantization not in catalog.quantizations:
-        raise FleetError(
-            f"--quantization = {quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
-        )
-    if max_model_len < 1:
-        raise FleetError(f"--max-model-len = {max_model_len}: must be a positive number of tokens")
+    _in_range("--max-model-len", max_model_len, int_range(ServingSection, "max_model_len"), "tokens")
+    _in_range("--max-nodes", max_nodes, int_range(CapacitySection, "max_nodes_per_replica"), "nodes")
     seqs = max_num_seqs if max_num_seqs is not None else serving_facts().defaults.concurrency
-    if seqs < 1:
-        raise FleetError(f"--max-num-seqs = {seqs}: must be at least 1")
+    _in_range("--max-num-seqs", seqs, int_range(ServingSection, "concurrency"), "sequences")
     types = tuple(t.strip() for t in instance_types.split(",") if t.strip()) if instance_types else ()
     known = set(catalog.instances) | {it.family for it in catalog.instances.values()}
     for t in types:
         if t not in known:
             raise FleetError(f"--instance-types: {t!r} is not a known instance type or family")
-    name, arch = _model_request(model)
+    if instance_types is not None and not types:
+        raise FleetError("--instance-types = '': empty; give instance types or families, or leave the flag out")
+    name, arch, from_config_json = _model_request(model)
+    quantization = quantization if quantization is not None else arch.checkpoint_quantization
+    if quantization is None:
+        raise FleetError("--quantization: required for this model (its config.json declares no quantization_config)")
+    if quantization not in catalog.quantizations:
+        raise FleetError(
+            f"--quantization = {quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
+        )
+    check_serving_fits_model(
+        arch, quantization, max_model_len, quant_key="--quantization", len_key="--max-model-len",
+        from_config_json=from_config_json,
+    )
     plan = make_plan(SizingRequest(name, arch, quantization, max_model_len, seqs, types, max_nodes))
     if as_json:
         _print_json({**plan.summary(), "alternatives": _alternatives_json(plan)})

@@ -335,10 +335,11 @@ def _validate_request(req: SizingRequest, catalog: Catalog) -> None:
         raise FleetError(
             f"quantization = {req.quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
         )
-    if req.max_model_len > req.arch.max_position_embeddings:
+    if req.max_model_len > req.arch.context_limit:
         raise FleetError(
             f"max_model_len = {req.max_model_len}: exceeds {req.model_name}'s "
-            f"max_position_embeddings {req.arch.max_position_embeddings}"
+            f"max_position_embeddings {req.arch.context_limit}"
+            + (" (scaled by rope_scaling)" if req.arch.context_limit != req.arch.max_position_embeddings else "")
         )
     if req.weights_source not in catalog.weight_sources:
         raise FleetError(
