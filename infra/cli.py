@@ -7,6 +7,7 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,17 +31,50 @@ from infra.config import (
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
-from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, serving_facts
+from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, ladder_explanation, make_plan, serving_facts
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(
-    name="vllm-fleet",
+    name=PROJECT,
     help="Production vLLM fleets on AWS: sizing, offline plans and operations.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: conventional metavars (TEXT, INTEGER), none on flags.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-out = Console(highlight=False)
+# Not a terminal (a pipe, CI logs): wide enough that table headers are never cut; columns
+# fold their text instead of truncating it (see _table).
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version(PROJECT)
+        except PackageNotFoundError:
+            installed = "unknown (not installed as a package)"
+        print(f"{PROJECT} {installed}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Production vLLM fleets on AWS: sizing, offline plans and operations."""
+
+
+def _warn(message: str) -> None:
+    """Warnings go to stderr (stdout stays the result); --json output carries them too."""
+    err.print(f"[bold yellow]WARNING: {message}[/bold yellow]", soft_wrap=True)
 
 
 def _print_json(doc: Any) -> None:
@@ -124,13 +158,18 @@ def size(
 
 @app.command()
 def plan(
-    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="artifact directory")] = None,
+    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml", metavar="STACK")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="artifact directory [default: build/STACK]", metavar="DIR")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+    stacks_dir: Annotated[
+        Path, typer.Option(help="where Pulumi.<stack>.yaml files live", metavar="DIR", show_default="stacks/")
+    ] = STACKS_DIR,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
     config = load_any_stack_file(stack, stacks_dir)
+    check_output_dir(out_dir or Path("build") / stack, "--out")
     if isinstance(config, ImagesStackConfig):
         from infra.images_plan import run_plan
 
@@ -159,6 +198,13 @@ def plan(
     stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
     target = out_dir or Path("build") / stack
     written = write_artifacts(stack_plan, target)
+    from infra.stack_report import defaults_in_effect, stack_fleet_cost
+
+    cost = stack_fleet_cost(stack_plan)
+    defaults = defaults_in_effect(config)
+    warnings = _plan_warnings(stack_plan)
+    for warning in warnings:
+        _warn(warning)
     if as_json:
         _print_json(
             {
@@ -171,12 +217,20 @@ def plan(
                 "resources": len(records),
                 "policy_violations": 0,
                 "artifacts": [str(p) for p in written],
+                "fleet_cost": cost.as_json(),
+                "defaults_in_effect": defaults,
+                "fallback_ladder": ladder_explanation(stack_plan.plan),
+                "warnings": warnings,
             }
         )
         return
     out.print(f"[bold]Stack {stack}[/bold]: {config.model.catalog or config.model.repo} in {config.region}")
     _print_plan(stack_plan.plan)
     _print_stack_extras(stack_plan)
+    _print_fleet_cost(cost)
+    out.print("\n[bold]Defaults in effect[/bold] (not set in the stack file; they cost money or expose something):")
+    for line in defaults or ["none: the stack file sets every such key"]:
+        out.print(f"  {line}", soft_wrap=True)
     out.print(f"\n[bold]Resources[/bold] ({len(records)}; what `pulumi up` would create, from the mocked run):")
     out.file.flush()
     # Plain print: the tree's lines must not be wrapped at the terminal width.
@@ -185,6 +239,22 @@ def plan(
     out.print(f"\nArtifacts written to {target}/:")
     for path in written:
         out.print(f"  {path.relative_to(target)}")
+
+
+def check_output_dir(target: Path, flag: str) -> None:
+    """Refuse an artifact directory that cannot be written, before anything is created."""
+    shown = json.dumps(str(target))
+    if target.exists() and not target.is_dir():
+        raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a directory, new or existing)")
+    ancestor = target
+    while not ancestor.exists():
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FleetError(f"{flag} = {shown}: {ancestor} is a file, so no directory can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FleetError(f"{flag} = {shown}: {ancestor} is not writable by this user")
 
 
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
@@ -241,11 +311,11 @@ def _print_plan(plan: Plan) -> None:
     decision.add_row("KV cache", f"{plan.kv_cache_bytes_per_token:,} B/token (model); "
                      f"{chosen.kv_cache_tokens:,} tokens per replica = "
                      f"{plan.concurrent_full_context_seqs} sequences at {req.max_model_len:,}")
-    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica (on-demand, us-east-1)")
+    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica ({chosen.price_basis})")
     decision.add_row("time to ready", f"{s['time_to_ready_s']} s from {s['weights_source']} "
                      f"(timeouts use {s['startup_timeout_s']} s)")
-    decision.add_row("fallback ladder", " → ".join(s["fallback_instance_types"]))
-    out.print(decision)
+    decision.add_row("fallback ladder", "\n".join(ladder_explanation(plan)))
+    out.print(_folded(decision))
 
     budget = Table(title="Per-GPU memory budget (GiB)", title_justify="left")
     for col in ("GPU", "usable", "weights", "activation", "CUDA graphs", "non-torch", "NCCL", "KV cache"):
@@ -253,7 +323,7 @@ def _print_plan(plan: Plan) -> None:
     budget.add_row(*(f"{v / GiB:,.2f}" for v in (
         mem.gpu_total, mem.usable, mem.weights, mem.activation, mem.cuda_graphs, mem.non_torch,
         mem.nccl, mem.kv_cache)))
-    out.print(budget)
+    out.print(_folded(budget))
 
     alts = Table(title="Runner-ups (best layout per instance type) and rejects", title_justify="left")
     for col in ("instance", "layout", "$/h/replica", "why not chosen"):
@@ -266,14 +336,22 @@ def _print_plan(plan: Plan) -> None:
     for name in rejected_types:
         best = _closest_reject(plan, name)
         alts.add_row(name, _layout_text(best), "-", best.reason)
-    out.print(alts)
+    out.print(_folded(alts))
 
     ttr = Table(title="Modeled time to ready by weight source", title_justify="left")
     ttr.add_column("source")
     ttr.add_column("seconds", justify="right")
     for source, seconds in sorted(plan.time_to_ready_by_source.items(), key=lambda kv: kv[1]):
         ttr.add_row(source, f"{seconds:,.0f}")
-    out.print(ttr)
+    out.print(_folded(ttr))
+
+
+def _folded(table: Table) -> Table:
+    """Cells wrap onto more lines instead of being cut with an ellipsis."""
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = False
+    return table
 
 
 def _closest_reject(plan: Plan, instance_type: str) -> Candidate:
@@ -294,13 +372,40 @@ def _print_stack_extras(stack_plan: StackPlan) -> None:
     out.file.flush()
     for line in describe_scaling(stack_plan):
         print(f"  {line}", flush=True)
-    for warning in stack_plan.warnings:
-        out.print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
-    validation = stack_plan.argv_validation
-    if validation == "validated":
+    if stack_plan.argv_validation == "validated":
         out.print("argv: accepted by vLLM's own parser (pinned version)")
-    else:
-        out.print(f"[bold red]WARNING: {validation}[/bold red]")
+
+
+def _plan_warnings(stack_plan: StackPlan) -> list[str]:
+    """Allowed but risky: printed on stderr, and carried in --json."""
+    found = list(stack_plan.warnings)
+    if stack_plan.argv_validation != "validated":
+        found.append(stack_plan.argv_validation)
+    endpoint = stack_plan.config.endpoint
+    if endpoint.plain_http:
+        found.append(
+            f"{PROJECT}:endpoint.plainHttp = true: the API key crosses the VPC in clear text on port 80; "
+            "give certificateArn for TLS"
+        )
+    if stack_plan.config.monitoring.mode == "none":
+        found.append(f"{PROJECT}:monitoring.mode = \"none\": no metrics, dashboards or alerts for this fleet")
+    return found
+
+
+def _print_fleet_cost(cost: Any) -> None:
+    hours = cost.hours_per_month
+    table = Table(title="Fleet cost (USD)", title_justify="left")
+    for col in ("part", "count (min..max)", "$/h each", "note"):
+        table.add_column(col)
+    for line in cost.lines:
+        table.add_row(line.what, f"{line.count_min}..{line.count_max}", f"{line.usd_per_hour_each:,.4f}", line.note)
+    out.print(_folded(table))
+    out.print(
+        f"total: ${cost.min_usd_per_hour:,.2f}/h at minReplicas .. ${cost.max_usd_per_hour:,.2f}/h at maxReplicas "
+        f"(${cost.min_usd_per_hour * hours:,.0f} .. ${cost.max_usd_per_hour * hours:,.0f} per {hours:g}-hour month); "
+        f"{cost.excluded}",
+        soft_wrap=True,
+    )
 
 
 register_ops_commands(app)

@@ -84,6 +84,8 @@ def sizing_request(config: StackConfig) -> SizingRequest:
         instance_types=tuple(config.capacity.instance_types),
         max_nodes_per_replica=config.capacity.max_nodes_per_replica,
         weights_source=config.serving.weights_source,
+        region=config.region,
+        market=config.capacity.market,
     )
 
 
