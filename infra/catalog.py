@@ -228,7 +228,7 @@ CHECKPOINT_QUANT_METHODS = {"awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "
 def checkpoint_quantization(config: dict[str, Any]) -> str | None:
     """The catalog quantization a checkpoint's ``quantization_config`` declares, or None when
     it declares none. A method the fleet cannot plan is refused, naming the field."""
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text_config: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     qc = config.get("quantization_config", text_config.get("quantization_config"))
     if qc is None:
         return None
@@ -255,7 +255,7 @@ def checkpoint_quantization(config: dict[str, Any]) -> str | None:
 
 def usable_context(config: dict[str, Any], max_position_embeddings: int) -> tuple[int, str]:
     """The longest --max-model-len the pinned vLLM accepts for this config.json, and why."""
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text_config: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     rope = text_config.get("rope_scaling") or text_config.get("rope_parameters")
     if rope is None:
         return max_position_embeddings, f"max_position_embeddings {max_position_embeddings}"

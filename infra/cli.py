@@ -28,10 +28,20 @@ from infra.config import (
     int_range,
     load_any_stack_file,
     load_config_json,
+    path_kind,
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
-from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, ladder_explanation, make_plan, serving_facts
+from infra.planner import (
+    GB,
+    Candidate,
+    GiB,
+    Plan,
+    SizingRequest,
+    ladder_explanation,
+    make_plan,
+    serving_facts,
+)
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(
@@ -87,11 +97,12 @@ def _model_request(model: str) -> tuple[str, Any, bool]:
     if model in catalog.models:
         return model, catalog.models[model], False
     path = Path(model)
-    if path.suffix == ".json" or path.exists():
+    kind = path_kind(path, "--model")
+    if path.suffix == ".json" or kind != "missing":
         doc = load_config_json(path, key="--model")
         arch = arch_from_config_doc(doc, source=str(path), repo=None, key="--model")
         # The name is the checkpoint's repo id when config.json records it (org/name), else its directory.
-        folder = (path if path.is_dir() else path.parent).resolve().name
+        folder = (path if kind == "dir" else path.parent).resolve().name
         name = arch.hf_repo if "/" in arch.hf_repo and not arch.hf_repo.startswith((".", "/")) else folder
         return name or model, arch, True
     raise FleetError(
@@ -109,11 +120,16 @@ def _in_range(flag: str, value: int, bounds: tuple[int, int], what: str) -> int:
 
 @app.command()
 def size(
-    model: Annotated[str, typer.Option(help="catalog name (e.g. llama-3.1-70b), or a config.json or its directory")],
+    model: Annotated[
+        str, typer.Option(help="catalog name (e.g. llama-3.1-70b), or a config.json or its directory", metavar="MODEL")
+    ],
     max_model_len: Annotated[int, typer.Option(help="context length in tokens", metavar="TOKENS")],
     quantization: Annotated[
         str | None,
-        typer.Option(help="fp16, bf16, fp8, int8, awq or gptq; default: what config.json's quantization_config says"),
+        typer.Option(
+            help="fp16, bf16, fp8, int8, awq or gptq; default: what config.json's quantization_config says",
+            metavar="NAME",
+        ),
     ] = None,
     max_num_seqs: Annotated[
         int | None, typer.Option(help="sequences per replica at full context (default from data)", metavar="N")
@@ -244,14 +260,13 @@ def plan(
 def check_output_dir(target: Path, flag: str) -> None:
     """Refuse an artifact directory that cannot be written, before anything is created."""
     shown = json.dumps(str(target))
-    if target.exists() and not target.is_dir():
+    kind = path_kind(target, flag)
+    if kind not in ("dir", "missing"):
         raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a directory, new or existing)")
     ancestor = target
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
+    while path_kind(ancestor, flag) == "missing" and ancestor.parent != ancestor:
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+    if path_kind(ancestor, flag) != "dir":
         raise FleetError(f"{flag} = {shown}: {ancestor} is a file, so no directory can be made under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise FleetError(f"{flag} = {shown}: {ancestor} is not writable by this user")
@@ -413,7 +428,7 @@ register_ops_commands(app)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(prog_name=PROJECT, standalone_mode=False)
     except FleetError as err:
         print(f"{PROJECT}: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -370,8 +371,9 @@ def int_range(section: type[BaseModel], name: str) -> tuple[int, int]:
     """A stack key's allowed integer range, from its Field(ge=…, le=…): CLI flags share it."""
     low, high = 1, 2**31 - 1
     for meta in section.model_fields[name].metadata:
-        low = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else low
-        high = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else high
+        ge, le = getattr(meta, "ge", None), getattr(meta, "le", None)
+        low = int(ge) if ge is not None else low
+        high = int(le) if le is not None else high
     return low, high
 
 
@@ -434,11 +436,11 @@ def _one_line(err: ValidationError, raw: dict[str, Any], root: type[BaseModel] =
         return f"{_key_path(loc)}: required key is missing"
     item = re.match(r"\[(\d+)\] = ", message)
     if item:  # a list validator named the item: point at it, not at the whole list
-        loc, message = (*loc, int(item.group(1))), message.split(": ", 1)[1]
+        loc = (*loc, int(item.group(1)))
+        message = message.split(": ", 1)[1]
     value = _lookup(raw, loc)
     shown = f" = {json.dumps(value)}" if value is not None and not isinstance(value, (dict, list)) else ""
-    allowed = _allowed_hint(first)
-    return f"{_key_path(loc)}{shown}: {message}{allowed}"
+    return f"{_key_path(loc)}{shown}: {message}{_allowed_hint(first)}"
 
 
 def _allowed_hint(error: Any) -> str:
@@ -589,8 +591,11 @@ def _stack_file_values(stack: str, stacks_dir: Path) -> dict[str, Any]:
     path = stack_file(stack, stacks_dir)
     if not _STACK_NAME.fullmatch(stack):
         raise FleetError(f"stack {stack!r}: must start with a letter and hold only letters, digits and dashes")
-    if not path.is_file():
-        available = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+    if path_kind(path, "--stacks-dir") != "file":
+        available = (
+            sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+            if path_kind(stacks_dir, "--stacks-dir") == "dir" else []
+        )
         raise FleetError(f"stack {stack!r}: no file {path} (stacks here: {', '.join(available)})")
     try:
         doc = load_yaml_strict(path.read_text(encoding="utf-8")) or {}
@@ -653,12 +658,13 @@ def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[s
 def load_config_json(path: Path, *, key: str) -> dict[str, Any]:
     """A model's config.json (or the directory holding it) as a mapping; every failure is one line."""
     shown = json.dumps(str(path))
-    if "\0" in str(path):
-        raise FleetError(f"{key} = {shown}: a path cannot contain a NUL character")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    kind = path_kind(path, key)
+    if kind == "dir":
+        if path_kind(path / "config.json", key) != "file":
             raise FleetError(f"{key} = {shown}: a directory without a config.json (give the file or its directory)")
         path = path / "config.json"
+    elif kind == "other":
+        raise FleetError(f"{key} = {shown}: not a regular file (give a config.json or its directory)")
     try:
         text = path.read_text(encoding="utf-8")
         doc = json.loads(text, object_pairs_hook=_no_duplicate_json_keys)
@@ -677,6 +683,25 @@ def load_config_json(path: Path, *, key: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise FleetError(f"{key} = {shown}: expected a JSON object")
     return doc
+
+
+def path_kind(path: Path, key: str) -> Literal["file", "dir", "missing", "other"]:
+    """What a user-given path is, without following it into an error: a name too long, a NUL
+    byte or a symlink loop is one line naming ``key``, never an OSError traceback."""
+    shown = json.dumps(str(path))
+    if "\0" in str(path):
+        raise FleetError(f"{key} = {shown}: a path cannot contain a NUL character")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "missing"
+    except OSError as err:
+        raise FleetError(f"{key} = {shown}: cannot use this path ({err.strerror or err})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 class DuplicateKeyError(ValueError):
@@ -699,15 +724,16 @@ class _StrictYamlLoader(yaml.SafeLoader):
 def _construct_unique_mapping(loader: _StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         try:
             duplicate = key in seen
-        except TypeError:  # an unhashable key (a list or mapping as key): let SafeLoader refuse it
-            duplicate = False
+            seen.add(key)
+        except TypeError:  # an unhashable key (a list as key): SafeLoader refuses it below
+            continue
         if duplicate:
-            raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice "
-                                    "(YAML would silently keep the last)")
-        seen.add(key) if not isinstance(key, (list, dict)) else None
+            raise DuplicateKeyError(
+                f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (YAML would silently keep the last)"
+            )
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -716,7 +742,7 @@ _StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG
 
 def load_yaml_strict(text: str) -> Any:
     """YAML as safe_load reads it, but a duplicate key is an error (DuplicateKeyError)."""
-    return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_StrictYamlLoader)
 
 
 def arch_from_config_doc(doc: dict[str, Any], *, source: str, repo: str | None, key: str) -> ModelArch:

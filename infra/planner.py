@@ -419,8 +419,10 @@ def ladder_explanation(plan: Plan) -> list[str]:
     chosen = plan.chosen
     base = chosen.hourly_usd_per_replica or 0.0
     lines = [
-        "order: cheapest per replica first; the Auto Scaling group launches a later type only when "
-        "EC2 has no capacity for the earlier ones"
+        (
+            "order: cheapest per replica first; the Auto Scaling group launches a later type only when "
+            "EC2 has no capacity for the earlier ones"
+        ),
     ]
     for i, rung in enumerate(plan.fallbacks):
         cost = rung.hourly_usd_per_replica or 0.0
