@@ -262,7 +262,14 @@ def check_output_dir(target: Path, flag: str) -> None:
     shown = json.dumps(str(target))
     kind = path_kind(target, flag)
     if kind not in ("dir", "missing"):
-        raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a directory, new or existing)")
+        raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a new or empty directory)")
+    # Artifacts land next to whatever a directory holds: only an empty one, or an earlier
+    # plan's (it has plan.json), so `--out ~` or `--out /` never scatters files.
+    if kind == "dir" and path_kind(target / "plan.json", flag) != "file" and any(target.iterdir()):
+        raise FleetError(
+            f"{flag} = {shown}: a directory that holds other files and no earlier plan "
+            "(give a new or empty directory, or an earlier plan's)"
+        )
     ancestor = target
     while path_kind(ancestor, flag) == "missing" and ancestor.parent != ancestor:
         ancestor = ancestor.parent
