@@ -167,7 +167,7 @@ def size(
     )
     plan = make_plan(SizingRequest(name, arch, quantization, max_model_len, seqs, types, max_nodes))
     if as_json:
-        _print_json({**plan.summary(), "alternatives": _alternatives_json(plan)})
+        _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:
         _print_plan(plan)
 
@@ -226,6 +226,7 @@ def plan(
             {
                 "stack": stack,
                 **stack_plan.plan.summary(),
+                **_price_json(stack_plan.plan),
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
                 "alternatives": _alternatives_json(stack_plan.plan),
@@ -277,6 +278,11 @@ def check_output_dir(target: Path, flag: str) -> None:
         raise FleetError(f"{flag} = {shown}: {ancestor} is a file, so no directory can be made under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise FleetError(f"{flag} = {shown}: {ancestor} is not writable by this user")
+
+
+def _price_json(plan: Plan) -> dict[str, str]:
+    """What the hourly price is (kept out of Plan.summary(), whose hash is the deployed plan id)."""
+    return {"region": plan.request.region, "market": plan.request.market, "price_basis": plan.chosen.price_basis}
 
 
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:

@@ -296,7 +296,7 @@ def test_price_says_its_region_and_market() -> None:
         plan = make_plan(sizing_request(changed))
         for needle in needles:
             assert needle in plan.chosen.price_basis, (region, market, plan.chosen.price_basis)
-        assert plan.summary()["region"] == region and plan.summary()["market"] == market
+        assert (plan.request.region, plan.request.market) == (region, market)
 
 
 def test_fleet_cost_counts_the_fixed_parts() -> None:
