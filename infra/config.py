@@ -121,13 +121,13 @@ def _check_extra_args(values: list[str]) -> list[str]:
 
 
 class ServingSection(Section):
-    quantization: QuantizationName
-    max_model_len: int = Field(ge=256, le=1_048_576)
+    quantization: QuantizationName = Field(description="weight format; must match a quantized checkpoint's config.json")
+    max_model_len: int = Field(ge=256, le=1_048_576, description="context length in tokens (--max-model-len)")
     concurrency: int = Field(
         ge=1, le=4096, description="sequences each replica holds at full context (--max-num-seqs)"
     )
-    port: int = Field(default=8000, ge=1024, le=65535)
-    weights_source: WeightSourceName = "huggingface"
+    port: int = Field(default=8000, ge=1024, le=65535, description="first replica's port; replica i uses port + i")
+    weights_source: WeightSourceName = Field(default="huggingface", description="where nodes read weights at boot")
     weights_s3_uri: str | None = Field(
         default=None,
         pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$",
@@ -138,7 +138,7 @@ class ServingSection(Section):
         default_factory=list,
         description="more vllm serve flags, only ones the planner does not set; checked by vLLM's parser",
     )
-    shutdown_timeout_s: int = Field(default=120, ge=5, le=3600)
+    shutdown_timeout_s: int = Field(default=120, ge=5, le=3600, description="drain time for in-flight requests")
 
     @field_validator("extra_args")
     @classmethod
@@ -147,16 +147,18 @@ class ServingSection(Section):
 
 
 class CapacitySection(Section):
-    min_replicas: int = Field(default=1, ge=0, le=64)
-    max_replicas: int = Field(default=1, ge=1, le=64)
+    min_replicas: int = Field(default=1, ge=0, le=64, description="replicas always running (and billed)")
+    max_replicas: int = Field(default=1, ge=1, le=64, description="most replicas autoscaling may run")
     instance_types: list[str] = Field(
         default_factory=list,
         description="allowed instance types or families (e.g. p5, g6e.12xlarge); empty: all",
     )
-    market: Market = "on-demand"
+    market: Market = Field(default="on-demand", description="how GPU nodes are bought")
     on_demand_base: int = Field(default=1, ge=0, description="replicas always on demand (spot market)")
-    capacity_reservation_id: str | None = Field(default=None, pattern=r"^cr-[0-9a-f]{8,17}$")
-    max_nodes_per_replica: int = Field(default=4, ge=1, le=16)
+    capacity_reservation_id: str | None = Field(
+        default=None, pattern=r"^cr-[0-9a-f]{8,17}$", description="market capacity-block: the reservation"
+    )
+    max_nodes_per_replica: int = Field(default=4, ge=1, le=16, description="most nodes one replica may span")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> CapacitySection:
@@ -187,13 +189,15 @@ SUBNET_ID_PATTERN = r"^subnet-[0-9a-f]{8,17}$"
 
 
 class NetworkSection(Section):
-    mode: Literal["new", "existing"] = "new"
-    vpc_cidr: str = "10.42.0.0/16"
-    availability_zones: int = Field(default=2, ge=2, le=6)
-    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
+    mode: Literal["new", "existing"] = Field(default="new", description="create a VPC, or use vpcId")
+    vpc_cidr: str = Field(default="10.42.0.0/16", description="mode new: the VPC's CIDR block")
+    availability_zones: int = Field(default=2, ge=2, le=6, description="mode new: AZs spanned")
+    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$", description="mode existing: the VPC")
     private_subnet_ids: list[Annotated[str, Field(pattern=SUBNET_ID_PATTERN)]] = Field(default_factory=list)
     public_subnet_ids: list[Annotated[str, Field(pattern=SUBNET_ID_PATTERN)]] = Field(default_factory=list)
-    egress: Literal["nat", "endpoints-only"] = "nat"
+    egress: Literal["nat", "endpoints-only"] = Field(
+        default="nat", description="nat: NAT gateway per AZ; endpoints-only: VPC endpoints, no internet"
+    )
 
     _cidr = field_validator("vpc_cidr")(_check_cidr)
 
@@ -205,16 +209,20 @@ class NetworkSection(Section):
 
 
 class EndpointSection(Section):
-    type: Literal["alb", "nlb"] = "alb"
+    type: Literal["alb", "nlb"] = Field(default="alb", description="load balancer kind; nlb only internal")
     internal: bool = Field(default=True, description="reachable only inside the VPC (and allowedCidrs)")
     plain_http: bool = Field(
         default=False,
         description="serve plain HTTP on port 80 without certificateArn; internal endpoints only "
         "(the API key then crosses the network in clear text)",
     )
-    allowed_cidrs: list[str] = Field(default_factory=lambda: ["10.0.0.0/8"])
-    certificate_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:acm:")
-    idle_timeout_s: int = Field(default=600, ge=60, le=4000)
+    allowed_cidrs: list[str] = Field(
+        default_factory=lambda: ["10.0.0.0/8"], description="client networks allowed to call the API"
+    )
+    certificate_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:acm:", description="ACM certificate in the stack's region (TLS on 443)"
+    )
+    idle_timeout_s: int = Field(default=600, ge=60, le=4000, description="load balancer idle timeout")
 
     @field_validator("allowed_cidrs")
     @classmethod
@@ -223,11 +231,15 @@ class EndpointSection(Section):
 
 
 class MonitoringSection(Section):
-    mode: Literal["self-hosted", "managed", "shared", "none"] = "self-hosted"
-    allowed_cidrs: list[str] = Field(default_factory=list)
-    ttft_p95_slo_s: float = Field(default=1.0, gt=0)
-    sns_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:")
-    webhook_url: str | None = Field(default=None, pattern=r"^https://")
+    mode: Literal["self-hosted", "managed", "shared", "none"] = Field(
+        default="self-hosted", description="self-hosted host, AMP/AMG (managed), another stack's, or none"
+    )
+    allowed_cidrs: list[str] = Field(default_factory=list, description="networks allowed to reach Grafana")
+    ttft_p95_slo_s: float = Field(default=1.0, gt=0, description="alert when p95 time to first token exceeds it")
+    sns_topic_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:sns:", description="alerts go here (same region)"
+    )
+    webhook_url: str | None = Field(default=None, pattern=r"^https://", description="alerts go here too")
     shared_stack: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$",
@@ -249,14 +261,18 @@ class MonitoringSection(Section):
 
 
 class ImageSection(Section):
-    ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
-    ssm_parameter: str | None = Field(default=None, pattern=r"^/")
+    ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$", description="the node image")
+    ssm_parameter: str | None = Field(
+        default=None, pattern=r"^/", description="an SSM parameter holding the node image's id (the images stack writes it)"
+    )
 
 
 class ScalingSection(Section):
-    metric: Literal["waiting-requests", "kv-cache-usage"] = "waiting-requests"
+    metric: Literal["waiting-requests", "kv-cache-usage"] = Field(
+        default="waiting-requests", description="what autoscaling tracks (docs/scaling.md)"
+    )
     target: float | None = Field(default=None, gt=0, description="default derived from the plan")
-    night_floor: int | None = Field(default=None, ge=0)
+    night_floor: int | None = Field(default=None, ge=0, description="replicas kept 22:00-07:00 UTC")
 
 
 _STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
@@ -284,7 +300,7 @@ class StackConfig(Section):
     monitoring: MonitoringSection = MonitoringSection(mode="none")
     image: ImageSection = ImageSection()
     scaling: ScalingSection = ScalingSection()
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict, description="added to every resource")
 
     _stack_name = field_validator("stack")(_check_stack_name)
 
@@ -312,7 +328,9 @@ class WeightsStagingSection(Section):
         description="directory under /opt/models; a fleet serves /opt/models/<its model.catalog name>",
     )
     size_gib: float = Field(gt=0, description="on-disk size of the weights, for the root volume")
-    hf_token_secret_id: str | None = None
+    hf_token_secret_id: str | None = Field(
+        default=None, description="source huggingface: Secrets Manager secret with a Hugging Face token (gated repos)"
+    )
     expected_manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")
@@ -347,7 +365,7 @@ class BakeSection(Section):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="e.g. vllm-0-32-0")
     base_image: str = Field(default=DEFAULT_BASE_IMAGE, description="a key of images/facts.yaml base_images")
-    build_instance_type: str = DEFAULT_BUILD_INSTANCE_TYPE
+    build_instance_type: str = Field(default=DEFAULT_BUILD_INSTANCE_TYPE, description="the instance that bakes")
     multi_node: bool = Field(default=False, description="Ray and the EFA/aws-ofi-nccl check")
     weights: WeightsStagingSection | None = None
     prewarm: PrewarmSection = PrewarmSection()
