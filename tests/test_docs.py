@@ -31,7 +31,7 @@ def test_stack_key_reference_is_generated_from_the_models() -> None:
 
 @pytest.mark.parametrize("doc", DOCS, ids=[p.name for p in DOCS])
 def test_relative_links_resolve(doc: Path) -> None:
-    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.DOTALL)
     text = re.sub(r"`[^`\n]*`", "", text)  # code spans: regexes and paths, not links
     for target in LINK.findall(text):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
