@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -22,8 +22,10 @@ from infra.config import (
     STACKS_DIR,
     CapacitySection,
     ImagesStackConfig,
+    Market,
     ServingSection,
     arch_from_config_doc,
+    check_region,
     check_serving_fits_model,
     int_range,
     load_any_stack_file,
@@ -138,10 +140,16 @@ def size(
         str | None, typer.Option(help="comma-separated instance types or families", metavar="TYPES")
     ] = None,
     max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span", metavar="N")] = 4,
+    region: Annotated[str, typer.Option(help="AWS Region the prices are for", metavar="REGION")] = "us-east-1",
+    market: Annotated[str, typer.Option(help="on-demand, spot or capacity-block", metavar="MARKET")] = "on-demand",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Pick the instance type, GPUs and vLLM parallelism for one model."""
     catalog = default_catalog()
+    check_region(region, "--region")
+    markets = get_args(Market)
+    if market not in markets:
+        raise FleetError(f"--market = {market!r}: allowed: {', '.join(markets)}")
     _in_range("--max-model-len", max_model_len, int_range(ServingSection, "max_model_len"), "tokens")
     _in_range("--max-nodes", max_nodes, int_range(CapacitySection, "max_nodes_per_replica"), "nodes")
     seqs = max_num_seqs if max_num_seqs is not None else serving_facts().defaults.concurrency
@@ -165,7 +173,9 @@ def size(
         arch, quantization, max_model_len, quant_key="--quantization", len_key="--max-model-len",
         from_config_json=from_config_json,
     )
-    plan = make_plan(SizingRequest(name, arch, quantization, max_model_len, seqs, types, max_nodes))
+    plan = make_plan(
+        SizingRequest(name, arch, quantization, max_model_len, seqs, types, max_nodes, region=region, market=market)
+    )
     if as_json:
         _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:

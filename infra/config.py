@@ -527,16 +527,21 @@ def _our_values(stack: str, values: dict[str, Any]) -> dict[str, Any]:
     return ours
 
 
-def validate_cross_keys(config: StackConfig, given: set[str]) -> None:
-    """Checks across sections, each naming the key to change. ``given``: the sections the file sets."""
+def check_region(region: str, key: str) -> None:
+    """A Region the pinned SDK knows (infra/data/regions.yaml), or one line with the closest."""
     regions = known_regions()
-    if config.region not in regions:
-        close = difflib.get_close_matches(config.region, list(regions), n=1)
+    if region not in regions:
+        close = difflib.get_close_matches(region, list(regions), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise FleetError(
-            f"aws:region = {json.dumps(config.region)}: not an AWS Region the pinned SDK knows "
+            f"{key} = {json.dumps(region)}: not an AWS Region the pinned SDK knows "
             f"({hint}allowed: {', '.join(r for r, p in regions.items() if p == 'aws')}, and the China and GovCloud regions)"
         )
+
+
+def validate_cross_keys(config: StackConfig, given: set[str]) -> None:
+    """Checks across sections, each naming the key to change. ``given``: the sections the file sets."""
+    check_region(config.region, "aws:region")
     for key, arn in (
         ("endpoint.certificateArn", config.endpoint.certificate_arn),
         ("monitoring.snsTopicArn", config.monitoring.sns_topic_arn),

@@ -366,3 +366,16 @@ def test_piped_tables_are_not_cut() -> None:
     assert run.returncode == 0, run.stderr
     assert "…" not in run.stdout
     assert "why not chosen" in run.stdout and "on-demand list price, us-east-1" in run.stdout
+
+
+def test_size_prices_for_the_region_and_market_asked() -> None:
+    run = size("--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+               "--region", "ap-southeast-2", "--market", "spot", "--json")
+    assert run.code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert (doc["region"], doc["market"]) == ("ap-southeast-2", "spot")
+    assert "spot ceiling" in doc["price_basis"] and "ap-southeast-2 is not in the price catalog" in doc["price_basis"]
+    assert_refused(size("--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+                        "--region", "us-east-9"), '--region = "us-east-9"', "did you mean")
+    assert_refused(size("--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+                        "--market", "reserved"), "--market", "on-demand, spot, capacity-block")
