@@ -308,9 +308,11 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
             f"{layout.replicas_per_node} replicas per node need {layout.replicas_per_node} target groups; "
             f"an ALB forwards to at most {most_servers}",
         )
+    price = instance_price(catalog, layout.instance_type, req.region, req.market)
+    if not price.offered:
+        return Candidate(layout, False, price.basis)
     utilization = facts.defaults.gpu_memory_utilization
     budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization)
-    price = instance_price(catalog, layout.instance_type, req.region, req.market)
     hourly = (price.usd_per_hour or 0.0) * layout.nodes_per_replica / layout.replicas_per_node
     needed = req.concurrency * req.max_model_len
     if budget.fixed >= budget.usable:

@@ -46,12 +46,34 @@ def fixed_prices() -> FixedPrices:
     return FixedPrices.model_validate(read_yaml(DATA_DIR / "fixed_prices.yaml"))
 
 
+class RegionalPrice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on_demand: float
+    spot_lowest: float | None
+    azs: int
+
+
+class RegionalPrices(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    read: str | object
+    instances: dict[str, dict[str, RegionalPrice]]
+
+
+@cache
+def regional_prices() -> RegionalPrices:
+    return RegionalPrices.model_validate(read_yaml(DATA_DIR / "regional_prices.yaml"))
+
+
 @dataclass(frozen=True)
 class Price:
     """An hourly price and what it is (shown next to it wherever it is printed)."""
 
     usd_per_hour: float | None
     basis: str
+    offered: bool = True  # False: the regional catalog lists the type, but not in this region
 
 
 def instance_price(catalog: Catalog, instance_type: str, region: str, market: str) -> Price:
@@ -59,6 +81,24 @@ def instance_price(catalog: Catalog, instance_type: str, region: str, market: st
     od = catalog.instances[instance_type].on_demand_usd_per_hour
     if od is None:
         return Price(None, "not sold on demand")
+    table = regional_prices()
+    by_region = table.instances.get(instance_type)
+    if by_region is not None:
+        dated = f"regional catalog read {table.read}"
+        here = by_region.get(region)
+        if here is None:
+            return Price(None, f"{instance_type} is not offered in {region} ({dated}; offered in "
+                               f"{', '.join(sorted(by_region))})", offered=False)
+        if market == "spot":
+            # Plans and costs use the ceiling: a dated spot observation must not move the choice.
+            seen = (f"lowest AZ spot price seen {here.spot_lowest:g}" if here.spot_lowest is not None
+                    else "no spot price seen")
+            return Price(here.on_demand, f"spot ceiling = on-demand list price, {region}; {seen} in the {dated}; "
+                                         "AWS sets the spot price at launch")
+        if market == "capacity-block":
+            return Price(here.on_demand, f"on-demand list price, {region}, as a stand-in ({dated}); "
+                                         "a capacity block is priced when bought")
+        return Price(here.on_demand, f"on-demand list price, {region} ({dated})")
     where = "" if region == CATALOG_PRICE_REGION else (
         f"; {region} is not in the price catalog, so this is the {CATALOG_PRICE_REGION} price"
     )

@@ -379,3 +379,17 @@ def test_size_prices_for_the_region_and_market_asked() -> None:
                         "--region", "us-east-9"), '--region = "us-east-9"', "did you mean")
     assert_refused(size("--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
                         "--market", "reserved"), "--market", "on-demand, spot, capacity-block")
+
+
+def test_regional_catalog_prices_and_offerings() -> None:
+    """Types whose regional rows were read are priced for the region, and refused where not offered."""
+    arch = default_catalog().models["llama-3.1-70b"]
+    west = make_plan(SizingRequest("llama-3.1-70b", arch, "fp16", 8192, 8, ("p4d",), region="eu-west-1"))
+    assert west.chosen.hourly_usd_per_replica == pytest.approx(23.71569 / west.layout.replicas_per_node)
+    assert "on-demand list price, eu-west-1 (regional catalog read" in west.chosen.price_basis
+    spot = make_plan(SizingRequest("llama-3.1-70b", arch, "fp16", 8192, 8, ("p4d",), region="eu-west-1",
+                                   market="spot"))
+    assert spot.chosen.hourly_usd_per_replica == west.chosen.hourly_usd_per_replica  # the ceiling
+    assert "lowest AZ spot price seen 9.7598" in spot.chosen.price_basis
+    with pytest.raises(FleetError, match="p5.48xlarge is not offered in eu-west-1"):
+        make_plan(SizingRequest("llama-3.1-70b", arch, "fp16", 8192, 8, ("p5.48xlarge",), region="eu-west-1"))
