@@ -393,3 +393,15 @@ def test_regional_catalog_prices_and_offerings() -> None:
     assert "lowest AZ spot price seen 9.7598" in spot.chosen.price_basis
     with pytest.raises(FleetError, match="p5.48xlarge is not offered in eu-west-1"):
         make_plan(SizingRequest("llama-3.1-70b", arch, "fp16", 8192, 8, ("p5.48xlarge",), region="eu-west-1"))
+
+
+def test_fp8_checkpoint_gets_no_online_quantization_flag(tmp_path: Path) -> None:
+    values = base_stack()["config"]
+    fp8 = {**LLAMA_8B_CONFIG, "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    values["vllm-fleet:model"] = {"repo": "acme/llama-8b-fp8", "revision": "main", "architecture": fp8}
+    values["vllm-fleet:serving"]["quantization"] = "fp8"
+    stack_plan = build_stack_plan(parse_stack_config("dev-8b", values), validate=False)
+    assert "--quantization" not in stack_plan.serve_argv  # vLLM reads fp8 from config.json
+    values["vllm-fleet:model"] = {"catalog": "llama-3.1-8b", "repo": "meta-llama/Llama-3.1-8B-Instruct"}
+    online = build_stack_plan(parse_stack_config("dev-8b", values), validate=False)
+    assert online.serve_argv[online.serve_argv.index("--quantization") + 1] == "fp8_per_tensor"
