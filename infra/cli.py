@@ -268,6 +268,10 @@ def plan(
         out.print(f"  {path.relative_to(target)}")
 
 
+# Files every earlier plan leaves in its directory (a fleet plan, an image plan).
+PLAN_MARKERS = ("plan.json", "image-plan.json")
+
+
 def check_output_dir(target: Path, flag: str) -> None:
     """Refuse an artifact directory that cannot be written, before anything is created."""
     shown = json.dumps(str(target))
@@ -276,7 +280,8 @@ def check_output_dir(target: Path, flag: str) -> None:
         raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a new or empty directory)")
     # Artifacts land next to whatever a directory holds: only an empty one, or an earlier
     # plan's (it has plan.json), so `--out ~` or `--out /` never scatters files.
-    if kind == "dir" and path_kind(target / "plan.json", flag) != "file" and any(target.iterdir()):
+    earlier_plan = any(path_kind(target / marker, flag) == "file" for marker in PLAN_MARKERS)
+    if kind == "dir" and not earlier_plan and any(target.iterdir()):
         raise FleetError(
             f"{flag} = {shown}: a directory that holds other files and no earlier plan "
             "(give a new or empty directory, or an earlier plan's)"

@@ -405,3 +405,11 @@ def test_fp8_checkpoint_gets_no_online_quantization_flag(tmp_path: Path) -> None
     values["vllm-fleet:model"] = {"catalog": "llama-3.1-8b", "repo": "meta-llama/Llama-3.1-8B-Instruct"}
     online = build_stack_plan(parse_stack_config("dev-8b", values), validate=False)
     assert online.serve_argv[online.serve_argv.index("--quantization") + 1] == "fp8_per_tensor"
+
+
+@pytest.mark.parametrize("stack", ["dev-8b", "images"])
+def test_plan_again_into_its_own_directory(tmp_path: Path, stack: str) -> None:
+    out = tmp_path / "out"
+    for _ in range(2):
+        run = run_cli("plan", stack, "--out", out, "--json")
+        assert run.code == 0, run.stderr
