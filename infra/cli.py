@@ -7,9 +7,10 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -19,57 +20,130 @@ from infra.catalog import default_catalog
 from infra.config import (
     PROJECT,
     STACKS_DIR,
+    CapacitySection,
     ImagesStackConfig,
+    Market,
+    ServingSection,
     arch_from_config_doc,
+    check_region,
+    check_serving_fits_model,
+    int_range,
     load_any_stack_file,
     load_config_json,
+    path_kind,
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
 from infra.perf import Workload, default_workload
-from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, performance_json, serving_facts
+from infra.planner import (
+    GB,
+    Candidate,
+    GiB,
+    Plan,
+    SizingRequest,
+    ladder_explanation,
+    make_plan,
+    performance_json,
+    serving_facts,
+)
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
 
 app = typer.Typer(
-    name="vllm-fleet",
+    name=PROJECT,
     help="Production vLLM fleets on AWS: sizing, offline plans and operations.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: conventional metavars (TEXT, INTEGER), none on flags.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-out = Console(highlight=False)
+# Not a terminal (a pipe, CI logs): wide enough that table headers are never cut; columns
+# fold their text instead of truncating it (see _table).
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version(PROJECT)
+        except PackageNotFoundError:
+            installed = "unknown (not installed as a package)"
+        print(f"{PROJECT} {installed}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Production vLLM fleets on AWS: sizing, offline plans and operations."""
+
+
+def _warn(message: str) -> None:
+    """Warnings go to stderr (stdout stays the result); --json output carries them too."""
+    err.print(f"[bold yellow]WARNING: {message}[/bold yellow]", soft_wrap=True)
 
 
 def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
-def _model_request(model: str) -> tuple[str, Any]:
+def _model_request(model: str) -> tuple[str, Any, bool]:
+    """(name, architecture, described by a config.json) for ``--model``."""
     catalog = default_catalog()
     if model in catalog.models:
-        return model, catalog.models[model]
+        return model, catalog.models[model], False
     path = Path(model)
-    if path.suffix == ".json" or path.exists():
+    kind = path_kind(path, "--model")
+    if path.suffix == ".json" or kind != "missing":
         doc = load_config_json(path, key="--model")
-        return path.parent.name or model, arch_from_config_doc(doc, source=str(path), repo=None)
+        arch = arch_from_config_doc(doc, source=str(path), repo=None, key="--model")
+        # The name is the checkpoint's repo id when config.json records it (org/name), else its directory.
+        folder = (path if kind == "dir" else path.parent).resolve().name
+        name = arch.hf_repo if "/" in arch.hf_repo and not arch.hf_repo.startswith((".", "/")) else folder
+        return name or model, arch, True
     raise FleetError(
         f"--model = {model!r}: not a catalog model or a config.json path "
         f"(catalog: {', '.join(sorted(catalog.models))})"
     )
 
 
+def _in_range(flag: str, value: int, bounds: tuple[int, int], what: str) -> int:
+    low, high = bounds
+    if not low <= value <= high:
+        raise FleetError(f"{flag} = {value}: {what} must be {low}..{high} (the stack key's range)")
+    return value
+
+
 @app.command()
 def size(
-    model: Annotated[str, typer.Option(help="catalog name (e.g. llama-3.1-70b) or path to a config.json")],
-    quantization: Annotated[str, typer.Option(help="fp16, bf16, fp8, int8, awq or gptq")],
-    max_model_len: Annotated[int, typer.Option(help="context length in tokens")],
+    model: Annotated[
+        str, typer.Option(help="catalog name (e.g. llama-3.1-70b), or a config.json or its directory", metavar="MODEL")
+    ],
+    max_model_len: Annotated[int, typer.Option(help="context length in tokens", metavar="TOKENS")],
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="fp16, bf16, fp8, int8, awq or gptq; default: what config.json's quantization_config says",
+            metavar="NAME",
+        ),
+    ] = None,
     max_num_seqs: Annotated[
-        int | None, typer.Option(help="sequences per replica at full context (default from data)")
+        int | None, typer.Option(help="sequences per replica at full context (default from data)", metavar="N")
     ] = None,
     instance_types: Annotated[
-        str | None, typer.Option(help="comma-separated instance types or families")
+        str | None, typer.Option(help="comma-separated instance types or families", metavar="TYPES")
     ] = None,
-    max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span")] = 4,
+    max_nodes: Annotated[int, typer.Option(help="most nodes one replica may span", metavar="N")] = 4,
+    region: Annotated[str, typer.Option(help="AWS Region the prices are for", metavar="REGION")] = "us-east-1",
+    market: Annotated[str, typer.Option(help="on-demand, spot or capacity-block", metavar="MARKET")] = "on-demand",
     input_tokens: Annotated[int | None, typer.Option(help="typical prompt tokens (default from data)")] = None,
     output_tokens: Annotated[int | None, typer.Option(help="typical output tokens (default from data)")] = None,
     ttft_p95_ms: Annotated[float | None, typer.Option(help="time-to-first-token p95 target, ms")] = None,
@@ -84,21 +158,33 @@ def size(
 ) -> None:
     """Pick the instance type, GPUs, vLLM parallelism and batch flags for one model and workload."""
     catalog = default_catalog()
-    if quantization not in catalog.quantizations:
-        raise FleetError(
-            f"--quantization = {quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
-        )
-    if max_model_len < 1:
-        raise FleetError(f"--max-model-len = {max_model_len}: must be a positive number of tokens")
+    check_region(region, "--region")
+    markets = get_args(Market)
+    if market not in markets:
+        raise FleetError(f"--market = {market!r}: allowed: {', '.join(markets)}")
+    _in_range("--max-model-len", max_model_len, int_range(ServingSection, "max_model_len"), "tokens")
+    _in_range("--max-nodes", max_nodes, int_range(CapacitySection, "max_nodes_per_replica"), "nodes")
     seqs = max_num_seqs if max_num_seqs is not None else serving_facts().defaults.concurrency
-    if seqs < 1:
-        raise FleetError(f"--max-num-seqs = {seqs}: must be at least 1")
+    _in_range("--max-num-seqs", seqs, int_range(ServingSection, "concurrency"), "sequences")
     types = tuple(t.strip() for t in instance_types.split(",") if t.strip()) if instance_types else ()
     known = set(catalog.instances) | {it.family for it in catalog.instances.values()}
     for t in types:
         if t not in known:
             raise FleetError(f"--instance-types: {t!r} is not a known instance type or family")
-    name, arch = _model_request(model)
+    if instance_types is not None and not types:
+        raise FleetError("--instance-types = '': empty; give instance types or families, or leave the flag out")
+    name, arch, from_config_json = _model_request(model)
+    quantization = quantization if quantization is not None else arch.checkpoint_quantization
+    if quantization is None:
+        raise FleetError("--quantization: required for this model (its config.json declares no quantization_config)")
+    if quantization not in catalog.quantizations:
+        raise FleetError(
+            f"--quantization = {quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
+        )
+    check_serving_fits_model(
+        arch, quantization, max_model_len, quant_key="--quantization", len_key="--max-model-len",
+        from_config_json=from_config_json,
+    )
     workload = workload_from_options(
         {"--input-tokens": input_tokens, "--output-tokens": output_tokens, "--ttft-p95-ms": ttft_p95_ms,
          "--itl-p95-ms": itl_p95_ms, "--peak-rps": peak_rps, "--concurrent-users": concurrent_users},
@@ -109,22 +195,28 @@ def size(
     plan = make_plan(SizingRequest(
         name, arch, quantization, max_model_len, seqs, types, max_nodes, workload=workload,
         performance_model=not memory_only, tensor_parallel_size=tensor_parallel_size,
+        region=region, market=market,
     ))
     if as_json:
-        _print_json({**plan.summary(), "alternatives": _alternatives_json(plan)})
+        _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:
         _print_plan(plan)
 
 
 @app.command()
 def plan(
-    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="artifact directory")] = None,
+    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml", metavar="STACK")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="artifact directory [default: build/STACK]", metavar="DIR")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+    stacks_dir: Annotated[
+        Path, typer.Option(help="where Pulumi.<stack>.yaml files live", metavar="DIR", show_default="stacks/")
+    ] = STACKS_DIR,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
     config = load_any_stack_file(stack, stacks_dir)
+    check_output_dir(out_dir or Path("build") / stack, "--out")
     if isinstance(config, ImagesStackConfig):
         from infra.images_plan import run_plan
 
@@ -153,11 +245,19 @@ def plan(
     stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
     target = out_dir or Path("build") / stack
     written = write_artifacts(stack_plan, target)
+    from infra.stack_report import defaults_in_effect, stack_fleet_cost
+
+    cost = stack_fleet_cost(stack_plan)
+    defaults = defaults_in_effect(config)
+    warnings = _plan_warnings(stack_plan)
+    for warning in warnings:
+        _warn(warning)
     if as_json:
         _print_json(
             {
                 "stack": stack,
                 **stack_plan.plan.summary(),
+                **_price_json(stack_plan.plan),
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
                 "alternatives": _alternatives_json(stack_plan.plan),
@@ -165,12 +265,20 @@ def plan(
                 "resources": len(records),
                 "policy_violations": 0,
                 "artifacts": [str(p) for p in written],
+                "fleet_cost": cost.as_json(),
+                "defaults_in_effect": defaults,
+                "fallback_ladder": ladder_explanation(stack_plan.plan),
+                "warnings": warnings,
             }
         )
         return
     out.print(f"[bold]Stack {stack}[/bold]: {config.model.catalog or config.model.repo} in {config.region}")
     _print_plan(stack_plan.plan)
     _print_stack_extras(stack_plan)
+    _print_fleet_cost(cost)
+    out.print("\n[bold]Defaults in effect[/bold] (not set in the stack file; they cost money or expose something):")
+    for line in defaults or ["none: the stack file sets every such key"]:
+        out.print(f"  {line}", soft_wrap=True)
     out.print(f"\n[bold]Resources[/bold] ({len(records)}; what `pulumi up` would create, from the mocked run):")
     out.file.flush()
     # Plain print: the tree's lines must not be wrapped at the terminal width.
@@ -203,6 +311,38 @@ def workload_from_options(options: dict[str, float | int | None], max_model_len:
             f"exceeds --max-model-len {max_model_len}"
         )
     return workload
+
+
+# Files every earlier plan leaves in its directory (a fleet plan, an image plan).
+PLAN_MARKERS = ("plan.json", "image-plan.json")
+
+
+def check_output_dir(target: Path, flag: str) -> None:
+    """Refuse an artifact directory that cannot be written, before anything is created."""
+    shown = json.dumps(str(target))
+    kind = path_kind(target, flag)
+    if kind not in ("dir", "missing"):
+        raise FleetError(f"{flag} = {shown}: exists and is not a directory (give a new or empty directory)")
+    # Artifacts land next to whatever a directory holds: only an empty one, or an earlier
+    # plan's (it has plan.json), so `--out ~` or `--out /` never scatters files.
+    earlier_plan = any(path_kind(target / marker, flag) == "file" for marker in PLAN_MARKERS)
+    if kind == "dir" and not earlier_plan and any(target.iterdir()):
+        raise FleetError(
+            f"{flag} = {shown}: a directory that holds other files and no earlier plan "
+            "(give a new or empty directory, or an earlier plan's)"
+        )
+    ancestor = target
+    while path_kind(ancestor, flag) == "missing" and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if path_kind(ancestor, flag) != "dir":
+        raise FleetError(f"{flag} = {shown}: {ancestor} is a file, so no directory can be made under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FleetError(f"{flag} = {shown}: {ancestor} is not writable by this user")
+
+
+def _price_json(plan: Plan) -> dict[str, str]:
+    """What the hourly price is (kept out of Plan.summary(), whose hash is the deployed plan id)."""
+    return {"region": plan.request.region, "market": plan.request.market, "price_basis": plan.chosen.price_basis}
 
 
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
@@ -271,12 +411,12 @@ def _print_plan(plan: Plan) -> None:
     decision.add_row("KV cache", f"{plan.kv_cache_bytes_per_token:,} B/token (model); "
                      f"{chosen.kv_cache_tokens:,} tokens per replica = "
                      f"{plan.concurrent_full_context_seqs} sequences at {req.max_model_len:,}")
-    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica (on-demand, us-east-1)"
+    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica ({chosen.price_basis})"
                      + _per_token_text(plan.chosen))
     decision.add_row("time to ready", f"{s['time_to_ready_s']} s from {s['weights_source']} "
                      f"(timeouts use {s['startup_timeout_s']} s)")
-    decision.add_row("fallback ladder", " → ".join(s["fallback_instance_types"]))
-    out.print(decision)
+    decision.add_row("fallback ladder", "\n".join(ladder_explanation(plan)))
+    out.print(_folded(decision))
     _print_performance(plan)
 
     budget = Table(title="Per-GPU memory budget (GiB)", title_justify="left")
@@ -285,7 +425,7 @@ def _print_plan(plan: Plan) -> None:
     budget.add_row(*(f"{v / GiB:,.2f}" for v in (
         mem.gpu_total, mem.usable, mem.weights, mem.activation, mem.cuda_graphs, mem.non_torch,
         mem.nccl, mem.kv_cache)))
-    out.print(budget)
+    out.print(_folded(budget))
 
     alts = Table(title="Runner-ups (best layout per instance type) and rejects", title_justify="left")
     for col in ("instance", "layout", "$/h/replica", "$/1M tok", "why not chosen"):
@@ -299,14 +439,22 @@ def _print_plan(plan: Plan) -> None:
     for name in rejected_types:
         best = _closest_reject(plan, name)
         alts.add_row(name, _layout_text(best), "-", "-", best.reason)
-    out.print(alts)
+    out.print(_folded(alts))
 
     ttr = Table(title="Modeled time to ready by weight source", title_justify="left")
     ttr.add_column("source")
     ttr.add_column("seconds", justify="right")
     for source, seconds in sorted(plan.time_to_ready_by_source.items(), key=lambda kv: kv[1]):
         ttr.add_row(source, f"{seconds:,.0f}")
-    out.print(ttr)
+    out.print(_folded(ttr))
+
+
+def _folded(table: Table) -> Table:
+    """Cells wrap onto more lines instead of being cut with an ellipsis."""
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = False
+    return table
 
 
 def _per_token_text(cand: Candidate) -> str:
@@ -361,13 +509,40 @@ def _print_stack_extras(stack_plan: StackPlan) -> None:
     out.file.flush()
     for line in describe_scaling(stack_plan):
         print(f"  {line}", flush=True)
-    for warning in stack_plan.warnings:
-        out.print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
-    validation = stack_plan.argv_validation
-    if validation == "validated":
+    if stack_plan.argv_validation == "validated":
         out.print("argv: accepted by vLLM's own parser (pinned version)")
-    else:
-        out.print(f"[bold red]WARNING: {validation}[/bold red]")
+
+
+def _plan_warnings(stack_plan: StackPlan) -> list[str]:
+    """Allowed but risky: printed on stderr, and carried in --json."""
+    found = list(stack_plan.warnings)
+    if stack_plan.argv_validation != "validated":
+        found.append(stack_plan.argv_validation)
+    endpoint = stack_plan.config.endpoint
+    if endpoint.plain_http:
+        found.append(
+            f"{PROJECT}:endpoint.plainHttp = true: the API key crosses the VPC in clear text on port 80; "
+            "give certificateArn for TLS"
+        )
+    if stack_plan.config.monitoring.mode == "none":
+        found.append(f"{PROJECT}:monitoring.mode = \"none\": no metrics, dashboards or alerts for this fleet")
+    return found
+
+
+def _print_fleet_cost(cost: Any) -> None:
+    hours = cost.hours_per_month
+    table = Table(title="Fleet cost (USD)", title_justify="left")
+    for col in ("part", "count (min..max)", "$/h each", "note"):
+        table.add_column(col)
+    for line in cost.lines:
+        table.add_row(line.what, f"{line.count_min}..{line.count_max}", f"{line.usd_per_hour_each:,.4f}", line.note)
+    out.print(_folded(table))
+    out.print(
+        f"total: ${cost.min_usd_per_hour:,.2f}/h at minReplicas .. ${cost.max_usd_per_hour:,.2f}/h at maxReplicas "
+        f"(${cost.min_usd_per_hour * hours:,.0f} .. ${cost.max_usd_per_hour * hours:,.0f} per {hours:g}-hour month); "
+        f"{cost.excluded}",
+        soft_wrap=True,
+    )
 
 
 register_ops_commands(app)
@@ -375,7 +550,7 @@ register_ops_commands(app)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(prog_name=PROJECT, standalone_mode=False)
     except FleetError as err:
         print(f"{PROJECT}: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import re
+import stat
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from infra.catalog import ModelArch, arch_from_hf_config, default_catalog
+from infra.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
 from infra.errors import FleetError
 from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
 from infra.perf import Workload, perf_facts
@@ -36,8 +38,9 @@ WeightSourceName = Literal["huggingface", "s3", "ebs-initialized", "ebs-lazy", "
 class Section(BaseModel):
     """Stack-file sections: camelCase keys in YAML, snake_case in code, nothing unknown."""
 
+    # strict: YAML `concurrency: true` or `maxModelLen: "8192"` is refused, never coerced.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, strict=True
     )
 
 
@@ -49,7 +52,11 @@ class ModelSection(Section):
     revision: str = Field(
         default="main", description="commit sha to pin; 'main' is allowed only for dev stacks"
     )
-    config_json: str | None = Field(default=None, description="path to the model's config.json")
+    config_json: str | None = Field(
+        default=None,
+        description="path to the model's config.json (or its directory); a relative path is read from "
+        "the directory that holds stacks/ (the repository root)",
+    )
     architecture: dict[str, Any] | None = Field(default=None, description="config.json inline")
     served_name: str | None = Field(default=None, description="--served-model-name; default: repo id")
 
@@ -66,35 +73,93 @@ class ModelSection(Section):
         return self
 
 
+# Flags of `vllm serve` that the planner writes (infra/node/serve_args.py) or the node owns, and
+# the stack key that sets each instead. extraArgs may only add flags: argparse keeps the last
+# of two values, so a repeated --tensor-parallel-size would silently undo the plan.
+# tests/test_config.py checks that every flag build_serve_argv writes is listed here.
+PLANNER_OWNED_FLAGS: dict[str, str] = {
+    "--tensor-parallel-size": "the planner picks it from the instance type: change capacity.instanceTypes",
+    "-tp": "the planner picks it from the instance type: change capacity.instanceTypes",
+    "--pipeline-parallel-size": "the planner picks it: change capacity.instanceTypes or capacity.maxNodesPerReplica",
+    "-pp": "the planner picks it: change capacity.instanceTypes or capacity.maxNodesPerReplica",
+    "--distributed-executor-backend": "the planner sets ray for multi-node replicas: change capacity.maxNodesPerReplica",
+    "--max-model-len": "set serving.maxModelLen",
+    "--max-num-seqs": "set serving.concurrency",
+    "--max-num-batched-tokens": "the planner sizes memory with it (infra/data/serving_overheads.yaml)",
+    "--gpu-memory-utilization": "the planner sizes memory with it (infra/data/serving_overheads.yaml)",
+    "--quantization": "set serving.quantization",
+    "-q": "set serving.quantization",
+    "--dtype": "set serving.quantization (it implies the dtype)",
+    "--port": "set serving.port",
+    "--host": "the node listens on all interfaces behind its security group",
+    "--served-model-name": "set model.servedName",
+    "--revision": "set model.revision",
+    "--download-dir": "set serving.weightsSource",
+    "--shutdown-timeout": "set serving.shutdownTimeoutS",
+    "--enable-prefix-caching": "the fleet always enables prefix caching",
+    "--no-enable-prefix-caching": "the fleet always enables prefix caching",
+    "--api-key": "the API key lives in Secrets Manager (vllm-fleet rotate-key), never on the command line",
+    "--config": "the node passes --config itself (it carries the API key)",
+    "--model": "set model.repo (the model is the positional argument)",
+}
+
+
+def _check_extra_args(values: list[str]) -> list[str]:
+    for i, token in enumerate(values):
+        if not isinstance(token, str) or any(ord(c) < 32 or ord(c) == 127 for c in token):
+            raise ValueError(f"[{i}] = {json.dumps(token)}: must be plain text without control characters")
+        if not token.startswith("-"):
+            continue
+        # vLLM rewrites --max_model_len to --max-model-len and reads --flag=value as --flag.
+        name = token.split("=", 1)[0]
+        name = name if not name.startswith("--") else "--" + name[2:].replace("_", "-")
+        if name in PLANNER_OWNED_FLAGS:
+            raise ValueError(
+                f"[{i}] = {json.dumps(token)}: the fleet sets {name} itself; {PLANNER_OWNED_FLAGS[name]} "
+                "(extraArgs may only add flags)"
+            )
+    return values
+
+
 class ServingSection(Section):
-    quantization: QuantizationName
-    max_model_len: int = Field(ge=256, le=1_048_576)
+    quantization: QuantizationName = Field(description="weight format; must match a quantized checkpoint's config.json")
+    max_model_len: int = Field(ge=256, le=1_048_576, description="context length in tokens (--max-model-len)")
     concurrency: int = Field(
         ge=1, le=4096, description="sequences each replica holds at full context (--max-num-seqs)"
     )
-    port: int = Field(default=8000, ge=1024, le=65535)
-    weights_source: WeightSourceName = "huggingface"
+    port: int = Field(default=8000, ge=1024, le=65535, description="first replica's port; replica i uses port + i")
+    weights_source: WeightSourceName = Field(default="huggingface", description="where nodes read weights at boot")
     weights_s3_uri: str | None = Field(
         default=None,
         pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$",
         description="s3://bucket/prefix/ with the weights (weightsSource s3); "
         "default: s3://vllm-fleet-weights-<account>-<region>/<repo>/<revision>/",
     )
-    extra_args: list[str] = Field(default_factory=list, description="more vllm serve flags, validated")
-    shutdown_timeout_s: int = Field(default=120, ge=5, le=3600)
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="more vllm serve flags, only ones the planner does not set; checked by vLLM's parser",
+    )
+    shutdown_timeout_s: int = Field(default=120, ge=5, le=3600, description="drain time for in-flight requests")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _only_adds(cls, values: list[str]) -> list[str]:
+        return _check_extra_args(values)
 
 
 class CapacitySection(Section):
-    min_replicas: int = Field(default=1, ge=0, le=64)
-    max_replicas: int = Field(default=1, ge=1, le=64)
+    min_replicas: int = Field(default=1, ge=0, le=64, description="replicas always running (and billed)")
+    max_replicas: int = Field(default=1, ge=1, le=64, description="most replicas autoscaling may run")
     instance_types: list[str] = Field(
         default_factory=list,
         description="allowed instance types or families (e.g. p5, g6e.12xlarge); empty: all",
     )
-    market: Market = "on-demand"
+    market: Market = Field(default="on-demand", description="how GPU nodes are bought")
     on_demand_base: int = Field(default=1, ge=0, description="replicas always on demand (spot market)")
-    capacity_reservation_id: str | None = Field(default=None, pattern=r"^cr-[0-9a-f]{8,17}$")
-    max_nodes_per_replica: int = Field(default=4, ge=1, le=16)
+    capacity_reservation_id: str | None = Field(
+        default=None, pattern=r"^cr-[0-9a-f]{8,17}$", description="market capacity-block: the reservation"
+    )
+    max_nodes_per_replica: int = Field(default=4, ge=1, le=16, description="most nodes one replica may span")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> CapacitySection:
@@ -104,6 +169,11 @@ class CapacitySection(Section):
             )
         if self.market == "capacity-block" and not self.capacity_reservation_id:
             raise ValueError("market capacity-block needs capacityReservationId")
+        if self.market == "spot" and self.on_demand_base > self.max_replicas:
+            raise ValueError(
+                f"onDemandBase {self.on_demand_base} exceeds maxReplicas {self.max_replicas}: every replica "
+                f"would run on demand, none on spot (allowed: 0..{self.max_replicas}, or market: on-demand)"
+            )
         return self
 
 
@@ -115,14 +185,20 @@ def _check_cidr(value: str) -> str:
     return value
 
 
+# EC2 resource ids: a prefix and 8 or 17 hex digits (the vpc- pattern above uses the same rule).
+SUBNET_ID_PATTERN = r"^subnet-[0-9a-f]{8,17}$"
+
+
 class NetworkSection(Section):
-    mode: Literal["new", "existing"] = "new"
-    vpc_cidr: str = "10.42.0.0/16"
-    availability_zones: int = Field(default=2, ge=2, le=6)
-    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$")
-    private_subnet_ids: list[str] = Field(default_factory=list)
-    public_subnet_ids: list[str] = Field(default_factory=list)
-    egress: Literal["nat", "endpoints-only"] = "nat"
+    mode: Literal["new", "existing"] = Field(default="new", description="create a VPC, or use vpcId")
+    vpc_cidr: str = Field(default="10.42.0.0/16", description="mode new: the VPC's CIDR block")
+    availability_zones: int = Field(default=2, ge=2, le=6, description="mode new: AZs spanned")
+    vpc_id: str | None = Field(default=None, pattern=r"^vpc-[0-9a-f]{8,17}$", description="mode existing: the VPC")
+    private_subnet_ids: list[Annotated[str, Field(pattern=SUBNET_ID_PATTERN)]] = Field(default_factory=list)
+    public_subnet_ids: list[Annotated[str, Field(pattern=SUBNET_ID_PATTERN)]] = Field(default_factory=list)
+    egress: Literal["nat", "endpoints-only"] = Field(
+        default="nat", description="nat: NAT gateway per AZ; endpoints-only: VPC endpoints, no internet"
+    )
 
     _cidr = field_validator("vpc_cidr")(_check_cidr)
 
@@ -134,11 +210,20 @@ class NetworkSection(Section):
 
 
 class EndpointSection(Section):
-    type: Literal["alb", "nlb"] = "alb"
-    internal: bool = True
-    allowed_cidrs: list[str] = Field(default_factory=lambda: ["10.0.0.0/8"])
-    certificate_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:acm:")
-    idle_timeout_s: int = Field(default=600, ge=60, le=4000)
+    type: Literal["alb", "nlb"] = Field(default="alb", description="load balancer kind; nlb only internal")
+    internal: bool = Field(default=True, description="reachable only inside the VPC (and allowedCidrs)")
+    plain_http: bool = Field(
+        default=False,
+        description="serve plain HTTP on port 80 without certificateArn; internal endpoints only "
+        "(the API key then crosses the network in clear text)",
+    )
+    allowed_cidrs: list[str] = Field(
+        default_factory=lambda: ["10.0.0.0/8"], description="client networks allowed to call the API"
+    )
+    certificate_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:acm:", description="ACM certificate in the stack's region (TLS on 443)"
+    )
+    idle_timeout_s: int = Field(default=600, ge=60, le=4000, description="load balancer idle timeout")
 
     @field_validator("allowed_cidrs")
     @classmethod
@@ -147,14 +232,19 @@ class EndpointSection(Section):
 
 
 class MonitoringSection(Section):
-    mode: Literal["self-hosted", "managed", "shared", "none"] = "self-hosted"
-    allowed_cidrs: list[str] = Field(default_factory=list)
+    mode: Literal["self-hosted", "managed", "shared", "none"] = Field(
+        default="self-hosted", description="self-hosted host, AMP/AMG (managed), another stack's, or none"
+    )
+    allowed_cidrs: list[str] = Field(default_factory=list, description="networks allowed to reach Grafana")
     ttft_p95_slo_s: float = Field(
         default_factory=lambda: perf_facts().workload_defaults.ttft_p95_ms / 1000, gt=0,
-        description="the TTFT alert's SLO; also the plan's TTFT target unless workload.ttftP95Ms says",
+        description="alert when p95 time to first token exceeds it; also the plan's TTFT target unless "
+        "workload.ttftP95Ms says",
     )
-    sns_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:")
-    webhook_url: str | None = Field(default=None, pattern=r"^https://")
+    sns_topic_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[a-z-]*:sns:", description="alerts go here (same region)"
+    )
+    webhook_url: str | None = Field(default=None, pattern=r"^https://", description="alerts go here too")
     shared_stack: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$",
@@ -176,8 +266,10 @@ class MonitoringSection(Section):
 
 
 class ImageSection(Section):
-    ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
-    ssm_parameter: str | None = Field(default=None, pattern=r"^/")
+    ami_id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$", description="the node image")
+    ssm_parameter: str | None = Field(
+        default=None, pattern=r"^/", description="an SSM parameter holding the node image's id (the images stack writes it)"
+    )
 
 
 class WorkloadSection(Section):
@@ -201,14 +293,19 @@ class WorkloadSection(Section):
 
 
 class ScalingSection(Section):
-    metric: Literal["waiting-requests", "kv-cache-usage"] = "waiting-requests"
+    metric: Literal["waiting-requests", "kv-cache-usage"] = Field(
+        default="waiting-requests", description="what autoscaling tracks (docs/scaling.md)"
+    )
     target: float | None = Field(default=None, gt=0, description="default derived from the plan")
-    night_floor: int | None = Field(default=None, ge=0)
+    night_floor: int | None = Field(default=None, ge=0, description="replicas kept 22:00-07:00 UTC")
+
+
+_STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 
 
 def _check_stack_name(value: str) -> str:
-    if not value.replace("-", "").isalnum() or not value[:1].isalpha():
-        raise ValueError(f"{value!r} must be letters, digits and dashes")
+    if not _STACK_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} must start with a letter and hold only letters, digits and dashes")
     return value
 
 
@@ -229,7 +326,7 @@ class StackConfig(Section):
     image: ImageSection = ImageSection()
     scaling: ScalingSection = ScalingSection()
     workload: WorkloadSection = WorkloadSection()
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict, description="added to every resource")
 
     _stack_name = field_validator("stack")(_check_stack_name)
 
@@ -269,7 +366,9 @@ class WeightsStagingSection(Section):
         description="directory under /opt/models; a fleet serves /opt/models/<its model.catalog name>",
     )
     size_gib: float = Field(gt=0, description="on-disk size of the weights, for the root volume")
-    hf_token_secret_id: str | None = None
+    hf_token_secret_id: str | None = Field(
+        default=None, description="source huggingface: Secrets Manager secret with a Hugging Face token (gated repos)"
+    )
     expected_manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")
@@ -304,7 +403,7 @@ class BakeSection(Section):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="e.g. vllm-0-32-0")
     base_image: str = Field(default=DEFAULT_BASE_IMAGE, description="a key of images/facts.yaml base_images")
-    build_instance_type: str = DEFAULT_BUILD_INSTANCE_TYPE
+    build_instance_type: str = Field(default=DEFAULT_BUILD_INSTANCE_TYPE, description="the instance that bakes")
     multi_node: bool = Field(default=False, description="Ray and the EFA/aws-ofi-nccl check")
     weights: WeightsStagingSection | None = None
     prewarm: PrewarmSection = PrewarmSection()
@@ -324,15 +423,27 @@ class ImagesStackConfig(Section):
     _stack_name = field_validator("stack")(_check_stack_name)
 
 
+def int_range(section: type[BaseModel], name: str) -> tuple[int, int]:
+    """A stack key's allowed integer range, from its Field(ge=…, le=…): CLI flags share it."""
+    low, high = 1, 2**31 - 1
+    for meta in section.model_fields[name].metadata:
+        ge, le = getattr(meta, "ge", None), getattr(meta, "le", None)
+        low = int(ge) if ge is not None else low
+        high = int(le) if le is not None else high
+    return low, high
+
+
 # Config keys a stack file may carry besides ours: provider settings that Pulumi itself reads.
 FOREIGN_NAMESPACES = ("aws:", "pulumi:", "random:")
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
     """Turn a pydantic error location into the key as written in the stack file."""
-    head, *rest = [str(p) for p in loc]
+    head, *rest = [str(p) for p in loc] or ["stack"]
     if head == "region":
         return "aws:region"
+    if head == "stack":
+        return "stack name"
     key = f"{PROJECT}:{head}"
     for part in rest:
         key += f"[{part}]" if part.isdigit() else f".{part}"
@@ -379,9 +490,23 @@ def _one_line(err: ValidationError, raw: dict[str, Any], root: type[BaseModel] =
         return f"{_key_path(loc)}: unknown key ({hint}allowed: {', '.join(allowed)})"
     if first["type"] == "missing":
         return f"{_key_path(loc)}: required key is missing"
+    item = re.match(r"\[(\d+)\] = ", message)
+    if item:  # a list validator named the item: point at it, not at the whole list
+        loc = (*loc, int(item.group(1)))
+        message = message.split(": ", 1)[1]
     value = _lookup(raw, loc)
-    shown = f" = {json.dumps(value)}" if value is not None and not isinstance(value, dict) else ""
-    return f"{_key_path(loc)}{shown}: {message}"
+    shown = f" = {json.dumps(value)}" if value is not None and not isinstance(value, (dict, list)) else ""
+    return f"{_key_path(loc)}{shown}: {message}{_allowed_hint(first)}"
+
+
+def _allowed_hint(error: Any) -> str:
+    """pydantic's strict type errors say what came, not what is allowed: add it."""
+    expected = {
+        "int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
+        "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+        "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+    }.get(error["type"])
+    return f" (allowed: {expected})" if expected else ""
 
 
 BAKE_KEY = f"{PROJECT}:bake"
@@ -411,6 +536,7 @@ def parse_stack_config(stack: str, values: dict[str, Any]) -> StackConfig:
         config = StackConfig.model_validate(ours)
     except ValidationError as err:
         raise FleetError(_one_line(err, ours)) from None
+    validate_cross_keys(config, set(ours))
     validate_against_catalog(config)
     validate_workload(config)
     return config
@@ -462,6 +588,52 @@ def validate_workload(config: StackConfig) -> None:
         )
 
 
+def check_region(region: str, key: str) -> None:
+    """A Region the pinned SDK knows (infra/data/regions.yaml), or one line with the closest."""
+    regions = known_regions()
+    if region not in regions:
+        close = difflib.get_close_matches(region, list(regions), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise FleetError(
+            f"{key} = {json.dumps(region)}: not an AWS Region the pinned SDK knows "
+            f"({hint}allowed: {', '.join(r for r, p in regions.items() if p == 'aws')}, and the China and GovCloud regions)"
+        )
+
+
+def validate_cross_keys(config: StackConfig, given: set[str]) -> None:
+    """Checks across sections, each naming the key to change. ``given``: the sections the file sets."""
+    check_region(config.region, "aws:region")
+    for key, arn in (
+        ("endpoint.certificateArn", config.endpoint.certificate_arn),
+        ("monitoring.snsTopicArn", config.monitoring.sns_topic_arn),
+    ):
+        arn_region = arn.split(":")[3] if arn and arn.count(":") >= 5 else None
+        if arn is not None and arn_region != config.region:
+            raise FleetError(
+                f"{PROJECT}:{key} = {json.dumps(arn)}: in region {arn_region or '(none)'}, but the stack is in "
+                f"{config.region}; the load balancer and alarms can use only resources of their own region"
+            )
+    endpoint = config.endpoint
+    if endpoint.certificate_arn is None and not endpoint.plain_http:
+        raise FleetError(
+            f"{PROJECT}:endpoint.certificateArn: required (the endpoint serves TLS on 443). Get one with "
+            f"`aws acm request-certificate --domain-name llm.example.com --validation-method DNS --region {config.region}` "
+            "and its DNS validation record (docs/first-deploy.md), or set endpoint.plainHttp: true for an "
+            "internal test endpoint"
+        )
+    if endpoint.plain_http and endpoint.certificate_arn is not None:
+        raise FleetError(f"{PROJECT}:endpoint.plainHttp = true: contradicts certificateArn; remove one of them")
+    if endpoint.plain_http and not endpoint.internal:
+        raise FleetError(
+            f"{PROJECT}:endpoint.plainHttp = true: allowed only with internal: true (a public endpoint must use TLS)"
+        )
+    if "monitoring" not in given:
+        raise FleetError(
+            f"{PROJECT}:monitoring: required key is missing: every fleet gets Prometheus, Grafana and alerts "
+            "(mode: self-hosted with snsTopicArn or webhookUrl), unless the stack says mode: none"
+        )
+
+
 def validate_against_catalog(config: StackConfig) -> None:
     """Cross-checks that need the fact catalogs: names must exist there."""
     catalog = default_catalog()
@@ -501,11 +673,24 @@ def stack_names(kind: Literal["fleet", "images"], stacks_dir: Path = STACKS_DIR)
 
 def _stack_file_values(stack: str, stacks_dir: Path) -> dict[str, Any]:
     path = stack_file(stack, stacks_dir)
-    if not path.is_file():
-        available = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+    if not _STACK_NAME.fullmatch(stack):
+        raise FleetError(f"stack {stack!r}: must start with a letter and hold only letters, digits and dashes")
+    if path_kind(path, "--stacks-dir") != "file":
+        available = (
+            sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+            if path_kind(stacks_dir, "--stacks-dir") == "dir" else []
+        )
         raise FleetError(f"stack {stack!r}: no file {path} (stacks here: {', '.join(available)})")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = load_yaml_strict(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise FleetError(f"{path}: not UTF-8 text (a stack file is YAML)") from None
+    except OSError as err:
+        raise FleetError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except DuplicateKeyError as err:
+        raise FleetError(f"{path} {err}") from None
+    except RecursionError:
+        raise FleetError(f"{path}: nested too deeply to be a stack file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -550,24 +735,132 @@ def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[s
         if not path.is_absolute():
             path = stacks_dir.parent / path
         doc, source = load_config_json(path, key=f"{PROJECT}:model.configJson"), str(path)
-    return str(section.repo), arch_from_config_doc(doc, source=source, repo=section.repo)
+    key = f"{PROJECT}:model." + ("architecture" if section.architecture is not None else "configJson")
+    return str(section.repo), arch_from_config_doc(doc, source=source, repo=section.repo, key=key)
 
 
 def load_config_json(path: Path, *, key: str) -> dict[str, Any]:
+    """A model's config.json (or the directory holding it) as a mapping; every failure is one line."""
+    shown = json.dumps(str(path))
+    kind = path_kind(path, key)
+    if kind == "dir":
+        if path_kind(path / "config.json", key) != "file":
+            raise FleetError(f"{key} = {shown}: a directory without a config.json (give the file or its directory)")
+        path = path / "config.json"
+    elif kind == "other":
+        raise FleetError(f"{key} = {shown}: not a regular file (give a config.json or its directory)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_json_keys)
     except FileNotFoundError:
-        raise FleetError(f"{key} = {json.dumps(str(path))}: file not found") from None
+        raise FleetError(f"{key} = {shown}: file not found") from None
+    except UnicodeDecodeError:
+        raise FleetError(f"{key} = {shown}: not UTF-8 text (a config.json is JSON)") from None
+    except OSError as err:
+        raise FleetError(f"{key} = {shown}: cannot read it ({err.strerror or err})") from None
     except json.JSONDecodeError as err:
-        raise FleetError(f"{key} = {json.dumps(str(path))}: not JSON ({err.msg} at line {err.lineno})") from None
+        raise FleetError(f"{key} = {shown}: not JSON ({err.msg} at line {err.lineno})") from None
+    except DuplicateKeyError as err:
+        raise FleetError(f"{key} = {shown}: {err}") from None
+    except RecursionError:
+        raise FleetError(f"{key} = {shown}: nested too deeply to be a config.json") from None
     if not isinstance(doc, dict):
-        raise FleetError(f"{key} = {json.dumps(str(path))}: expected a JSON object")
+        raise FleetError(f"{key} = {shown}: expected a JSON object")
     return doc
 
 
-def arch_from_config_doc(doc: dict[str, Any], *, source: str, repo: str | None) -> ModelArch:
+def path_kind(path: Path, key: str) -> Literal["file", "dir", "missing", "other"]:
+    """What a user-given path is, without following it into an error: a name too long, a NUL
+    byte or a symlink loop is one line naming ``key``, never an OSError traceback."""
+    shown = json.dumps(str(path))
+    if "\0" in str(path):
+        raise FleetError(f"{key} = {shown}: a path cannot contain a NUL character")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "missing"
+    except OSError as err:
+        raise FleetError(f"{key} = {shown}: cannot use this path ({err.strerror or err})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping names the same key twice: JSON and YAML parsers keep the last one silently."""
+
+
+def _no_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise DuplicateKeyError(f"field {key!r} is given twice (a parser would silently keep the last)")
+        doc[key] = value
+    return doc
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key (a list as key): SafeLoader refuses it below
+            continue
+        if duplicate:
+            raise DuplicateKeyError(
+                f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (YAML would silently keep the last)"
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_strict(text: str) -> Any:
+    """YAML as safe_load reads it, but a duplicate key is an error (DuplicateKeyError)."""
+    return yaml.load(text, Loader=_StrictYamlLoader)
+
+
+def arch_from_config_doc(doc: dict[str, Any], *, source: str, repo: str | None, key: str) -> ModelArch:
+    """The architecture a config.json describes; a bad field is one line naming ``key`` and the field."""
     try:
         return arch_from_hf_config(doc, source=source, hf_repo=repo)
     except (ValueError, TypeError, ValidationError) as err:
         detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
-        raise FleetError(f"{PROJECT}:model ({source}): {detail}") from None
+        raise FleetError(f"{key} ({source}): {detail}") from None
+
+
+# Quantizations vLLM reads from a quantized checkpoint (the others quantize 16-bit weights at load).
+PRE_QUANTIZED = ("awq", "gptq", "int8")
+
+
+def check_serving_fits_model(
+    arch: ModelArch, quantization: str, max_model_len: int, *, quant_key: str, len_key: str, from_config_json: bool
+) -> None:
+    """What config.json says about the checkpoint binds the serving keys: a checkpoint quantized
+    as AWQ is served and sized as AWQ, and the context is what its RoPE settings allow."""
+    declared = arch.checkpoint_quantization
+    if declared is not None and declared != quantization:
+        raise FleetError(
+            f"{quant_key} = {json.dumps(quantization)}: the checkpoint's config.json declares "
+            f"quantization_config for {declared}; set {declared} (vLLM loads the weights as the checkpoint stores them)"
+        )
+    # A catalog entry describes the base model, whose quantized checkpoints the catalog does not
+    # list; a config.json describes the very checkpoint vLLM will load.
+    if declared is None and quantization in PRE_QUANTIZED and from_config_json:
+        raise FleetError(
+            f"{quant_key} = {json.dumps(quantization)}: the checkpoint's config.json has no quantization_config; "
+            f"{quantization} needs a checkpoint quantized that way (allowed here: fp16, bf16, fp8)"
+        )
+    limit = arch.context_limit
+    if max_model_len > limit:
+        why = arch.context_source or f"max_position_embeddings {limit}"
+        raise FleetError(f"{len_key} = {max_model_len}: above the model's limit {limit} (allowed: up to {limit}; from {why})")

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from infra.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog, read_yaml
+from infra.components.facts import aws_fleet_facts
 from infra.errors import FleetError
 from infra.perf import (
     Capacity,
@@ -39,10 +40,13 @@ from infra.perf import (
     serving_point,
     vllm_server_defaults,
 )
+from infra.pricing import instance_price
 from infra.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
 
 GiB = 1024**3
 GB = 1000**3
+# Fallback instance types after the chosen one: each is a launch template and a vLLM argv.
+MAX_FALLBACKS = 3
 
 
 class Overheads(BaseModel):
@@ -109,6 +113,8 @@ class SizingRequest:
     @property
     def effective_workload(self) -> Workload:
         return self.workload or default_workload()
+    region: str = "us-east-1"  # prices and their basis (infra/pricing.py)
+    market: str = "on-demand"
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ class Candidate:
     hourly_usd_per_replica: float | None = None
     serving: ServingPoint | None = None  # batch flags and predicted performance (feasible only)
     capacity: Capacity | None = None  # replicas for the workload's peak
+    price_basis: str = ""
 
     @property
     def max_num_seqs(self) -> int:
@@ -384,25 +391,39 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
         return Candidate(layout, False, f"{layout.instance_type} has no EFA for multi-node replicas")
     if instance.on_demand_usd_per_hour is None:
         return Candidate(layout, False, f"{layout.instance_type} is not sold on demand (capacity blocks only)")
+    most_servers = aws_fleet_facts().alb_forward_max_target_groups.value
+    if layout.replicas_per_node > most_servers:
+        # The deploy layer's rule (infra/components/endpoint.py): one target group per server port.
+        return Candidate(
+            layout, False,
+            f"{layout.replicas_per_node} replicas per node need {layout.replicas_per_node} target groups; "
+            f"an ALB forwards to at most {most_servers}",
+        )
+    price = instance_price(catalog, layout.instance_type, req.region, req.market)
+    if not price.offered:
+        return Candidate(layout, False, price.basis)
     utilization = facts.defaults.gpu_memory_utilization
     _, batched = vllm_server_defaults(gpu)
     budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization, batched)
-    hourly = instance.on_demand_usd_per_hour * layout.nodes_per_replica / layout.replicas_per_node
+    hourly = (price.usd_per_hour or 0.0) * layout.nodes_per_replica / layout.replicas_per_node
     needed = req.concurrency * req.max_model_len
     if budget.fixed >= budget.usable:
         return Candidate(
             layout, False,
             f"weights and overheads need {budget.fixed / GiB:.1f} GiB per GPU; "
             f"{utilization:.0%} of {gpu.name} is {budget.usable / GiB:.1f} GiB",
-            budget, 0, hourly,
+            budget, 0, hourly, price.basis,
         )
     if tokens < needed:
         return Candidate(
             layout, False,
             f"KV cache holds {tokens:,} tokens; {req.concurrency} × {req.max_model_len:,} needs {needed:,}",
-            budget, tokens, hourly,
+            budget, tokens, hourly, price.basis,
         )
-    return Candidate(layout, True, f"fits with {tokens // req.max_model_len} full-context sequences", budget, tokens, hourly)
+    return Candidate(
+        layout, True, f"fits with {tokens // req.max_model_len} full-context sequences", budget, tokens, hourly,
+        price.basis,
+    )
 
 
 def dominated_by(cand: Candidate, fitting: list[Candidate]) -> str | None:
@@ -480,10 +501,11 @@ def _validate_request(req: SizingRequest, catalog: Catalog) -> None:
         raise FleetError(
             f"quantization = {req.quantization!r}: not known (allowed: {', '.join(catalog.quantizations)})"
         )
-    if req.max_model_len > req.arch.max_position_embeddings:
+    if req.max_model_len > req.arch.context_limit:
         raise FleetError(
             f"max_model_len = {req.max_model_len}: exceeds {req.model_name}'s "
-            f"max_position_embeddings {req.arch.max_position_embeddings}"
+            f"max_position_embeddings {req.arch.context_limit}"
+            + (" (scaled by rope_scaling)" if req.arch.context_limit != req.arch.max_position_embeddings else "")
         )
     if req.weights_source not in catalog.weight_sources:
         raise FleetError(
@@ -516,7 +538,7 @@ def make_plan(req: SizingRequest, catalog: Catalog | None = None) -> Plan:
         if c is not chosen
         and c.layout.nodes_per_replica == chosen.layout.nodes_per_replica == 1
         and c.layout.replicas_per_node == chosen.layout.replicas_per_node
-    ][:3]
+    ][:MAX_FALLBACKS]
     ttr_by_source = {
         source: time_to_ready(req, weights, source, catalog).total_s for source in catalog.weight_sources
     }
@@ -533,6 +555,36 @@ def make_plan(req: SizingRequest, catalog: Catalog | None = None) -> Plan:
         alternatives=alternatives,
         fallbacks=fallbacks,
     )
+
+
+def ladder_explanation(plan: Plan) -> list[str]:
+    """Why the fallback ladder holds what it holds, in its order, with each rung's cost."""
+    chosen = plan.chosen
+    base = chosen.hourly_usd_per_replica or 0.0
+    lines = [
+        (
+            "order: cheapest per replica first; the Auto Scaling group launches a later type only when "
+            "EC2 has no capacity for the earlier ones"
+        ),
+    ]
+    for i, rung in enumerate(plan.fallbacks):
+        cost = rung.hourly_usd_per_replica or 0.0
+        ratio = f", {cost / base:.1f}× the first" if i and base else ""
+        lines.append(f"{i + 1}. {rung.layout.instance_type}: ${cost:,.2f}/h per replica{ratio}")
+    kept = {c.layout.instance_type for c in plan.fallbacks}
+    for cand in plan.alternatives:
+        name = cand.layout.instance_type
+        if not cand.feasible or name in kept:
+            continue
+        if cand.layout.nodes_per_replica > 1 or chosen.layout.nodes_per_replica > 1:
+            why = "multi-node replicas run as gangs of one type"
+        elif cand.layout.replicas_per_node != chosen.layout.replicas_per_node:
+            why = (f"it packs {cand.layout.replicas_per_node} replica(s) per node, the ladder "
+                   f"{chosen.layout.replicas_per_node} (one group serves one packing)")
+        else:
+            why = f"the ladder keeps {MAX_FALLBACKS} fallbacks, cheapest first"
+        lines.append(f"left out: {name} (${cand.hourly_usd_per_replica or 0:,.2f}/h per replica): {why}")
+    return lines
 
 
 def _node_gpu_bytes(catalog: Catalog, name: str) -> float:

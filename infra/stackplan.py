@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.catalog import default_catalog
-from infra.config import StackConfig, resolve_model
+from infra.config import PROJECT, StackConfig, check_serving_fits_model, resolve_model
 from infra.monitoring import MonitoringSpec, render_monitoring
 from infra.node.from_plan import node_spec
 from infra.node.render import render_node, render_user_data
@@ -70,6 +70,11 @@ def group_name_prefix(stack: str) -> str:
 
 def sizing_request(config: StackConfig) -> SizingRequest:
     name, arch = resolve_model(config)
+    check_serving_fits_model(
+        arch, config.serving.quantization, config.serving.max_model_len,
+        quant_key=f"{PROJECT}:serving.quantization", len_key=f"{PROJECT}:serving.maxModelLen",
+        from_config_json=config.model.catalog is None,
+    )
     return SizingRequest(
         model_name=name,
         arch=arch,
@@ -80,6 +85,8 @@ def sizing_request(config: StackConfig) -> SizingRequest:
         max_nodes_per_replica=config.capacity.max_nodes_per_replica,
         weights_source=config.serving.weights_source,
         workload=config.resolved_workload(),
+        region=config.region,
+        market=config.capacity.market,
     )
 
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from infra.config import STACKS_DIR, load_stack_file
+from infra.errors import FleetError
 from infra.ops.aws import ClientFactory, client_factory
 from infra.ops.preflight import (
     CertificateFact,
@@ -185,7 +186,9 @@ def test_image_certificate_reservation_decisions(tmp_path: Path) -> None:
         **{"vllm-fleet:endpoint": {"type": "alb", "internal": False, "allowedCidrs": ["203.0.113.0/24"],
                                    "certificateArn": arn.replace(":us-east-1:", ":us-west-2:")}},
     )  # fmt: skip
-    assert "ACM certificates are regional" in check_certificate(need_for("cert-west", other_region), ok).fix
+    # The stack file itself refuses a certificate from another region (offline, before preflight).
+    with pytest.raises(FleetError, match="certificateArn.*us-west-2.*us-east-1"):
+        need_for("cert-west", other_region)
     internal = need_for("dev-8b")
     assert check_certificate(internal, PreflightFacts()).status == "pass"
 

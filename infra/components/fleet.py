@@ -128,7 +128,8 @@ def capacity_layout(config: StackConfig, layout: Layout) -> CapacityLayout:
     # A rolling refresh (and a health replacement) launches the new node before the old
     # one stops. At the group's floor that needs one node of headroom below max_size.
     if max_instances < min_instances + 1:
-        wanted = (min_instances + 1) * rpn
+        # One more node than the floor: the first replica that needs it.
+        wanted = min_instances * rpn + 1
         raise FleetError(
             f"vllm-fleet:capacity: {cap.min_replicas}..{cap.max_replicas} replicas at {rpn} per "
             f"{layout.instance_type} node is {min_instances}..{max_instances} node(s); replacing a node "

@@ -58,7 +58,10 @@ def build_serve_argv(
         "--enable-prefix-caching",
         "--dtype", quant.vllm_dtype,
     ]
-    if quant.vllm_quantization:
+    # A checkpoint quantized as fp8 declares it in config.json; vLLM reads the method from there
+    # and rejects a different --quantization (fp8_per_tensor quantizes 16-bit weights at load).
+    prequantized_fp8 = plan.request.arch.checkpoint_quantization == "fp8"
+    if quant.vllm_quantization and not prequantized_fp8:
         argv += ["--quantization", quant.vllm_quantization]
     argv += [
         "--download-dir", DOWNLOAD_DIR,

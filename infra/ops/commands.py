@@ -36,9 +36,9 @@ def _aws_errors(err: Exception) -> FleetError:
 
 
 def preflight(
-    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml")],
+    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml", metavar="STACK")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live", metavar="DIR", show_default="stacks/")] = STACKS_DIR,
 ) -> None:
     """Check the account and region before a deploy; exit 1 on any blocker."""
     from infra.ops.preflight import evaluate, fetch_facts, fleet_need, has_blocker, results_json
@@ -86,19 +86,19 @@ def _key_from(key_env: str | None, secret_id: str | None, region: str | None) ->
 
 
 def smoke(
-    url: Annotated[str, typer.Argument(help="the endpoint, e.g. https://llm.example.com (with or without /v1)")],
-    model: Annotated[str | None, typer.Option(help="served model name; default: the first listed")] = None,
-    key_env: Annotated[str | None, typer.Option(help="environment variable holding the API key")] = None,
+    url: Annotated[str, typer.Argument(help="the endpoint, e.g. https://llm.example.com (with or without /v1)", metavar="URL")],
+    model: Annotated[str | None, typer.Option(help="served model name; default: the first listed", metavar="NAME")] = None,
+    key_env: Annotated[str | None, typer.Option(help="environment variable holding the API key", metavar="VAR")] = None,
     secret_id: Annotated[
-        str | None, typer.Option(help="Secrets Manager secret with the key (its first key is used)")
+        str | None, typer.Option(help="Secrets Manager secret with the key (its first key is used)", metavar="ID")
     ] = None,
-    region: Annotated[str | None, typer.Option(help="the secret's region")] = None,
+    region: Annotated[str | None, typer.Option(help="the secret's region", metavar="REGION")] = None,
     expect_metrics_hidden: Annotated[
         bool,
         typer.Option(help="require 404 for /metrics (off only against a bare vLLM, which serves it)"),
     ] = True,
-    max_tokens: Annotated[int, typer.Option(help="tokens to generate per request")] = 32,
-    timeout_s: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 120.0,
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate per request", metavar="N")] = 32,
+    timeout_s: Annotated[float, typer.Option(help="per-request timeout, seconds", metavar="SECONDS")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Smoke-test a deployed endpoint with the OpenAI client; exit 1 on any failed check."""
@@ -137,23 +137,23 @@ def smoke(
 
 
 def rotate_key(
-    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml")],
-    secret_id: Annotated[str | None, typer.Option(help="default: vllm-fleet/<stack>/api-key")] = None,
-    region: Annotated[str | None, typer.Option(help="default: the stack's region")] = None,
+    stack: Annotated[str, typer.Argument(help="stack name: reads stacks/Pulumi.<stack>.yaml", metavar="STACK")],
+    secret_id: Annotated[str | None, typer.Option(help="default: vllm-fleet/<stack>/api-key", metavar="ID")] = None,
+    region: Annotated[str | None, typer.Option(help="default: the stack's region", metavar="REGION")] = None,
     target_group_arn: Annotated[
         list[str] | None,
-        typer.Option(help="repeatable; default: the target groups tagged vllm-fleet:stack=<stack>"),
+        typer.Option(help="repeatable; default: the target groups tagged vllm-fleet:stack=<stack>", metavar="ARN"),
     ] = None,
     phase: Annotated[
-        str, typer.Option(help="all (add then retire), add (both keys valid), or retire (drop the old)")
+        str, typer.Option(help="all (add then retire), add (both keys valid), or retire (drop the old)", metavar="PHASE")
     ] = "all",
     new_key_env: Annotated[
-        str | None, typer.Option(help="environment variable with the new key; default: a random 256-bit key")
+        str | None, typer.Option(help="environment variable with the new key; default: a random 256-bit key", metavar="VAR")
     ] = None,
     allow_downtime: Annotated[
         bool, typer.Option(help="proceed when a restart leaves no other healthy target")
     ] = False,
-    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live", metavar="DIR", show_default="stacks/")] = STACKS_DIR,
 ) -> None:
     """Rotate the fleet's API key with no failed request: add the new key, roll, retire the old, roll."""
     from infra.ops.rotate import (

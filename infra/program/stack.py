@@ -34,6 +34,7 @@ from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
+from infra.pricing import instance_price
 from infra.program.tags import plan_id, stack_tags
 from infra.stackplan import StackPlan, monitoring_spec
 
@@ -118,14 +119,16 @@ def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
 
 
 def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str, Any]:
+    """GPU nodes at min and max, priced as `vllm-fleet plan` prices them (infra/pricing.py)."""
+    config = stack_plan.config
     chosen = stack_plan.plan.layout.instance_type
-    price = default_catalog().instances[chosen].on_demand_usd_per_hour
-    if price is None:
-        return {"basis": f"{chosen} has no on-demand list price", "minReplicas": None, "maxReplicas": None}
+    price = instance_price(default_catalog(), chosen, config.region, config.capacity.market)
+    if price.usd_per_hour is None:
+        return {"basis": f"{chosen}: {price.basis}", "minReplicas": None, "maxReplicas": None}
     return {
-        "basis": f"on-demand list price of {chosen} (${price}/h, us-east-1); spot and capacity blocks differ",
-        "minReplicas": round(capacity.min_instances * price, 2),
-        "maxReplicas": round(capacity.max_instances * price, 2),
+        "basis": f"{chosen} ${price.usd_per_hour}/h: {price.basis}",
+        "minReplicas": round(capacity.min_instances * price.usd_per_hour, 2),
+        "maxReplicas": round(capacity.max_instances * price.usd_per_hour, 2),
     }
 
 
