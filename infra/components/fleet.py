@@ -236,6 +236,8 @@ class PolicyInputs:
     target_group_arns: Sequence[str] = ()
     weights_s3_uri: str | None = None
     secret_kms_key_arn: str | None = None
+    # The optional Hugging Face token (infra/node/from_plan.py hf_token_secret_name).
+    hf_token_secret_name: str | None = None
 
 
 def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
@@ -272,6 +274,16 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
             "Resource": ["*"],
         },
     ]
+    if p.hf_token_secret_name:
+        statements.append(
+            {
+                "Sid": "ReadHfToken",
+                "Effect": "Allow",
+                "Action": ["secretsmanager:GetSecretValue"],
+                # Secrets Manager appends "-" and six characters to a secret's name in its ARN.
+                "Resource": [f"arn:{p.partition}:secretsmanager:{p.region}:{p.account_id}:secret:{p.hf_token_secret_name}-??????"],
+            }
+        )
     if p.secret_kms_key_arn:
         statements.append(
             {
@@ -441,6 +453,7 @@ class Fleet(pulumi.ComponentResource):
                         target_group_arns=values[2:],
                         weights_s3_uri=args.weights_s3_uri,
                         secret_kms_key_arn=args.api_key_kms_key_arn,
+                        hf_token_secret_name=stack_plan.node_specs[types[0]].hf_token_secret_id,
                     )
                 ),
                 indent=2,

@@ -125,9 +125,33 @@ def vllm_unit_names(spec: NodeSpec) -> list[str]:
     return [f"vllm-{i}.service" for i in range(len(spec.replicas))]
 
 
+@dataclass(frozen=True)
+class S3Transfer:
+    """The AWS CLI's S3 transfer settings for fetch-weights. The CLI's defaults are 10
+    concurrent requests of 8 MB parts (docs.aws.amazon.com/cli/latest/topic/s3-config.html);
+    the planner's S3 rate (infra/data/weight_sources.yaml) is the one measured with 64
+    parallel ranged GETs, and AWS's S3 performance guide advises 8-16 MB ranges."""
+
+    max_concurrent_requests: int = 64
+    multipart_chunksize: str = "16MB"
+
+
+S3_TRANSFER = S3Transfer()
+
+
+def weight_units(spec: NodeSpec) -> list[str]:
+    """The oneshot units that put the weights (or the token to download them) in place."""
+    units = []
+    if spec.weights_dir:
+        units.append("vllm-fleet-fetch-weights.service")
+    if spec.hf_token_secret_id:
+        units.append("vllm-fleet-fetch-hf-token.service")
+    return units
+
+
 def node_units(spec: NodeSpec) -> list[str]:
     """Every unit vllm-fleet.target pulls in."""
-    units = ["vllm-fleet-fetch-key.service", "vllm-fleet-gpu-devices.service"]
+    units = ["vllm-fleet-fetch-key.service", "vllm-fleet-gpu-devices.service", *weight_units(spec)]
     if spec.multi_node:
         units += ["vllm-fleet-gang.service", "ray-head.service", "ray-worker.service"]
     if spec.lifecycle_hooks.enabled:
@@ -190,6 +214,12 @@ def render_node(spec: NodeSpec) -> dict[str, str]:
     files[f"{UNIT_DIR}/vllm-fleet-fetch-key.service"] = _render(
         "vllm-fleet-fetch-key.service.j2", spec=spec, fetch=FETCH_RETRY
     )
+    if spec.weights_dir:
+        files[f"{UNIT_DIR}/vllm-fleet-fetch-weights.service"] = _render(
+            "vllm-fleet-fetch-weights.service.j2", spec=spec, s3_transfer=S3_TRANSFER
+        )
+    if spec.hf_token_secret_id:
+        files[f"{UNIT_DIR}/vllm-fleet-fetch-hf-token.service"] = _render("vllm-fleet-fetch-hf-token.service.j2", spec=spec)
     files[f"{UNIT_DIR}/vllm-fleet-gpu-devices.service"] = _render(
         "vllm-fleet-gpu-devices.service.j2", spec=spec
     )

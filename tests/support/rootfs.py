@@ -74,7 +74,10 @@ DEBIAN_PACKAGES = (
     "libnuma1",
 )
 # Bake scripts the rootfs runs, in order (images/scripts/, the AMI component's own).
-BAKE_SCRIPTS = ("common.sh", "install-vllm.sh", "create-vllm-user.sh", "test-vllm.sh")
+BAKE_SCRIPTS = (
+    "common.sh", "install-vllm.sh", "create-vllm-user.sh", "install-node-tools.sh", "test-vllm.sh",
+    "node-fetch-weights.sh", "node-fetch-hf-token.sh", "node-scaling-signal.sh",
+)
 VLLM_PREFIX = "/opt/vllm"
 # The CPU build's torchvision, torchaudio and torchcodec break `import transformers` (vllm.md).
 UNINSTALL_AFTER = "torchvision torchaudio torchcodec"
@@ -277,6 +280,15 @@ def _build(target: Path, inputs: RootfsInputs, work: Path, phases: _Phases) -> N
             nspawn_pipe_argv(
                 root, f"--bind-ro={SCRIPTS_DIR}:/run/vllm-fleet-build/scripts",
                 "bash", "/run/vllm-fleet-build/scripts/create-vllm-user.sh",
+            ),
+            log_path=log_path, timeout_s=300,
+        )  # fmt: skip
+    with phases.phase("install-node-tools.sh"):
+        _run(
+            "install-node-tools.sh",
+            nspawn_pipe_argv(
+                root, f"--bind-ro={SCRIPTS_DIR}:/run/vllm-fleet-build/scripts",
+                "bash", "/run/vllm-fleet-build/scripts/install-node-tools.sh",
             ),
             log_path=log_path, timeout_s=300,
         )  # fmt: skip
