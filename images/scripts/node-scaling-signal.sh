@@ -28,14 +28,16 @@
 #   SCALING_GANG (true|false), SCALING_METRICS ("prometheus_name=cloudwatch_name=Unit ..."),
 #   SCALING_RUNNING, SCALING_WAITING (prometheus names), SCALING_DIMENSIONS ("AutoScalingGroupName
 #   Stack": one dimension set each, keys within a set joined by ","), SCALING_RELEASE_AFTER_S,
-#   SCALING_MAX_IDS (SetInstanceProtection's limit).
+#   SCALING_MAX_IDS (SetInstanceProtection's limit), SCALING_PUBLISH_INTERVAL_S (publish at most
+#   this often; the protection check runs at every tick).
 # Tests only: VLLM_FLEET_RUN_DIR, VLLM_FLEET_IMDS, VLLM_FLEET_AWS_ENDPOINT_URL (the image's AWS
 # CLI, 2.9, predates the CLI's own AWS_ENDPOINT_URL).
 set -euo pipefail
 umask 022
 
 for name in SCALING_REGION SCALING_STACK SCALING_NAMESPACE SCALING_PORTS SCALING_GANG SCALING_METRICS \
-  SCALING_RUNNING SCALING_WAITING SCALING_DIMENSIONS SCALING_RELEASE_AFTER_S SCALING_MAX_IDS; do
+  SCALING_RUNNING SCALING_WAITING SCALING_DIMENSIONS SCALING_RELEASE_AFTER_S SCALING_MAX_IDS \
+  SCALING_PUBLISH_INTERVAL_S; do
   [[ -n ${!name:-} ]] || { printf 'scaling-signal: %s is not set\n' "$name" >&2; exit 1; }
 done
 read -r -a ports <<<"$SCALING_PORTS"
@@ -46,6 +48,7 @@ readonly imds="${VLLM_FLEET_IMDS:-http://169.254.169.254}"
 readonly state_file="$run_dir/scale-in-protection"
 readonly identity_file="$run_dir/scaling-identity.env"
 readonly pending_file="$run_dir/scale-in-pending-since"
+readonly published_file="$run_dir/scaling-published-at"
 aws_opts=(--region "$SCALING_REGION" --output text)
 [[ -z ${VLLM_FLEET_AWS_ENDPOINT_URL:-} ]] || aws_opts+=(--endpoint-url "$VLLM_FLEET_AWS_ENDPOINT_URL")
 
@@ -117,6 +120,10 @@ done
 value_of() { awk -v n="$1" '$1 == n { print $2; found = 1 } END { if (!found) print 0 }' <<<"$2"; }
 
 # PutMetricData: one datum per gauge and dimension set, with one value per replica.
+publish=true
+if [[ -f $published_file ]] && (($(date +%s) - $(<"$published_file") < SCALING_PUBLISH_INTERVAL_S)); then
+  publish=false
+fi
 data=""
 for dims in "${dimension_sets[@]}"; do
   dimension_json=""
@@ -138,8 +145,13 @@ for dims in "${dimension_sets[@]}"; do
     data+="${data:+,}{\"MetricName\":\"$cloudwatch_name\",\"Dimensions\":[$dimension_json],\"Values\":[$values],\"Unit\":\"$unit\"}"
   done
 done
-aws cloudwatch put-metric-data "${aws_opts[@]}" --namespace "$SCALING_NAMESPACE" --metric-data "[$data]" ||
-  log "PutMetricData to $SCALING_NAMESPACE failed; the protection check still runs"
+if [[ $publish == true ]]; then
+  if aws cloudwatch put-metric-data "${aws_opts[@]}" --namespace "$SCALING_NAMESPACE" --metric-data "[$data]"; then
+    date +%s | write_file "$published_file"
+  else
+    log "PutMetricData to $SCALING_NAMESPACE failed; the protection check still runs"
+  fi
+fi
 
 # Requests in vLLM (running + waiting) over all replicas of this node.
 in_flight=0

@@ -238,6 +238,7 @@ class PolicyInputs:
     secret_kms_key_arn: str | None = None
     # The optional Hugging Face token (infra/node/from_plan.py hf_token_secret_name).
     hf_token_secret_name: str | None = None
+    metrics_namespace: str = "vllm-fleet"
 
 
 def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
@@ -264,6 +265,16 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
             + ["autoscaling:SetInstanceProtection"]
             + (["autoscaling:SetInstanceHealth"] if p.gangs else []),
             "Resource": [own_groups],
+        },
+        {
+            # scaling-signal publishes the scaling gauges (images/scripts/node-scaling-signal.sh).
+            # PutMetricData has no resource-level permissions; the cloudwatch:namespace condition
+            # key limits it to the fleet's namespace (CloudWatch's IAM reference, "Condition keys").
+            "Sid": "PublishScalingGauges",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:PutMetricData"],
+            "Resource": ["*"],
+            "Condition": {"StringEquals": {"cloudwatch:namespace": p.metrics_namespace}},
         },
         {
             # The protection script reads its group's desired vs in-service count; the
@@ -454,6 +465,7 @@ class Fleet(pulumi.ComponentResource):
                         weights_s3_uri=args.weights_s3_uri,
                         secret_kms_key_arn=args.api_key_kms_key_arn,
                         hf_token_secret_name=stack_plan.node_specs[types[0]].hf_token_secret_id,
+                        metrics_namespace=stack_plan.node_specs[types[0]].scaling_environment["SCALING_NAMESPACE"],
                     )
                 ),
                 indent=2,

@@ -47,6 +47,9 @@ def hf_token_secret_name(stack: str) -> str:
 
 
 def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_secret_id: str) -> NodeSpec:
+    # infra.scaling builds on the stack plan, which builds on this module: import at call time.
+    from infra.scaling import node_scaling_environment, node_scaling_interval_s
+
     layout = candidate.layout
     source = config.serving.weights_source
     gpus_per_node = default_catalog().instances[layout.instance_type].gpu_count
@@ -78,4 +81,8 @@ def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_
         # None: the node reads the Fleet's instance tag (the default URI names the account).
         weights_s3_uri=config.serving.weights_s3_uri if source == "s3" else None,
         hf_token_secret_id=hf_token_secret_name(config.stack) if source == "huggingface" else None,
+        scaling_environment=node_scaling_environment(
+            config.stack, config.region, [r.port for r in replicas], layout.nodes_per_replica > 1
+        ),
+        scaling_interval_s=node_scaling_interval_s(),
     )

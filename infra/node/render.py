@@ -156,6 +156,8 @@ def node_units(spec: NodeSpec) -> list[str]:
         units += ["vllm-fleet-gang.service", "ray-head.service", "ray-worker.service"]
     if spec.lifecycle_hooks.enabled:
         units.append("vllm-fleet-lifecycle.service")
+    if spec.scaling_environment:
+        units.append("vllm-fleet-scaling-signal.timer")
     return units + vllm_unit_names(spec)
 
 
@@ -261,6 +263,11 @@ def render_node(spec: NodeSpec) -> dict[str, str]:
             asg_name_tag=ASG_NAME_TAG,
             target_group_tag=TARGET_GROUP_TAG,
         )
+    if spec.scaling_environment:
+        files[f"{UNIT_DIR}/vllm-fleet-scaling-signal.service"] = _render(
+            "vllm-fleet-scaling-signal.service.j2", spec=spec, env=spec.scaling_environment
+        )
+        files[f"{UNIT_DIR}/vllm-fleet-scaling-signal.timer"] = _render("vllm-fleet-scaling-signal.timer.j2", spec=spec)
     files["etc/sysusers.d/vllm-fleet.conf"] = _render("sysusers.conf.j2", spec=spec)
     files["etc/tmpfiles.d/vllm-fleet.conf"] = _render("tmpfiles.conf.j2", spec=spec)
     return dict(sorted(files.items()))

@@ -243,10 +243,15 @@ class NodeSpec:
     weights_dir: str | None = None
     weights_s3_uri: str | None = None
     hf_token_secret_id: str | None = None
+    # scaling-signal's environment (infra/scaling.py node_scaling_environment) and how often it
+    # runs; empty renders no scaling units.
+    scaling_environment: Mapping[str, str] = field(default_factory=dict)
+    scaling_interval_s: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
         object.__setattr__(self, "vllm_env", MappingProxyType(dict(sorted(self.vllm_env.items()))))
+        object.__setattr__(self, "scaling_environment", MappingProxyType(dict(self.scaling_environment)))
         if not _STACK.match(self.stack):
             raise FleetError(f"stack={self.stack!r}: lowercase letters, digits and '-', at most 63")
         if not _REGION.match(self.region):
@@ -331,6 +336,12 @@ class NodeSpec:
                 raise FleetError(f"hf_token_secret_id: only for weights_source huggingface, not {self.weights_source!r}")
             if not _SECRET_ID.match(self.hf_token_secret_id):
                 raise FleetError(f"hf_token_secret_id={self.hf_token_secret_id!r}: not a Secrets Manager name")
+        for name, value in self.scaling_environment.items():
+            if not _ENV_NAME.match(name):
+                raise FleetError(f"scaling_environment {name!r}: not a valid environment variable name")
+            _check_control_chars(f"scaling_environment {name}", value)
+        if self.scaling_interval_s < 1:
+            raise FleetError(f"scaling_interval_s={self.scaling_interval_s}: must be at least 1")
         if self.aws_endpoint_url is not None and not _ENDPOINT.match(self.aws_endpoint_url):
             raise FleetError(f"aws_endpoint_url={self.aws_endpoint_url!r}: must look like http://host:port")
 
