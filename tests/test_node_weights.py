@@ -8,8 +8,8 @@ The booted versions of the same scripts run in tests/test_node_boot.py.
 from __future__ import annotations
 
 import gzip
-import re
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -24,7 +24,7 @@ from infra.config import load_stack_file, stack_names
 from infra.node.from_plan import KEEP_ALIVE_MARGIN_S
 from infra.node.render import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names
 from infra.stackplan import StackPlan, build_stack_plan
-from tests.test_scaling import FakeImds
+from tests.support.imds import FakeImds
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "images" / "scripts"
 FETCH_WEIGHTS = SCRIPTS / "node-fetch-weights.sh"
@@ -104,19 +104,8 @@ def test_fetch_weights_copies_the_prefix_and_reports_its_rate(moto_env: dict[str
 
 def test_fetch_weights_reads_the_uri_from_the_instance_tag(moto_env: dict[str, str], tmp_path: Path) -> None:
     upload_model(moto_env, size_mb=1)
-    imds = FakeImds("i-0123456789abcdef0", "vllm-fleet.prod-70b.fleet-1")
-    imds_paths = imds.httpd.RequestHandlerClass  # the fake serves a fixed map; add the weights tag
+    imds = FakeImds("i-0123456789abcdef0", "vllm-fleet.prod-70b.fleet-1", {"vllm-fleet:weights-uri": URI})
     try:
-        extra = {"/latest/meta-data/tags/instance/vllm-fleet:weights-uri": URI}
-        original = imds_paths.do_GET
-
-        def do_get(handler):  # type: ignore[no-untyped-def]
-            if handler.path in extra and handler.headers.get("X-aws-ec2-metadata-token"):
-                handler._reply(extra[handler.path])
-            else:
-                original(handler)
-
-        imds_paths.do_GET = do_get
         result = run(FETCH_WEIGHTS, moto_env, WEIGHTS_DIR=str(tmp_path / "m"), WEIGHTS_S3_URI="", VLLM_FLEET_IMDS=imds.url)
     finally:
         imds.close()

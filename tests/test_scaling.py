@@ -34,6 +34,7 @@ from infra.scaling import (
     warm_pool_mode,
 )
 from infra.stackplan import StackPlan, build_stack_plan
+from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
@@ -390,42 +391,6 @@ def test_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
-
-
-class FakeImds:
-    """IMDSv2 on 127.0.0.1: a token, the instance id and the group tag."""
-
-    def __init__(self, instance_id: str, group: str) -> None:
-        token = "t0ken"
-        paths = {"/latest/meta-data/instance-id": instance_id, "/latest/meta-data/tags/instance/aws:autoscaling:groupName": group}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:
-                self._reply(token if self.path == "/latest/api/token" else None)
-
-            def do_GET(self) -> None:
-                ok = self.headers.get("X-aws-ec2-metadata-token") == token
-                self._reply(paths.get(self.path) if ok else None)
-
-            def _reply(self, body: str | None) -> None:
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def moto_group(moto_env: dict[str, str], name: str, size: int) -> tuple[object, list[str]]:
