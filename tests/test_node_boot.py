@@ -85,6 +85,9 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
         # No Auto Scaling group here, so no lifecycle watcher (the spec's switch for exactly
         # this; it would poll instance metadata, which a test must not reach for).
         lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+        # Nor the scaling signal (it reads the group from instance metadata): tests/test_node_s3_boot.py
+        # boots it with a metadata stand-in and moto's Auto Scaling and CloudWatch.
+        scaling_environment={},
     )
 
 
@@ -146,13 +149,16 @@ def boot(
     spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
     print(f"\n{STACK} serve argv, production vs this CPU test:\n"
           f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-          f"environment added: {CPU_NODE_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
+          f"environment added: {CPU_NODE_ENV}; lifecycle hooks and scaling signal: off (no Auto Scaling group)")  # fmt: skip
     node = prepare_node(rootfs, workdir, name)
     install_tiny_model(node, tiny_llama_dir)
     dropin = AWS_TEST_CREDENTIALS_DROPIN
     if fetch_warn_after is not None:  # the script's own test switch: say it sooner than after 10 tries
         dropin += f"Environment=VLLM_FLEET_FETCH_WARN_AFTER={fetch_warn_after}\n"
     node.write(FETCH_KEY_DROPIN_PATH, dropin)
+    # The Hub token's fetch (dev-8b downloads from the Hub in production) talks to moto too.
+    node.write("etc/systemd/system/vllm-fleet-fetch-hf-token.service.d/10-test-aws-credentials.conf",
+               AWS_TEST_CREDENTIALS_DROPIN)
     seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
     argv = spec.replicas[0].serve_argv
     served = argv[argv.index("--served-model-name") + 1]
