@@ -21,14 +21,13 @@ What scales, and on what:
   no vLLM metric to scale on.
 * A fleet whose minimum and maximum are the same nodes is fixed: no policies.
 
-The metrics reach CloudWatch through the CloudWatch agent on each node (Prometheus scrape →
-embedded metric format), renamed ``vllm:x`` → ``vllm_x``. Facts and design values:
+The metrics reach CloudWatch from each node: the image's scaling-signal scrapes vLLM's /metrics
+and calls PutMetricData (images/scripts/node-scaling-signal.sh), renamed ``vllm:x`` → ``vllm_x``. Facts and design values:
 infra/data/scaling.yaml. Metric names: infra/data/vllm_metrics.yaml. Design notes: docs/scaling.md.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import random
 import re
@@ -66,16 +65,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AgentFacts(_Strict):
-    prometheus_config: Fact[str]
-    supported_metric_types: Fact[list[str]]
-    relabel_keeps_type: Fact[bool]
-    ctl_path: Fact[str]
-
-
 class CloudWatchFacts(_Strict):
     metric_name_max_length: Fact[int]
-    emf_dimension_set_max_keys: Fact[int]
+    put_metric_data_max_metrics: Fact[int]
+    put_metric_data_max_values_per_metric: Fact[int]
 
 
 class TargetTrackingFacts(_Strict):
@@ -134,21 +127,13 @@ class PolicyDesign(_Strict):
         return self
 
 
-class AgentSchema(_Strict):
-    source: str = Field(min_length=8)
-    read: dt.date
-    schema_: dict[str, Any] = Field(alias="schema")
-
-
 class ScalingFacts(_Strict):
-    cloudwatch_agent: AgentFacts
     cloudwatch: CloudWatchFacts
     target_tracking: TargetTrackingFacts
     instance_protection: ProtectionFacts
     warm_pool: WarmPoolFacts
     scheduled_actions: ScheduleFacts
     policy: PolicyDesign
-    cloudwatch_agent_schema: AgentSchema
 
 
 @cache
@@ -165,7 +150,7 @@ class ScalingSignal:
     role: SignalRole
     prometheus_name: str  # as vLLM exposes it (infra/data/vllm_metrics.yaml)
     cloudwatch_name: str  # after the scrape config's rename
-    unit: str  # CloudWatch unit in the EMF declaration
+    unit: str  # CloudWatch unit scaling-signal publishes it with
 
 
 def cloudwatch_metric_name(prometheus_name: str) -> str:
@@ -224,7 +209,7 @@ def uses_mixed_instances(stack_plan: StackPlan) -> bool:
 
 
 def log_group_name(stack: str) -> str:
-    """The fleet's log group (the Fleet creates it); the agent writes its EMF events there."""
+    """The fleet's log group (the Fleet creates it; the nodes ship no logs to it yet)."""
     return f"/vllm-fleet/{stack}"
 
 
@@ -567,6 +552,11 @@ def node_scaling_environment(stack: str, region: str, ports: Sequence[int], gang
     signals = scaling_signals()
     # A gang's ladder sums the heads by stack; a fleet's target tracking reads its group.
     dims: tuple[tuple[str, ...], ...] = ((STACK_DIMENSION,),) if gang else ((ASG_DIMENSION,), (STACK_DIMENSION,))
+    cloudwatch = facts.cloudwatch
+    if len(signals) * len(dims) > cloudwatch.put_metric_data_max_metrics.value or len(ports) > (
+        cloudwatch.put_metric_data_max_values_per_metric.value
+    ):
+        raise FleetError(f"{len(signals)} gauges × {len(dims)} dimension sets × {len(ports)} replicas: over one PutMetricData call")
     return {
         "SCALING_REGION": region,
         "SCALING_STACK": stack,
