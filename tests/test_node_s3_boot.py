@@ -16,7 +16,6 @@ give moto's dummy credentials), the metadata service (tests/support/imds.py), th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import secrets
 import time
 import urllib.error
@@ -45,6 +44,7 @@ from tests.support.rootfs import (
     NodeContainer,
     argv_diff,
     free_port,
+    node_files_diff,
     prepare_node,
     production_node_spec,
     replace_serve_flags,
@@ -162,11 +162,9 @@ def boot_s3_node(rootfs: Path, workdir: Path, name: str, moto: MotoServer, imds:
     port = free_port()
     spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
     user_data = render_user_data(spec)
-    diff = difflib.unified_diff(render_user_data(production).splitlines(), user_data.splitlines(),
-                                "production user-data", "cpu test user-data", lineterm="", n=0)  # fmt: skip
     print(f"\n{STACK} serve argv, production vs this CPU test:\n"
           f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-          f"{STACK} user-data, production vs this CPU test (every changed line):\n" + "\n".join(diff))  # fmt: skip
+          f"{STACK} user-data, production vs this CPU test (every changed line):\n{node_files_diff(production, spec)}")  # fmt: skip
     node = prepare_node(rootfs, workdir, name, holds_vllm_slot=holds_vllm_slot)
     for path, content in test_dropins(imds).items():
         node.write(path, content)
@@ -248,11 +246,17 @@ def test_the_scaling_gauges_reach_cloudwatch_as_the_policies_query_them(s3_node:
         metrics = cloudwatch.list_metrics(Namespace=spec.namespace)["Metrics"]
         return {(m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"])) for m in metrics}
 
-    s3_node.node.wait_for(lambda: published() == wanted, 120, "the scaling gauges in moto CloudWatch", interval_s=1)
-    TIMINGS["boot to first scaling metric in CloudWatch"] = time.monotonic() - s3_node.booted_at
-    # And the protection check ran against the group: idle, so not protected.
-    journal = s3_node.node.journal("-u", SIGNAL_UNIT, "-o", "cat")
-    assert "unprotected" in journal, journal[-2000:]
+    try:
+        s3_node.node.wait_for(lambda: published() == wanted, 120, "the scaling gauges in moto CloudWatch", interval_s=1)
+        TIMINGS["boot to first scaling metric in CloudWatch"] = time.monotonic() - s3_node.booted_at
+        # And the protection check ran against the group: idle, so not protected.
+        s3_node.node.wait_for(
+            lambda: "unprotected" in s3_node.node.journal("-u", SIGNAL_UNIT, "-o", "cat"), 60, "the protection call"
+        )
+    except Exception:
+        print(s3_node.node.journal("-u", SIGNAL_UNIT, "-o", "short-monotonic")[-6000:])
+        print(s3_node.node.exec("systemctl", "status", "--no-pager", "-n", "20", "vllm.service", check=False).stdout)
+        raise
 
 
 def test_a_broken_weights_uri_fails_once_with_one_line_and_vllm_never_starts(

@@ -782,6 +782,27 @@ def replace_serve_flags(argv: Sequence[str], model: str, replacements: dict[str,
     return ("vllm", "serve", model, *replaced[3:], *added)
 
 
+def node_files_diff(production: NodeSpec, test: NodeSpec) -> str:
+    """What the test's user-data changes against production's, file by file: files left out or
+    added by name, changed files as a unified diff of their changed lines."""
+    import difflib
+
+    from infra.node.render import render_node
+
+    before, after = render_node(production), render_node(test)
+    unit_dir = "etc/systemd/system"
+    if f"{unit_dir}/vllm.service" in after and f"{unit_dir}/vllm-0.service" in before:
+        # One replica where production packs several: compare it with production's first.
+        before[f"{unit_dir}/vllm.service"] = before.pop(f"{unit_dir}/vllm-0.service")
+    out = [f"- {path} (left out)" for path in sorted(set(before) - set(after))]
+    out += [f"+ {path} (added)" for path in sorted(set(after) - set(before))]
+    for path in sorted(set(before) & set(after)):
+        if before[path] != after[path]:
+            out += difflib.unified_diff(before[path].splitlines(), after[path].splitlines(),
+                                        f"production /{path}", f"cpu test /{path}", lineterm="", n=0)  # fmt: skip
+    return "\n".join(out)
+
+
 def argv_diff(production: Sequence[str], test: Sequence[str]) -> str:
     """A unified diff of two argvs, one option (with its values) per line."""
     import difflib
