@@ -139,7 +139,7 @@ from tests.support.rootfs import ensure_rootfs
 # Modules that boot nodes running vLLM. Each node takes the machine-wide one-vLLM lock, which
 # the session-wide `vllm_server` fixture holds until the session ends once it has started; so
 # they run before any test asks for that fixture.
-NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_s3_boot.py", "test_node_gang_boot.py")
+NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_s3_boot.py", "test_node_hub_boot.py", "test_node_gang_boot.py")
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,25 +28,22 @@ import pytest
 
 from infra.components.fleet import default_weights_s3_uri, parse_s3_uri
 from infra.config import load_stack_file
-from infra.node.render import render_user_data
 from infra.node.spec import NodeSpec, ReplicaSpec
 from infra.scaling import scaling_policy_spec
 from infra.stackplan import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.rootfs import (
-    AWS_TEST_CREDENTIALS_DROPIN,
     CPU_NODE_ENV,
-    FETCH_KEY_DROPIN_PATH,
     TINY_MODEL_MAX_LEN,
     MotoServer,
     NodeContainer,
-    argv_diff,
+    aws_unit_dropins,
+    boot_stack_node,
     free_port,
-    node_files_diff,
-    prepare_node,
+    moto_group,
+    node_health,
     production_node_spec,
     replace_serve_flags,
-    seed_nocloud,
     stop_node,
 )
 from tests.support.vllm_server import CPU_WARMUP_FLAGS
@@ -59,16 +54,6 @@ WEIGHTS_UNIT = "vllm-fleet-fetch-weights.service"
 SIGNAL_UNIT = "vllm-fleet-scaling-signal.service"
 HEALTH_TIMEOUT_S = 480
 TIMINGS: dict[str, float] = {}
-
-
-def health(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return None
 
 
 def weights_uri() -> str:
@@ -104,20 +89,6 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
     )
 
 
-def test_dropins(imds: FakeImds) -> dict[str, str]:
-    """What a real instance has and this container does not: the role's credentials (moto takes
-    any) and the metadata service (the stand-in), for the units that call AWS."""
-    imds_env = f"Environment=VLLM_FLEET_IMDS={imds.url}\n"
-    return {
-        FETCH_KEY_DROPIN_PATH: AWS_TEST_CREDENTIALS_DROPIN,
-        f"etc/systemd/system/{WEIGHTS_UNIT}.d/10-test.conf": AWS_TEST_CREDENTIALS_DROPIN + imds_env,
-        f"etc/systemd/system/{SIGNAL_UNIT}.d/10-test.conf": AWS_TEST_CREDENTIALS_DROPIN + imds_env,
-    }
-
-
-test_dropins.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
 def upload_tiny_model(moto: MotoServer, uri: str, model_dir: Path, region: str) -> int:
     bucket, prefix = parse_s3_uri(uri)
     client = boto3.client("s3", endpoint_url=moto.endpoint, region_name=region,
@@ -129,20 +100,6 @@ def upload_tiny_model(moto: MotoServer, uri: str, model_dir: Path, region: str) 
             client.upload_file(str(path), bucket, prefix + str(path.relative_to(model_dir)))
             total += path.stat().st_size
     return total
-
-
-def moto_group(moto: MotoServer, name: str, region: str) -> str:
-    """An Auto Scaling group of one in moto; returns its instance's id (the node's identity)."""
-    kwargs = {"endpoint_url": moto.endpoint, "region_name": region,
-              "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # fmt: skip
-    ec2, asg = boto3.client("ec2", **kwargs), boto3.client("autoscaling", **kwargs)
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"})
-    asg.create_auto_scaling_group(
-        AutoScalingGroupName=name, MinSize=1, MaxSize=1, DesiredCapacity=1,
-        LaunchTemplate={"LaunchTemplateName": f"{name}-lt"}, AvailabilityZones=[f"{region}a"],
-    )  # fmt: skip
-    return str(asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
 
 
 @dataclass
@@ -161,18 +118,10 @@ def boot_s3_node(rootfs: Path, workdir: Path, name: str, moto: MotoServer, imds:
     assert production.weights_source == "s3" and production.weights_s3_uri is None  # the tag carries it
     port = free_port()
     spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
-    user_data = render_user_data(spec)
-    print(f"\n{STACK} serve argv, production vs this CPU test:\n"
-          f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-          f"{STACK} user-data, production vs this CPU test (every changed line):\n{node_files_diff(production, spec)}")  # fmt: skip
-    node = prepare_node(rootfs, workdir, name, holds_vllm_slot=holds_vllm_slot)
-    for path, content in test_dropins(imds).items():
-        node.write(path, content)
-    print("test drop-ins (not user-data): " + ", ".join(test_dropins(imds)))
-    seed_nocloud(node, user_data, instance_id=f"i-{name}")
-    started = time.monotonic()
-    node.boot()
-    return S3Node(node, spec, port, "", imds.paths["/latest/meta-data/tags/instance/aws:autoscaling:groupName"], moto, started)
+    dropins = aws_unit_dropins(["vllm-fleet-fetch-key.service", WEIGHTS_UNIT, SIGNAL_UNIT], imds.url)
+    node, started = boot_stack_node(rootfs, workdir, name, production, spec, dropins, holds_vllm_slot=holds_vllm_slot)
+    group = imds.paths["/latest/meta-data/tags/instance/aws:autoscaling:groupName"]
+    return S3Node(node, spec, port, "", group, moto, started)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +148,7 @@ def s3_node(
     booted = boot_s3_node(node_rootfs, tmp_path_factory.mktemp("s3-node"), "s3-node", moto, imds, holds_vllm_slot=True)
     booted.api_key = api_key
     try:
-        booted.node.wait_for(lambda: health(booted.port) == 200, HEALTH_TIMEOUT_S, "vllm /health 200")
+        booted.node.wait_for(lambda: node_health(booted.port) == 200, HEALTH_TIMEOUT_S, "vllm /health 200")
         TIMINGS["boot to healthy (weights from S3)"] = time.monotonic() - booted.booted_at
         yield booted
     except Exception:
@@ -277,7 +226,7 @@ def test_a_broken_weights_uri_fails_once_with_one_line_and_vllm_never_starts(
         assert vllm["ActiveState"] in ("inactive", "failed") and vllm["NRestarts"] == "0" and vllm["MainPID"] == "0", vllm
         assert "vllm.service" not in node.exec("systemctl", "list-jobs", "--no-legend").stdout
         assert "Dependency failed" in node.journal("-u", "vllm.service", "-o", "cat")
-        assert health(booted.port) is None
+        assert node_health(booted.port) is None
         print(f"\nbroken URI: {lines[0]!r} {failed_after:.1f} s after boot; vllm.service never started")
     finally:
         stop_node(node)

@@ -889,3 +889,68 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- Booting a stack's node from its rendered user-data ----------------------------------------
+
+
+def node_health(port: int) -> int | None:
+    """vLLM's /health on 127.0.0.1 (the node shares this host's network): status, or None."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+def moto_group(moto: MotoServer, name: str, region: str) -> str:
+    """An Auto Scaling group of one in moto; returns its instance's id (the node's identity)."""
+    import boto3
+
+    kwargs = {"endpoint_url": moto.endpoint, "region_name": region,
+              "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # fmt: skip
+    ec2, asg = boto3.client("ec2", **kwargs), boto3.client("autoscaling", **kwargs)
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"})
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=1, MaxSize=1, DesiredCapacity=1,
+        LaunchTemplate={"LaunchTemplateName": f"{name}-lt"}, AvailabilityZones=[f"{region}a"],
+    )  # fmt: skip
+    return str(asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
+
+
+def aws_unit_dropins(units: Sequence[str], imds_url: str | None) -> dict[str, str]:
+    """What a real instance has and a container does not, for the units that call AWS: the
+    instance role's credentials (moto takes any) and the metadata service (a stand-in)."""
+    extra = f"Environment=VLLM_FLEET_IMDS={imds_url}\n" if imds_url else ""
+    return {
+        f"etc/systemd/system/{unit}.d/10-test-aws.conf": AWS_TEST_CREDENTIALS_DROPIN + (extra if unit != "vllm-fleet-fetch-key.service" else "")
+        for unit in units
+    }
+
+
+def boot_stack_node(
+    rootfs: Path, workdir: Path, name: str, production: NodeSpec, spec: NodeSpec, dropins: dict[str, str],
+    *, holds_vllm_slot: bool,
+) -> tuple[NodeContainer, float]:
+    """Print what the test changes (argv, user-data file by file, drop-ins), seed cloud-init with
+    the test spec's user-data, boot; returns the node and the monotonic time of the boot."""
+    from infra.node.render import render_user_data
+
+    print(f"\n{production.stack} serve argv, production vs this CPU test:\n"
+          f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
+          f"{production.stack} user-data, production vs this CPU test (every changed line):\n"
+          f"{node_files_diff(production, spec)}\n"
+          "test drop-ins (not user-data): " + ", ".join(dropins))  # fmt: skip
+    node = prepare_node(rootfs, workdir, name, holds_vllm_slot=holds_vllm_slot)
+    for path, content in dropins.items():
+        node.write(path, content)
+    seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
+    started = time.monotonic()
+    node.boot()
+    return node, started
