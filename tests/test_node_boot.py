@@ -18,8 +18,6 @@ import functools
 import json
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from tests.support.rootfs import (
     argv_diff,
     free_port,
     install_tiny_model,
+    node_health,
     prepare_node,
     production_node_spec,
     replace_serve_flags,
@@ -106,16 +105,6 @@ def reap_leftovers(node: NodeContainer) -> int:
     return node.kill_unit(UNIT)
 
 
-def health(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return None
-
-
 @dataclass
 class BootedNode:
     node: NodeContainer
@@ -131,7 +120,7 @@ class BootedNode:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.api_key, timeout=120)
 
     def wait_healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
-        return self.node.wait_for(lambda: health(self.port) == 200, timeout_s, f"{UNIT} /health 200")
+        return self.node.wait_for(lambda: node_health(self.port) == 200, timeout_s, f"{UNIT} /health 200")
 
     def unit_state(self) -> dict[str, str]:
         return self.node.show(UNIT, "ActiveState", "SubState", "Result", "MainPID", "NRestarts")
@@ -167,14 +156,6 @@ def boot(
     node.boot()
     TIMINGS[f"{name}: nspawn to systemd up"] = time.monotonic() - started
     return booted
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +198,7 @@ def test_cloud_init_ran_the_rendered_user_data_without_errors(node: BootedNode) 
 def test_vllm_unit_is_active_and_healthy(node: BootedNode) -> None:
     state = node.unit_state()
     assert state["ActiveState"] == "active" and state["SubState"] == "running", state
-    assert health(node.port) == 200
+    assert node_health(node.port) == 200
     # It runs as the unprivileged service user, the production `vllm serve` path.
     main_pid = state["MainPID"]
     user = node.node.exec("ps", "-o", "user=", "-p", main_pid).stdout.strip()
@@ -291,7 +272,7 @@ def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     assert before["ActiveState"] == "active"
     killed_at = time.monotonic()
     node.node.exec("kill", "-9", before["MainPID"])
-    node.node.wait_for(lambda: health(node.port) != 200, 30, "vLLM to go down after SIGKILL")
+    node.node.wait_for(lambda: node_health(node.port) != 200, 30, "vLLM to go down after SIGKILL")
     node.node.wait_for(lambda: node.unit_state()["ActiveState"] != "active", 30, "systemd to see the crash")
     reaped = reap_leftovers(node.node)
     node.wait_healthy()
@@ -401,7 +382,7 @@ def test_repeated_crashes_stop_at_the_start_rate_limit(node: BootedNode) -> None
     restart_s = float(limits["RestartUSec"].rstrip("s"))
     time.sleep(restart_s * 2)
     assert node.unit_state()["ActiveState"] == "failed"
-    assert health(node.port) is None
+    assert node_health(node.port) is None
     TIMINGS["crash loop to start-limit-hit"] = loop_s
     print(f"crash loop: {kills} SIGKILLs, then start-limit-hit after {loop_s:.1f} s "
           f"(StartLimitBurst={burst}, StartLimitInterval={limits['StartLimitIntervalUSec']}, RestartSec={restart_s:g})")

@@ -81,13 +81,11 @@ class HubNode:
 
 @pytest.fixture(scope="module")
 def hub_node(
-    node_rootfs: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    node_rootfs: Path, tiny_llama_dir: Path, moto: MotoServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HubNode]:
     production = production_node_spec(STACK)
     assert production.weights_source == "huggingface" and production.hf_token_secret_id
     repo = production.replicas[0].serve_argv[2]
-    moto = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
-    moto.start()
     token = "hf_" + secrets.token_hex(17)
     hub = HubStandIn(repo, tiny_llama_dir, token)
     moto.put_secret(production.api_key_secret_id, "hub-boot-" + secrets.token_hex(16), production.region)
@@ -114,7 +112,6 @@ def hub_node(
         stop_node(node)
         hub.close()
         imds.close()
-        moto.stop()
 
 
 def test_vllm_downloaded_the_gated_repo_with_the_token(hub_node: HubNode) -> None:

@@ -125,14 +125,6 @@ def boot_s3_node(rootfs: Path, workdir: Path, name: str, moto: MotoServer, imds:
 
 
 @pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def s3_node(
     node_rootfs: Path, tiny_llama_dir: Path, moto: MotoServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[S3Node]:
