@@ -214,3 +214,15 @@ def test_user_data_fits_ec2_for_every_stack_and_ladder_type() -> None:
             lines.append(f"{name:14} {instance_type:16} {size:6} B gzipped, margin {USER_DATA_LIMIT - size:6} B")
             assert size < USER_DATA_LIMIT, lines[-1]
     print("\nuser-data (gzipped) against EC2's 16,384 B:\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("source", ["ebs-initialized", "ebs-lazy", "local-nvme"])
+def test_a_staged_source_asserts_its_weights_before_vllm_starts(source: str) -> None:
+    config = load_stack_file("dev-8b")
+    config = config.model_copy(update={"serving": config.serving.model_copy(update={"weights_source": source})})
+    plan = build_stack_plan(config, validate=False)
+    spec = plan.node_specs[plan.plan.layout.instance_type]
+    unit = render_node(spec)[f"{UNIT_DIR}/vllm.service"]
+    assert f"AssertPathExists={plan.serve_argv[2]}/config.json" in unit
+    assert plan.serve_argv[2].startswith("/opt/models/") and spec.vllm_env["HF_HUB_OFFLINE"] == "1"
+    assert spec.weights_dir is None and spec.hf_token_secret_id is None

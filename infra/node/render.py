@@ -18,6 +18,7 @@ from functools import cache
 import jinja2
 
 from infra.errors import FleetError
+from infra.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.node.spec import NodeSpec, ReplicaSpec
 
 TEMPLATE_PACKAGE = "infra"
@@ -205,6 +206,7 @@ def _vllm_unit(spec: NodeSpec, index: int, replica: ReplicaSpec, unit_name: str)
         exec_start=_exec_start(spec, replica),
         wait_ray_gpus_argv=wait_ray_gpus,
         stop_timeout_s=spec.shutdown_timeout_s + STOP_MARGIN_S,
+        staged_sources=LOCAL_WEIGHT_SOURCES,
     )
 
 
