@@ -15,7 +15,6 @@ plain HTTP downloads), the real Secrets Manager, CloudWatch, the metadata servic
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.node.spec import NodeSpec
 from tests.support.hub import HubStandIn
 from tests.support.imds import FakeImds
 from tests.support.rootfs import (
@@ -34,6 +33,7 @@ from tests.support.rootfs import (
     NodeContainer,
     aws_unit_dropins,
     boot_stack_node,
+    cpu_variant,
     free_port,
     moto_group,
     node_health,
@@ -58,15 +58,9 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
         {"--host": "127.0.0.1", "--port": str(port), "--max-model-len": str(TINY_MODEL_MAX_LEN)},
         added=CPU_WARMUP_FLAGS,
     )
+    # Not HF_HUB_OFFLINE: the download from the Hub is what this test boots.
     cpu_env = {name: value for name, value in CPU_NODE_ENV.items() if name != "HF_HUB_OFFLINE"}
-    return dataclasses.replace(
-        production,
-        replicas=(ReplicaSpec(argv, port=port),),
-        vllm_env={**production.vllm_env, **cpu_env},
-        aws_endpoint_url=endpoint,
-        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
-        scaling_environment={**production.scaling_environment, "SCALING_PORTS": str(port)},
-    )
+    return cpu_variant(production, argv, port=port, endpoint=endpoint, vllm_env=cpu_env)
 
 
 @dataclass

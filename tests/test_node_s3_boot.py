@@ -15,7 +15,6 @@ give moto's dummy credentials), the metadata service (tests/support/imds.py), th
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections.abc import Iterator
@@ -28,17 +27,17 @@ import pytest
 
 from infra.components.fleet import default_weights_s3_uri, parse_s3_uri
 from infra.config import load_stack_file
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.node.spec import NodeSpec
 from infra.scaling import scaling_policy_spec
 from infra.stackplan import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.rootfs import (
-    CPU_NODE_ENV,
     TINY_MODEL_MAX_LEN,
     MotoServer,
     NodeContainer,
     aws_unit_dropins,
     boot_stack_node,
+    cpu_variant,
     free_port,
     moto_group,
     node_health,
@@ -79,14 +78,7 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
         },
         added=CPU_WARMUP_FLAGS,
     )
-    return dataclasses.replace(
-        production,
-        replicas=(ReplicaSpec(argv, port=port),),
-        vllm_env={**production.vllm_env, **CPU_NODE_ENV},
-        aws_endpoint_url=endpoint,
-        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
-        scaling_environment={**production.scaling_environment, "SCALING_PORTS": str(port)},
-    )
+    return cpu_variant(production, argv, port=port, endpoint=endpoint)
 
 
 def upload_tiny_model(moto: MotoServer, uri: str, model_dir: Path, region: str) -> int:

@@ -693,6 +693,27 @@ CPU_NODE_ENV = {
 }
 
 
+def cpu_variant(
+    production: NodeSpec, argv: Sequence[str], *, port: int, endpoint: str,
+    vllm_env: dict[str, str] | None = None, scaling: bool = True,
+) -> NodeSpec:
+    """A production spec as a CPU boot test runs it: one replica with ``argv`` on ``port``, the
+    CPU build's environment, moto's endpoint, no lifecycle watcher (no Auto Scaling lifecycle
+    hooks in moto), and the scaling signal reading that port (or none, ``scaling=False``)."""
+    import dataclasses
+
+    from infra.node.spec import ReplicaSpec
+
+    return dataclasses.replace(
+        production,
+        replicas=(ReplicaSpec(tuple(argv), port=port),),
+        vllm_env={**production.vllm_env, **(CPU_NODE_ENV if vllm_env is None else vllm_env)},
+        aws_endpoint_url=endpoint,
+        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+        scaling_environment={**production.scaling_environment, "SCALING_PORTS": str(port)} if scaling else {},
+    )
+
+
 @functools.cache
 def production_node_spec(stack: str) -> NodeSpec:
     """The NodeSpec that ``stack`` deploys on its chosen instance type."""
