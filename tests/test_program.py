@@ -389,7 +389,7 @@ def test_node_policy_is_least_privilege(stack: str, preview: bool) -> None:
     # Describe* actions and PutMetricData support no resource-level permissions; nothing else is
     # on "*", and PutMetricData only with the fleet's namespace as its condition.
     assert [s["Sid"] for s in wildcard] == (
-        ["PublishScalingGauges", "ReadOwnGroup", "DiscoverGang"] if gangs else ["PublishScalingGauges", "ReadOwnGroup"]
+        ["ReadOwnGroup", "PublishScalingGauges", "DiscoverGang"] if gangs else ["ReadOwnGroup", "PublishScalingGauges"]
     )
     assert statements["PublishScalingGauges"]["Condition"] == {"StringEquals": {"cloudwatch:namespace": "vllm-fleet"}}
     assert statements["ReadOwnGroup"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]

@@ -238,7 +238,8 @@ class PolicyInputs:
     secret_kms_key_arn: str | None = None
     # The optional Hugging Face token (infra/node/from_plan.py hf_token_secret_name).
     hf_token_secret_name: str | None = None
-    metrics_namespace: str = "vllm-fleet"
+    # The namespace the nodes' scaling-signal publishes to (infra/scaling.py node_scaling_environment).
+    metrics_namespace: str | None = None
 
 
 def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
@@ -267,16 +268,6 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
             "Resource": [own_groups],
         },
         {
-            # scaling-signal publishes the scaling gauges (images/scripts/node-scaling-signal.sh).
-            # PutMetricData has no resource-level permissions; the cloudwatch:namespace condition
-            # key limits it to the fleet's namespace (CloudWatch's IAM reference, "Condition keys").
-            "Sid": "PublishScalingGauges",
-            "Effect": "Allow",
-            "Action": ["cloudwatch:PutMetricData"],
-            "Resource": ["*"],
-            "Condition": {"StringEquals": {"cloudwatch:namespace": p.metrics_namespace}},
-        },
-        {
             # The protection script reads its group's desired vs in-service count; the
             # action supports no resource-level permissions.
             "Sid": "ReadOwnGroup",
@@ -285,6 +276,20 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
             "Resource": ["*"],
         },
     ]
+    if p.metrics_namespace:
+        statements.append(
+            {
+                # scaling-signal publishes the scaling gauges (images/scripts/node-scaling-signal.sh).
+                # PutMetricData has no resource-level permissions; the cloudwatch:namespace condition
+                # key limits it to the fleet's namespace (docs.aws.amazon.com/AmazonCloudWatch/latest/
+                # monitoring/iam-cw-condition-keys-namespace.html, "Allowing publishing in one namespace only").
+                "Sid": "PublishScalingGauges",
+                "Effect": "Allow",
+                "Action": ["cloudwatch:PutMetricData"],
+                "Resource": ["*"],
+                "Condition": {"StringEquals": {"cloudwatch:namespace": p.metrics_namespace}},
+            },
+        )
     if p.hf_token_secret_name:
         statements.append(
             {
