@@ -21,26 +21,21 @@ What scales, and on what:
   no vLLM metric to scale on.
 * A fleet whose minimum and maximum are the same nodes is fixed: no policies.
 
-The metrics reach CloudWatch through the CloudWatch agent on each node (Prometheus scrape →
-embedded metric format), renamed ``vllm:x`` → ``vllm_x``. Facts and design values:
+The metrics reach CloudWatch from each node: the image's scaling-signal scrapes vLLM's /metrics
+and calls PutMetricData (images/scripts/node-scaling-signal.sh), renamed ``vllm:x`` → ``vllm_x``. Facts and design values:
 infra/data/scaling.yaml. Metric names: infra/data/vllm_metrics.yaml. Design notes: docs/scaling.md.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.catalog import DATA_DIR, read_yaml
@@ -49,10 +44,8 @@ from infra.errors import FleetError
 from infra.monitoring import default_metric_catalog
 from infra.planner import Layout, Plan
 from infra.stackplan import StackPlan
-from infra.templating import script_environment
 
 SCALING_FILE = DATA_DIR / "scaling.yaml"
-TEMPLATE_DIR = Path(str(resources.files("infra") / "templates" / "scaling"))
 
 Metric = Literal["waiting-requests", "kv-cache-usage"]
 Shape = Literal["target-tracking", "gang-ladder", "fixed"]
@@ -62,20 +55,6 @@ SignalRole = Literal["running", "waiting", "kv_cache"]
 # Dimension names the metrics carry (labels put on the series by the scrape config).
 ASG_DIMENSION = "AutoScalingGroupName"
 STACK_DIMENSION = "Stack"
-# Files on the node, relative to / (the lead's user-data writes them as render_node's are).
-LIBEXEC = "usr/local/libexec/vllm-fleet"
-UNIT_DIR = "etc/systemd/system"
-AGENT_ETC = "opt/aws/amazon-cloudwatch-agent/etc"
-AGENT_CONFIG = f"{AGENT_ETC}/vllm-fleet-cloudwatch-agent.json"
-SCRAPE_CONFIG = f"{AGENT_ETC}/vllm-fleet-prometheus.yaml"
-PROTECT_SCRIPT = f"{LIBEXEC}/scale-in-protect"
-PROTECT_SERVICE = "vllm-fleet-scale-in-protect.service"
-PROTECT_TIMER = "vllm-fleet-scale-in-protect.timer"
-AGENT_SERVICE = "vllm-fleet-cloudwatch-agent.service"
-RUN_DIR = "/run/vllm-fleet"
-# Written by the protection script each tick: the scrape targets with this node's group label.
-TARGETS_FILE = f"{RUN_DIR}/cloudwatch-targets.json"
-SCRAPE_JOB = "vllm"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,16 +65,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AgentFacts(_Strict):
-    prometheus_config: Fact[str]
-    supported_metric_types: Fact[list[str]]
-    relabel_keeps_type: Fact[bool]
-    ctl_path: Fact[str]
-
-
 class CloudWatchFacts(_Strict):
     metric_name_max_length: Fact[int]
-    emf_dimension_set_max_keys: Fact[int]
+    put_metric_data_max_metrics: Fact[int]
+    put_metric_data_max_values_per_metric: Fact[int]
 
 
 class TargetTrackingFacts(_Strict):
@@ -154,21 +127,13 @@ class PolicyDesign(_Strict):
         return self
 
 
-class AgentSchema(_Strict):
-    source: str = Field(min_length=8)
-    read: dt.date
-    schema_: dict[str, Any] = Field(alias="schema")
-
-
 class ScalingFacts(_Strict):
-    cloudwatch_agent: AgentFacts
     cloudwatch: CloudWatchFacts
     target_tracking: TargetTrackingFacts
     instance_protection: ProtectionFacts
     warm_pool: WarmPoolFacts
     scheduled_actions: ScheduleFacts
     policy: PolicyDesign
-    cloudwatch_agent_schema: AgentSchema
 
 
 @cache
@@ -185,7 +150,7 @@ class ScalingSignal:
     role: SignalRole
     prometheus_name: str  # as vLLM exposes it (infra/data/vllm_metrics.yaml)
     cloudwatch_name: str  # after the scrape config's rename
-    unit: str  # CloudWatch unit in the EMF declaration
+    unit: str  # CloudWatch unit scaling-signal publishes it with
 
 
 def cloudwatch_metric_name(prometheus_name: str) -> str:
@@ -244,7 +209,7 @@ def uses_mixed_instances(stack_plan: StackPlan) -> bool:
 
 
 def log_group_name(stack: str) -> str:
-    """The fleet's log group (the Fleet creates it); the agent writes its EMF events there."""
+    """The fleet's log group (the Fleet creates it; the nodes ship no logs to it yet)."""
     return f"/vllm-fleet/{stack}"
 
 
@@ -578,113 +543,41 @@ def describe_scaling(stack_plan: StackPlan) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Node artifacts: CloudWatch agent config, its scrape config, the scale-in protection timer
+# The node's side: the environment of scaling-signal (images/scripts/node-scaling-signal.sh),
+# which publishes the gauges and sets scale-in protection; infra/node/render.py renders its units.
 
 
-@cache
-def _environment() -> jinja2.Environment:
-    return script_environment(TEMPLATE_DIR)
-
-
-def _render(template: str, **context: object) -> str:
-    return _environment().get_template(template).render(**context)
-
-
-@dataclass(frozen=True)
-class NodeScalingSpec:
-    """What the node-side artifacts need: all known before any AWS resource exists."""
-
-    stack: str
-    region: str
-    namespace: str
-    ports: tuple[int, ...]
-    gang: bool
-    scrape_interval_s: int
-    protection_interval_s: int
-    protection_release_after_s: int
-    signals: tuple[ScalingSignal, ...]
-    dimension_sets: tuple[tuple[str, ...], ...]
-    log_group: str
-    agent_ctl: str
-    aws_endpoint_url: str | None = None  # tests only: moto
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def node_scaling_spec(stack_plan: StackPlan, *, aws_endpoint_url: str | None = None) -> NodeScalingSpec:
+def node_scaling_environment(stack: str, region: str, ports: Sequence[int], gang: bool) -> dict[str, str]:
+    """What scaling-signal reads: the same names, dimensions and units the policies and alarms
+    query (FleetScaling, built from the same facts)."""
     facts = scaling_facts()
-    spec = stack_plan.node_specs[stack_plan.plan.layout.instance_type]
-    gang = stack_plan.plan.layout.nodes_per_replica > 1
+    signals = scaling_signals()
+    # A gang's ladder sums the heads by stack; a fleet's target tracking reads its group.
     dims: tuple[tuple[str, ...], ...] = ((STACK_DIMENSION,),) if gang else ((ASG_DIMENSION,), (STACK_DIMENSION,))
-    limit = facts.cloudwatch.emf_dimension_set_max_keys.value
-    assert all(len(d) <= limit for d in dims)
-    return NodeScalingSpec(
-        stack=stack_plan.config.stack,
-        region=stack_plan.config.region,
-        namespace=facts.policy.namespace,
-        ports=tuple(r.port for r in spec.replicas),
-        gang=gang,
-        scrape_interval_s=facts.policy.scrape_interval_s,
-        protection_interval_s=facts.policy.protection_interval_s,
-        protection_release_after_s=facts.policy.protection_release_after_s,
-        signals=tuple(scaling_signals().values()),
-        dimension_sets=dims,
-        log_group=log_group_name(stack_plan.config.stack),
-        agent_ctl=facts.cloudwatch_agent.ctl_path.value,
-        aws_endpoint_url=aws_endpoint_url,
-    )
-
-
-def render_agent_config(spec: NodeScalingSpec) -> str:
-    """The CloudWatch agent's JSON: scrape SCRAPE_CONFIG, emit EMF for the scaling gauges only.
-
-    Schema: "Set up and configure Prometheus metrics collection on Amazon EC2 instances"
-    (CloudWatch-Agent-PrometheusEC2), checked in tests against the agent's own JSON schema
-    (infra/data/scaling.yaml cloudwatch_agent_schema)."""
-    text = _render("cloudwatch-agent.json.j2", spec=spec, scrape_config=f"/{SCRAPE_CONFIG}", job=SCRAPE_JOB)
-    json.loads(text)  # a template slip must fail here, not on the node
-    return text
-
-
-def render_scrape_config(spec: NodeScalingSpec) -> str:
-    """The Prometheus scrape config the agent reads: this node's replicas, the three gauges
-    kept and renamed, the stack as a static label; the group label comes from TARGETS_FILE."""
-    names = [s.prometheus_name for s in spec.signals]
-    keep = "|".join(re.escape(n) for n in names)
-    return _render(
-        "prometheus-scrape.yaml.j2", spec=spec, keep_regex=keep, job=SCRAPE_JOB, targets_file=TARGETS_FILE,
-        stack_dimension=STACK_DIMENSION,
-    )
-
-
-def render_node_scaling(spec: NodeScalingSpec) -> dict[str, str]:
-    """Files for the node's root file system, keyed by path relative to ``/``."""
-    running = next(s for s in spec.signals if s.role == "running")
-    waiting = next(s for s in spec.signals if s.role == "waiting")
-    files = {
-        AGENT_CONFIG: render_agent_config(spec),
-        SCRAPE_CONFIG: render_scrape_config(spec),
-        PROTECT_SCRIPT: _render(
-            "scale-in-protect.sh.j2", spec=spec, running=running.prometheus_name, waiting=waiting.prometheus_name,
-            targets_file=TARGETS_FILE, run_dir=RUN_DIR, asg_dimension=ASG_DIMENSION,
-            max_ids=scaling_facts().instance_protection.max_instance_ids_per_call.value,
-        ),
-        f"{UNIT_DIR}/{PROTECT_SERVICE}": _render("vllm-fleet-scale-in-protect.service.j2", spec=spec, script=f"/{PROTECT_SCRIPT}"),
-        f"{UNIT_DIR}/{PROTECT_TIMER}": _render("vllm-fleet-scale-in-protect.timer.j2", spec=spec, service=PROTECT_SERVICE),
-        f"{UNIT_DIR}/{AGENT_SERVICE}": _render(
-            "vllm-fleet-cloudwatch-agent.service.j2", spec=spec, agent_config=f"/{AGENT_CONFIG}",
-            protect_service=PROTECT_SERVICE,
-        ),
+    cloudwatch = facts.cloudwatch
+    if len(signals) * len(dims) > cloudwatch.put_metric_data_max_metrics.value or len(ports) > (
+        cloudwatch.put_metric_data_max_values_per_metric.value
+    ):
+        raise FleetError(f"{len(signals)} gauges × {len(dims)} dimension sets × {len(ports)} replicas: over one PutMetricData call")
+    return {
+        "SCALING_REGION": region,
+        "SCALING_STACK": stack,
+        "SCALING_NAMESPACE": facts.policy.namespace,
+        "SCALING_PORTS": " ".join(str(p) for p in ports),
+        "SCALING_GANG": "true" if gang else "false",
+        "SCALING_METRICS": " ".join(f"{s.prometheus_name}={s.cloudwatch_name}={s.unit}" for s in signals.values()),
+        "SCALING_RUNNING": signals["running"].prometheus_name,
+        "SCALING_WAITING": signals["waiting"].prometheus_name,
+        "SCALING_DIMENSIONS": " ".join(",".join(d) for d in dims),
+        "SCALING_RELEASE_AFTER_S": str(facts.policy.protection_release_after_s),
+        "SCALING_MAX_IDS": str(facts.instance_protection.max_instance_ids_per_call.value),
+        "SCALING_PUBLISH_INTERVAL_S": str(facts.policy.scrape_interval_s),
     }
-    return dict(sorted(files.items()))
 
 
-def node_scaling_units() -> list[str]:
-    """Units vllm-fleet.target should pull in (the timer starts the protection service)."""
-    return [AGENT_SERVICE, PROTECT_TIMER]
-
-
-def node_scaling_files(stack_plan: StackPlan) -> dict[str, str]:
-    return render_node_scaling(node_scaling_spec(stack_plan))
+def node_scaling_interval_s() -> int:
+    """How often the node's timer runs scaling-signal (its protection check)."""
+    return scaling_facts().policy.protection_interval_s
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,7 +97,12 @@ def validate_argv(argv: list[str], *, required: bool = False) -> str:
     if not vllm_cli.vllm_importable():
         if required:
             raise RuntimeError("vLLM must be importable to validate serve argv here")
-        return "vLLM is not importable here, so the serve argv was NOT validated by vLLM's parser"
+        # Flag names, switches and arities still are checked, against the pinned parser's table.
+        vllm_cli.check_serve_flags(argv)
+        return (
+            "vLLM is not importable here: the serve flags were checked against the pinned parser's "
+            "flag table, but their values were NOT validated by vLLM's parser"
+        )
     vllm_cli.validate_serve_argv(argv)
     return VALIDATED
 
@@ -107,7 +112,7 @@ def build_stack_plan(config: StackConfig, *, validate: bool = True) -> StackPlan
     argv = build_serve_argv(config, plan)
     validation = validate_argv(argv) if validate else "validation not requested"
     for fallback in plan.fallbacks[1:]:
-        if validation == VALIDATED:
+        if validate:
             validate_argv(build_serve_argv(config, plan, fallback))
     stack_plan = StackPlan(config, plan, argv, validation)
     for rung in plan.fallbacks:

@@ -134,12 +134,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # ---- BEGIN node boot fixtures (owner: node boot tests; tests/support/rootfs.py) ----
-from tests.support.rootfs import ensure_rootfs
+from tests.support.rootfs import MotoServer, ensure_rootfs, free_port
 
 # Modules that boot nodes running vLLM. Each node takes the machine-wide one-vLLM lock, which
 # the session-wide `vllm_server` fixture holds until the session ends once it has started; so
 # they run before any test asks for that fixture.
-NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_gang_boot.py")
+NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_s3_boot.py", "test_node_hub_boot.py", "test_node_gang_boot.py")
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A moto server for one boot-test module (the nodes reach it over the shared network)."""
+    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

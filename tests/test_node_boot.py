@@ -18,8 +18,6 @@ import functools
 import json
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from tests.support.rootfs import (
     argv_diff,
     free_port,
     install_tiny_model,
+    node_health,
     prepare_node,
     production_node_spec,
     replace_serve_flags,
@@ -85,6 +84,9 @@ def cpu_spec(production: NodeSpec, *, port: int, endpoint: str) -> NodeSpec:
         # No Auto Scaling group here, so no lifecycle watcher (the spec's switch for exactly
         # this; it would poll instance metadata, which a test must not reach for).
         lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+        # Nor the scaling signal (it reads the group from instance metadata): tests/test_node_s3_boot.py
+        # boots it with a metadata stand-in and moto's Auto Scaling and CloudWatch.
+        scaling_environment={},
     )
 
 
@@ -103,16 +105,6 @@ def reap_leftovers(node: NodeContainer) -> int:
     return node.kill_unit(UNIT)
 
 
-def health(port: int) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return None
-
-
 @dataclass
 class BootedNode:
     node: NodeContainer
@@ -128,7 +120,7 @@ class BootedNode:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.api_key, timeout=120)
 
     def wait_healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
-        return self.node.wait_for(lambda: health(self.port) == 200, timeout_s, f"{UNIT} /health 200")
+        return self.node.wait_for(lambda: node_health(self.port) == 200, timeout_s, f"{UNIT} /health 200")
 
     def unit_state(self) -> dict[str, str]:
         return self.node.show(UNIT, "ActiveState", "SubState", "Result", "MainPID", "NRestarts")
@@ -146,13 +138,16 @@ def boot(
     spec = cpu_spec(production, port=port, endpoint=moto.endpoint)
     print(f"\n{STACK} serve argv, production vs this CPU test:\n"
           f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
-          f"environment added: {CPU_NODE_ENV}; lifecycle hooks: off (no Auto Scaling group)")  # fmt: skip
+          f"environment added: {CPU_NODE_ENV}; lifecycle hooks and scaling signal: off (no Auto Scaling group)")  # fmt: skip
     node = prepare_node(rootfs, workdir, name)
     install_tiny_model(node, tiny_llama_dir)
     dropin = AWS_TEST_CREDENTIALS_DROPIN
     if fetch_warn_after is not None:  # the script's own test switch: say it sooner than after 10 tries
         dropin += f"Environment=VLLM_FLEET_FETCH_WARN_AFTER={fetch_warn_after}\n"
     node.write(FETCH_KEY_DROPIN_PATH, dropin)
+    # The Hub token's fetch (dev-8b downloads from the Hub in production) talks to moto too.
+    node.write("etc/systemd/system/vllm-fleet-fetch-hf-token.service.d/10-test-aws-credentials.conf",
+               AWS_TEST_CREDENTIALS_DROPIN)
     seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
     argv = spec.replicas[0].serve_argv
     served = argv[argv.index("--served-model-name") + 1]
@@ -161,14 +156,6 @@ def boot(
     node.boot()
     TIMINGS[f"{name}: nspawn to systemd up"] = time.monotonic() - started
     return booted
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +198,7 @@ def test_cloud_init_ran_the_rendered_user_data_without_errors(node: BootedNode) 
 def test_vllm_unit_is_active_and_healthy(node: BootedNode) -> None:
     state = node.unit_state()
     assert state["ActiveState"] == "active" and state["SubState"] == "running", state
-    assert health(node.port) == 200
+    assert node_health(node.port) == 200
     # It runs as the unprivileged service user, the production `vllm serve` path.
     main_pid = state["MainPID"]
     user = node.node.exec("ps", "-o", "user=", "-p", main_pid).stdout.strip()
@@ -285,7 +272,7 @@ def test_sigkill_of_vllm_is_restarted_by_systemd(node: BootedNode) -> None:
     assert before["ActiveState"] == "active"
     killed_at = time.monotonic()
     node.node.exec("kill", "-9", before["MainPID"])
-    node.node.wait_for(lambda: health(node.port) != 200, 30, "vLLM to go down after SIGKILL")
+    node.node.wait_for(lambda: node_health(node.port) != 200, 30, "vLLM to go down after SIGKILL")
     node.node.wait_for(lambda: node.unit_state()["ActiveState"] != "active", 30, "systemd to see the crash")
     reaped = reap_leftovers(node.node)
     node.wait_healthy()
@@ -395,7 +382,7 @@ def test_repeated_crashes_stop_at_the_start_rate_limit(node: BootedNode) -> None
     restart_s = float(limits["RestartUSec"].rstrip("s"))
     time.sleep(restart_s * 2)
     assert node.unit_state()["ActiveState"] == "failed"
-    assert health(node.port) is None
+    assert node_health(node.port) is None
     TIMINGS["crash loop to start-limit-hit"] = loop_s
     print(f"crash loop: {kills} SIGKILLs, then start-limit-hit after {loop_s:.1f} s "
           f"(StartLimitBurst={burst}, StartLimitInterval={limits['StartLimitIntervalUSec']}, RestartSec={restart_s:g})")

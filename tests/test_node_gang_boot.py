@@ -93,6 +93,11 @@ def cpu_gang_spec(production: NodeSpec, endpoint: str) -> NodeSpec:
         aws_endpoint_url=endpoint,
         gang_discovery=dataclasses.replace(production.gang_discovery, ray_wait_timeout_s=600),
         lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+        # The tiny model is staged in the node instead of fetched from S3, and no scaling signal
+        # (no instance metadata here): tests/test_node_s3_boot.py boots both for prod-70b.
+        weights_source="local-nvme",
+        weights_dir=None,
+        scaling_environment={},
     )
 
 

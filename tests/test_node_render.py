@@ -44,6 +44,7 @@ from infra.node.render import (
     user_data_gzip_base64,
 )
 from infra.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
+from infra.scaling import node_scaling_environment
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "node"
 VENV_BIN = Path(sys.executable).parent
@@ -116,7 +117,28 @@ def two_replica_spec() -> NodeSpec:
     )
 
 
-SPECS = {"single": single_spec, "multi": multi_spec, "two-replicas": two_replica_spec}
+def s3_spec() -> NodeSpec:
+    """weightsSource s3 with the scaling signal: fetch-weights before vLLM, from the instance tag."""
+    weights_dir = "/var/cache/vllm/models/llama-3.1-8b"
+    argv = serve_argv()
+    argv = argv[:2] + (weights_dir,) + argv[5:]  # the fetched directory, no --revision
+    return single_spec(
+        replicas=(ReplicaSpec(argv, port=8000),),
+        weights_source="s3",
+        weights_dir=weights_dir,
+        scaling_environment=node_scaling_environment("demo", REGION, [8000], gang=False),
+    )
+
+
+def hub_spec() -> NodeSpec:
+    """weightsSource huggingface with a token secret, and the scaling signal."""
+    return single_spec(
+        hf_token_secret_id="vllm-fleet/demo/hf-token",
+        scaling_environment=node_scaling_environment("demo", REGION, [8000], gang=False),
+    )
+
+
+SPECS = {"single": single_spec, "multi": multi_spec, "two-replicas": two_replica_spec, "s3": s3_spec, "hub": hub_spec}
 
 
 # --- a node root on disk --------------------------------------------------------------------
@@ -128,6 +150,10 @@ IMAGE_BINARIES = (
     "opt/vllm/venv/bin/ray",
     "opt/vllm/venv/bin/python3",
     "usr/bin/nvidia-modprobe",
+    # images/scripts/install-node-tools.sh
+    "usr/local/libexec/vllm-fleet/fetch-weights",
+    "usr/local/libexec/vllm-fleet/fetch-hf-token",
+    "usr/local/libexec/vllm-fleet/scaling-signal",
 )
 
 

@@ -386,8 +386,12 @@ def test_node_policy_is_least_privilege(stack: str, preview: bool) -> None:
     assert "autoscaling:SetInstanceProtection" in statements["LifecycleHooks"]["Action"]
     wildcard = [s for s in doc["Statement"] if "*" in s["Resource"]]
     gangs = plan.plan.layout.nodes_per_replica > 1
-    # Describe* actions support no resource-level permissions; nothing else is on "*".
-    assert [s["Sid"] for s in wildcard] == (["ReadOwnGroup", "DiscoverGang"] if gangs else ["ReadOwnGroup"])
+    # Describe* actions and PutMetricData support no resource-level permissions; nothing else is
+    # on "*", and PutMetricData only with the fleet's namespace as its condition.
+    assert [s["Sid"] for s in wildcard] == (
+        ["ReadOwnGroup", "PublishScalingGauges", "DiscoverGang"] if gangs else ["ReadOwnGroup", "PublishScalingGauges"]
+    )
+    assert statements["PublishScalingGauges"]["Condition"] == {"StringEquals": {"cloudwatch:namespace": "vllm-fleet"}}
     assert statements["ReadOwnGroup"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]
     if plan.config.serving.weights_source == "s3":
         (read,) = statements["ReadWeights"]["Resource"]

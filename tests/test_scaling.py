@@ -1,13 +1,11 @@
 """Autoscaling: the policy derived from each stack's plan, the FleetScaling component under Pulumi
-mocks (up and preview), and the node-side artifacts checked with the real tools — the agent's own
-JSON schema, promtool, a real Prometheus scraping through the rendered scrape config, shellcheck,
-systemd-analyze verify, and the protection script against moto and a fake instance metadata service.
+mocks (up and preview), and the node side checked with the real tools — systemd-analyze verify
+of the rendered units, and the image's scaling-signal script against moto (PutMetricData,
+SetInstanceProtection) and a fake instance metadata service.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -15,39 +13,28 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
-import jsonschema
 import pulumi
 import pulumi_aws as aws
 import pytest
-import yaml
 
 from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_args
 from infra.config import ScalingSection, StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
-from infra.monitoring import default_metric_catalog
+from infra.node.render import UNIT_DIR, render_node
 from infra.scaling import (
-    AGENT_CONFIG,
-    PROTECT_SCRIPT,
-    SCRAPE_CONFIG,
-    UNIT_DIR,
-    NodeScalingSpec,
     describe_scaling,
     instances_for,
-    node_scaling_spec,
-    node_scaling_units,
-    render_node_scaling,
     scaling_facts,
     scaling_policy_spec,
     warm_pool_mode,
 )
 from infra.stackplan import StackPlan, build_stack_plan
+from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
@@ -297,48 +284,16 @@ def test_wrong_group_count_fails_before_any_resource(pulumi_mocks: Callable[...,
     assert harness.records(POLICY) == []
 
 
-# --- node artifacts: CloudWatch agent and its scrape config ------------------------------------
+# --- node artifacts: the scaling-signal units and script --------------------------------------
+
+SIGNAL_SCRIPT = Path(__file__).resolve().parents[1] / "images" / "scripts" / "node-scaling-signal.sh"
 
 
 def rendered(name: str) -> dict[str, str]:
-    return render_node_scaling(node_scaling_spec(stack_plan(name)))
-
-
-@pytest.mark.parametrize("name", STACKS)
-def test_agent_config_passes_the_agents_schema_and_selects_catalog_gauges(name: str) -> None:
-    files = rendered(name)
-    config = json.loads(files[AGENT_CONFIG])
-    schema = scaling_facts().cloudwatch_agent_schema.schema_
-    jsonschema.Draft4Validator.check_schema(schema)
-    jsonschema.Draft4Validator(schema).validate(config)
-    prom = config["logs"]["metrics_collected"]["prometheus"]
-    assert prom["prometheus_config_path"] == f"/{SCRAPE_CONFIG}"
-    emf = prom["emf_processor"]
-    catalog = {m.name: m for m in default_metric_catalog().exporters["vllm"].metrics}
-    signals = scaling_policy_spec(stack_plan(name)).signals.values()
-    for signal in signals:
-        assert catalog[signal.prometheus_name].type == "gauge"  # the agent keeps gauges as they are
-        assert signal.cloudwatch_name == signal.prometheus_name.replace(":", "_")
-    (declaration,) = emf["metric_declaration"]
-    assert declaration["metric_selectors"] == [f"^{s.cloudwatch_name}$" for s in signals]
-    assert set(emf["metric_unit"]) == {s.cloudwatch_name for s in signals}
-    gang = stack_plan(name).plan.layout.nodes_per_replica > 1
-    assert declaration["dimensions"] == ([["Stack"]] if gang else [["AutoScalingGroupName"], ["Stack"]])
-
-
-def test_schema_check_can_fail() -> None:
-    config = json.loads(rendered("dev-8b")[AGENT_CONFIG])
-    config["logs"]["metrics_collected"]["prometheus"]["emf_processor"]["metric_declarations"] = []
-    with pytest.raises(jsonschema.ValidationError, match="metric_declarations"):
-        jsonschema.Draft4Validator(scaling_facts().cloudwatch_agent_schema.schema_).validate(config)
-
-
-@pytest.mark.parametrize("name", STACKS)
-def test_scrape_config_passes_promtool(name: str, tmp_path: Path) -> None:
-    path = tmp_path / "prometheus.yaml"
-    path.write_text(rendered(name)[SCRAPE_CONFIG])
-    result = subprocess.run(["promtool", "check", "config", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    """The chosen type's scaling units, as the stack's user-data carries them."""
+    plan = stack_plan(name)
+    files = render_node(plan.node_specs[plan.plan.layout.instance_type])
+    return {k: v for k, v in files.items() if "scaling-signal" in k}
 
 
 def free_port() -> int:
@@ -407,51 +362,9 @@ def metrics_servers() -> Iterator[list[MetricsServer]]:
         s.close()
 
 
-def test_a_real_prometheus_keeps_and_renames_only_the_scaling_gauges(tmp_path: Path, metrics_servers: list[MetricsServer]) -> None:
-    """The agent scrapes with Prometheus' own scrape and relabel code: run Prometheus on the rendered
-    scrape config (faster interval) and read back what it stored."""
-    server = metrics_servers[0]
-    server.body = vllm_exposition(3, 5, 0.25)
-    spec = dataclasses.replace(node_scaling_spec(stack_plan("dev-8b")), scrape_interval_s=1)
-    targets = tmp_path / "targets.json"
-    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{server.port}"], "labels": {"AutoScalingGroupName": "asg-1"}}]))
-    config = yaml.safe_load(render_node_scaling(spec)[SCRAPE_CONFIG])
-    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(targets)]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        names: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                query = urllib.parse.quote('{job="vllm"}')
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=2) as resp:
-                    result = json.load(resp)["data"]["result"]
-            except OSError:
-                result = []
-            names = sorted(r["metric"]["__name__"] for r in result if not r["metric"]["__name__"].startswith(("up", "scrape_")))
-            if names:
-                break
-            time.sleep(0.5)
-        signals = scaling_policy_spec(stack_plan("dev-8b")).signals
-        assert names == sorted(s.cloudwatch_name for s in signals.values())
-        series = {r["metric"]["__name__"]: r for r in result}
-        waiting = series[signals["waiting"].cloudwatch_name]
-        assert waiting["metric"]["AutoScalingGroupName"] == "asg-1" and waiting["metric"]["Stack"] == "dev-8b"
-        assert float(waiting["value"][1]) == 5.0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 # --- node artifacts: the protection script and the units ---------------------------------------
 
-IMAGE_BINARIES = ("opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl",)
+IMAGE_BINARIES = ("usr/local/libexec/vllm-fleet/scaling-signal",)
 
 
 def write_root(root: Path, files: dict[str, str]) -> list[str]:
@@ -472,56 +385,12 @@ def write_root(root: Path, files: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
 def test_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     units = write_root(tmp_path, rendered(name))
-    assert set(node_scaling_units()) <= set(units)
+    assert {"vllm-fleet-scaling-signal.service", "vllm-fleet-scaling-signal.timer"} <= set(units)
     result = subprocess.run(
         ["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no", "--generators=no", *units],
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
-
-
-@pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
-def test_protection_script_passes_shellcheck(name: str, tmp_path: Path) -> None:
-    script = tmp_path / "scale-in-protect"
-    script.write_text(rendered(name)[PROTECT_SCRIPT])
-    result = subprocess.run(["shellcheck", "--shell=bash", str(script)], check=False, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout
-
-
-class FakeImds:
-    """IMDSv2 on 127.0.0.1: a token, the instance id and the group tag."""
-
-    def __init__(self, instance_id: str, group: str) -> None:
-        token = "t0ken"
-        paths = {"/latest/meta-data/instance-id": instance_id, "/latest/meta-data/tags/instance/aws:autoscaling:groupName": group}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:
-                self._reply(token if self.path == "/latest/api/token" else None)
-
-            def do_GET(self) -> None:
-                ok = self.headers.get("X-aws-ec2-metadata-token") == token
-                self._reply(paths.get(self.path) if ok else None)
-
-            def _reply(self, body: str | None) -> None:
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def moto_group(moto_env: dict[str, str], name: str, size: int) -> tuple[object, list[str]]:
@@ -543,17 +412,19 @@ def protected(asg: object, ids: list[str]) -> dict[str, bool]:
     return {i["InstanceId"]: i["ProtectedFromScaleIn"] for i in found}
 
 
-def run_script(script: Path, run_dir: Path, imds: FakeImds, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **env, "VLLM_FLEET_RUN_DIR": str(run_dir), "VLLM_FLEET_IMDS": imds.url,
+def run_script(script: dict[str, str], run_dir: Path, imds: FakeImds, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The image's scaling-signal with the environment its rendered unit sets."""
+    full = {**os.environ, **env, **script, "VLLM_FLEET_RUN_DIR": str(run_dir), "VLLM_FLEET_IMDS": imds.url,
+            "VLLM_FLEET_AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL"],
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(script)], check=False, capture_output=True, text=True, env=full, timeout=120)
+    return subprocess.run(["bash", str(SIGNAL_SCRIPT)], check=False, capture_output=True, text=True, env=full, timeout=120)
 
 
-def script_for(name: str, ports: tuple[int, ...], tmp_path: Path) -> Path:
-    spec: NodeScalingSpec = dataclasses.replace(node_scaling_spec(stack_plan(name)), ports=ports)
-    script = tmp_path / "scale-in-protect"
-    script.write_text(render_node_scaling(spec)[PROTECT_SCRIPT])
-    return script
+def script_for(name: str, ports: tuple[int, ...], tmp_path: Path) -> dict[str, str]:
+    """The unit's environment for the stack, with the fake replicas' ports."""
+    plan = stack_plan(name)
+    env = dict(plan.node_specs[plan.plan.layout.instance_type].scaling_environment)
+    return {**env, "SCALING_PORTS": " ".join(str(p) for p in ports)}
 
 
 def test_a_busy_node_protects_itself_and_an_idle_one_lets_go(
@@ -568,9 +439,6 @@ def test_a_busy_node_protects_itself_and_an_idle_one_lets_go(
         result = run_script(script, run_dir, imds, moto_env)
         assert result.returncode == 0, result.stderr
         assert protected(asg, ids) == {ids[0]: True, ids[1]: False}, result.stderr
-        targets = json.loads((run_dir / "cloudwatch-targets.json").read_text())
-        assert targets == [{"targets": [f"127.0.0.1:{s.port}" for s in metrics_servers],
-                            "labels": {"AutoScalingGroupName": "vllm-fleet.dev-8b.fleet-0123"}}]
         # Metrics down: protection stays as it was.
         metrics_servers[0].up = False
         metrics_servers[1].body = vllm_exposition(0, 0, 0)
@@ -582,7 +450,7 @@ def test_a_busy_node_protects_itself_and_an_idle_one_lets_go(
         result = run_script(script, run_dir, imds, moto_env)
         assert result.returncode == 0, result.stderr
         assert protected(asg, ids)[ids[0]] is False and "unprotected" in result.stderr
-        # Unchanged state: no second call (nothing logged).
+        # Unchanged state: no second call (nothing logged; the gauges were published < 15 s ago).
         result = run_script(script, run_dir, imds, moto_env)
         assert result.returncode == 0 and result.stderr == ""
     finally:
@@ -605,7 +473,7 @@ def test_a_gang_head_protects_its_whole_gang_and_workers_do_nothing(
         metrics_servers[0].body = vllm_exposition(running=4, waiting=2, kv=0.5)
         result = run_script(script, worker_dir, worker, moto_env)
         assert result.returncode == 0, result.stderr
-        assert json.loads((worker_dir / "cloudwatch-targets.json").read_text()) == []
+        assert not (worker_dir / "scaling-published-at").exists()  # workers publish nothing
         assert protected(asg, ids) == {ids[0]: False, ids[1]: False}
         result = run_script(script, head_dir, head, moto_env)
         assert result.returncode == 0, result.stderr
@@ -613,6 +481,51 @@ def test_a_gang_head_protects_its_whole_gang_and_workers_do_nothing(
     finally:
         head.close()
         worker.close()
+
+
+def test_the_gauges_reach_cloudwatch_as_the_policies_and_alarms_query_them(
+    tmp_path: Path, moto_env: dict[str, str], metrics_servers: list[MetricsServer]
+) -> None:
+    """PutMetricData through moto: every metric the stack's policies and alarms name arrives with
+    their namespace and dimensions, one sample per replica."""
+    group = "vllm-fleet.dev-8b.fleet-0123"
+    _, ids = moto_group(moto_env, group, 1)
+    imds = FakeImds(ids[0], group)
+    metrics_servers[0].body = vllm_exposition(running=3, waiting=5, kv=0.25)
+    metrics_servers[1].body = vllm_exposition(running=1, waiting=0, kv=0.75)
+    try:
+        result = run_script(script_for("dev-8b", tuple(s.port for s in metrics_servers), tmp_path), tmp_path / "run", imds, moto_env)
+    finally:
+        imds.close()
+    assert result.returncode == 0, result.stderr
+    spec = scaling_policy_spec(stack_plan("dev-8b"))
+    cloudwatch = boto3.client("cloudwatch", region_name=moto_env["AWS_DEFAULT_REGION"], endpoint_url=moto_env["AWS_ENDPOINT_URL"])
+    published = cloudwatch.list_metrics(Namespace=spec.namespace)["Metrics"]
+    found = {(m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"])) for m in published}
+    expected = set()
+    for signal in spec.signals.values():
+        expected.add((signal.cloudwatch_name, (("AutoScalingGroupName", group),)))
+        expected.add((signal.cloudwatch_name, (("Stack", "dev-8b"),)))
+    assert found == expected
+    stats = cloudwatch.get_metric_statistics(
+        Namespace=spec.namespace, MetricName=spec.signals["waiting"].cloudwatch_name,
+        Dimensions=[{"Name": "AutoScalingGroupName", "Value": group}],
+        StartTime=time.time() - 600, EndTime=time.time() + 60, Period=60, Statistics=["Sum", "SampleCount", "Maximum"],
+    )["Datapoints"]
+    assert [(d["Sum"], d["SampleCount"], d["Maximum"]) for d in stats] == [(5.0, 2.0, 5.0)]
+
+
+def test_the_policies_query_the_dimensions_the_node_publishes() -> None:
+    """The other half of the contract: the node's dimension sets are those the policies name."""
+    for name in STACKS:
+        plan = stack_plan(name)
+        env = plan.node_specs[plan.plan.layout.instance_type].scaling_environment
+        spec = scaling_policy_spec(plan)
+        assert env["SCALING_NAMESPACE"] == spec.namespace
+        assert env["SCALING_METRICS"].split() == [
+            f"{s.prometheus_name}={s.cloudwatch_name}={s.unit}" for s in spec.signals.values()
+        ]
+        assert spec.group_dimension in env["SCALING_DIMENSIONS"].split()
 
 
 # --- snapshots ---------------------------------------------------------------------------------

@@ -101,9 +101,7 @@ def test_switch_forms_are_accepted(serve_parser: vllm_cli.ServeParser) -> None:
     assert vllm_cli.validate_serve_argv([*PRODUCTION_ARGV, "--enforce-eager"]).enforce_eager is True
 
 
-@pytest.mark.parametrize(
-    ("extra", "flag", "also"),
-    [
+BAD_FLAGS = [
         (["--enable-metrics"], "--enable-metrics", "does not exist"),
         (["--disable-log-requests"], "--disable-log-requests", "does not exist"),
         (["--enforce-eager", "false"], "--enforce-eager", "--no-enforce-eager"),
@@ -115,8 +113,10 @@ def test_switch_forms_are_accepted(serve_parser: vllm_cli.ServeParser) -> None:
         (["--model", "other"], "--model", "positional"),
         (["--port", "9000"], "--port", "twice"),
         (["stray"], "stray", "positional"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("extra", "flag", "also"), BAD_FLAGS)
 def test_bad_flags_are_rejected_naming_the_flag(
     serve_parser: vllm_cli.ServeParser, extra: list[str], flag: str, also: str
 ) -> None:
@@ -168,3 +168,36 @@ def test_serve_flag_names(serve_parser: vllm_cli.ServeParser) -> None:
     names = vllm_cli.serve_flag_names()
     assert {"--max-model-len", "--enforce-eager", "--no-enforce-eager", "--served-model-name", "-tp"} <= names
     assert "--enable-metrics" not in names and "--disable-log-requests" not in names
+
+
+# --- the flag table: the same strict walk without vLLM ------------------------------------------
+
+
+def test_the_flag_table_in_data_is_what_the_pinned_parser_defines(serve_parser: vllm_cli.ServeParser) -> None:
+    """Regenerated from the real parser and compared: a vLLM bump that changes a flag fails here
+    until `python -m infra.node.vllm_cli --write-flag-table` is run."""
+    assert vllm_cli.pinned_flag_table() == serve_parser.table
+    assert serve_parser.table.version == vllm_facts().pin.version.value
+
+
+@pytest.mark.parametrize(("extra", "flag", "also"), BAD_FLAGS)
+def test_without_vllm_the_table_rejects_the_same_flags(extra: list[str], flag: str, also: str) -> None:
+    with pytest.raises(FleetError) as caught:
+        vllm_cli.check_serve_flags([*PRODUCTION_ARGV, *extra])
+    message = str(caught.value)
+    assert "\n" not in message and flag in message and also in message
+    vllm_cli.check_serve_flags(PRODUCTION_ARGV)  # and accepts the production form
+
+
+def test_the_light_plan_refuses_an_unknown_extra_arg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vllm-fleet plan` where vLLM is not installed: an unknown flag in extraArgs is a FleetError
+    (exit 2 at the CLI), not a warning."""
+    from infra.config import load_stack_file
+    from infra.stackplan import build_stack_plan
+
+    monkeypatch.setattr(vllm_cli, "vllm_importable", lambda: False)
+    config = load_stack_file("dev-8b")
+    bad = config.model_copy(update={"serving": config.serving.model_copy(update={"extra_args": ["--enable-metrics"]})})
+    with pytest.raises(FleetError, match="--enable-metrics does not exist in vLLM 0.32.0"):
+        build_stack_plan(bad)
+    assert "flag table" in build_stack_plan(config).argv_validation

@@ -237,6 +237,10 @@ class PolicyInputs:
     target_group_arns: Sequence[str] = ()
     weights_s3_uri: str | None = None
     secret_kms_key_arn: str | None = None
+    # The optional Hugging Face token (infra/node/from_plan.py hf_token_secret_name).
+    hf_token_secret_name: str | None = None
+    # The namespace the nodes' scaling-signal publishes to (infra/scaling.py node_scaling_environment).
+    metrics_namespace: str | None = None
 
 
 def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
@@ -273,6 +277,30 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
             "Resource": ["*"],
         },
     ]
+    if p.metrics_namespace:
+        statements.append(
+            {
+                # scaling-signal publishes the scaling gauges (images/scripts/node-scaling-signal.sh).
+                # PutMetricData has no resource-level permissions; the cloudwatch:namespace condition
+                # key limits it to the fleet's namespace (docs.aws.amazon.com/AmazonCloudWatch/latest/
+                # monitoring/iam-cw-condition-keys-namespace.html, "Allowing publishing in one namespace only").
+                "Sid": "PublishScalingGauges",
+                "Effect": "Allow",
+                "Action": ["cloudwatch:PutMetricData"],
+                "Resource": ["*"],
+                "Condition": {"StringEquals": {"cloudwatch:namespace": p.metrics_namespace}},
+            },
+        )
+    if p.hf_token_secret_name:
+        statements.append(
+            {
+                "Sid": "ReadHfToken",
+                "Effect": "Allow",
+                "Action": ["secretsmanager:GetSecretValue"],
+                # Secrets Manager appends "-" and six characters to a secret's name in its ARN.
+                "Resource": [f"arn:{p.partition}:secretsmanager:{p.region}:{p.account_id}:secret:{p.hf_token_secret_name}-??????"],
+            }
+        )
     if p.secret_kms_key_arn:
         statements.append(
             {
@@ -442,6 +470,8 @@ class Fleet(pulumi.ComponentResource):
                         target_group_arns=values[2:],
                         weights_s3_uri=args.weights_s3_uri,
                         secret_kms_key_arn=args.api_key_kms_key_arn,
+                        hf_token_secret_name=stack_plan.node_specs[types[0]].hf_token_secret_id,
+                        metrics_namespace=stack_plan.node_specs[types[0]].scaling_environment["SCALING_NAMESPACE"],
                     )
                 ),
                 indent=2,

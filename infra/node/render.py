@@ -18,6 +18,7 @@ from functools import cache
 import jinja2
 
 from infra.errors import FleetError
+from infra.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.node.spec import NodeSpec, ReplicaSpec
 
 TEMPLATE_PACKAGE = "infra"
@@ -125,13 +126,39 @@ def vllm_unit_names(spec: NodeSpec) -> list[str]:
     return [f"vllm-{i}.service" for i in range(len(spec.replicas))]
 
 
+@dataclass(frozen=True)
+class S3Transfer:
+    """The AWS CLI's S3 transfer settings for fetch-weights. The CLI's defaults are 10
+    concurrent requests of 8 MB parts (docs.aws.amazon.com/cli/latest/topic/s3-config.html);
+    the planner's S3 rate (infra/data/weight_sources.yaml) is the one measured with 64
+    parallel ranged GETs, and AWS's S3 performance guide advises 8-16 MB ranges."""
+
+    max_concurrent_requests: int = 64
+    multipart_chunksize: str = "16MB"
+
+
+S3_TRANSFER = S3Transfer()
+
+
+def weight_units(spec: NodeSpec) -> list[str]:
+    """The oneshot units that put the weights (or the token to download them) in place."""
+    units = []
+    if spec.weights_dir:
+        units.append("vllm-fleet-fetch-weights.service")
+    if spec.hf_token_secret_id:
+        units.append("vllm-fleet-fetch-hf-token.service")
+    return units
+
+
 def node_units(spec: NodeSpec) -> list[str]:
     """Every unit vllm-fleet.target pulls in."""
-    units = ["vllm-fleet-fetch-key.service", "vllm-fleet-gpu-devices.service"]
+    units = ["vllm-fleet-fetch-key.service", "vllm-fleet-gpu-devices.service", *weight_units(spec)]
     if spec.multi_node:
         units += ["vllm-fleet-gang.service", "ray-head.service", "ray-worker.service"]
     if spec.lifecycle_hooks.enabled:
         units.append("vllm-fleet-lifecycle.service")
+    if spec.scaling_environment:
+        units.append("vllm-fleet-scaling-signal.timer")
     return units + vllm_unit_names(spec)
 
 
@@ -179,6 +206,7 @@ def _vllm_unit(spec: NodeSpec, index: int, replica: ReplicaSpec, unit_name: str)
         exec_start=_exec_start(spec, replica),
         wait_ray_gpus_argv=wait_ray_gpus,
         stop_timeout_s=spec.shutdown_timeout_s + STOP_MARGIN_S,
+        staged_sources=LOCAL_WEIGHT_SOURCES,
     )
 
 
@@ -190,6 +218,12 @@ def render_node(spec: NodeSpec) -> dict[str, str]:
     files[f"{UNIT_DIR}/vllm-fleet-fetch-key.service"] = _render(
         "vllm-fleet-fetch-key.service.j2", spec=spec, fetch=FETCH_RETRY
     )
+    if spec.weights_dir:
+        files[f"{UNIT_DIR}/vllm-fleet-fetch-weights.service"] = _render(
+            "vllm-fleet-fetch-weights.service.j2", spec=spec, s3_transfer=S3_TRANSFER
+        )
+    if spec.hf_token_secret_id:
+        files[f"{UNIT_DIR}/vllm-fleet-fetch-hf-token.service"] = _render("vllm-fleet-fetch-hf-token.service.j2", spec=spec)
     files[f"{UNIT_DIR}/vllm-fleet-gpu-devices.service"] = _render(
         "vllm-fleet-gpu-devices.service.j2", spec=spec
     )
@@ -231,6 +265,11 @@ def render_node(spec: NodeSpec) -> dict[str, str]:
             asg_name_tag=ASG_NAME_TAG,
             target_group_tag=TARGET_GROUP_TAG,
         )
+    if spec.scaling_environment:
+        files[f"{UNIT_DIR}/vllm-fleet-scaling-signal.service"] = _render(
+            "vllm-fleet-scaling-signal.service.j2", spec=spec, env=spec.scaling_environment
+        )
+        files[f"{UNIT_DIR}/vllm-fleet-scaling-signal.timer"] = _render("vllm-fleet-scaling-signal.timer.j2", spec=spec)
     files["etc/sysusers.d/vllm-fleet.conf"] = _render("sysusers.conf.j2", spec=spec)
     files["etc/tmpfiles.d/vllm-fleet.conf"] = _render("tmpfiles.conf.j2", spec=spec)
     return dict(sorted(files.items()))

@@ -17,6 +17,13 @@ STAGED_MODELS_DIR = "/opt/models"
 DOWNLOAD_DIR = "/var/cache/vllm/models"
 # Sources that put the weights on local disk before vLLM starts.
 LOCAL_WEIGHT_SOURCES = ("ebs-initialized", "ebs-lazy", "local-nvme")
+# Sources the node copies to local disk at boot (vllm-fleet-fetch-weights.service), into
+# DOWNLOAD_DIR/<model name>, before vLLM starts and serves from there.
+FETCHED_WEIGHT_SOURCES = ("s3",)
+
+
+def fetched_weights_dir(model_name: str) -> str:
+    return f"{DOWNLOAD_DIR}/{model_name}"
 
 
 def served_model_name(config: StackConfig, model_name: str) -> str:
@@ -28,6 +35,9 @@ def model_reference(config: StackConfig, plan: Plan) -> tuple[str, list[str]]:
     repo = config.model.repo or plan.request.arch.hf_repo
     if config.serving.weights_source in LOCAL_WEIGHT_SOURCES:
         return f"{STAGED_MODELS_DIR}/{plan.request.model_name}", []
+    if config.serving.weights_source in FETCHED_WEIGHT_SOURCES:
+        # The S3 prefix already names the repo and revision (default_weights_s3_uri).
+        return fetched_weights_dir(plan.request.model_name), []
     return repo, ["--revision", config.model.revision]
 
 

@@ -17,7 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import get_args
 
+from infra.config import WeightSourceName
 from infra.errors import FleetError
 
 # Paths go into unit files unquoted (ReadWritePaths=, tmpfiles.d), so keep them plain.
@@ -49,8 +51,11 @@ RENDERER_ENV = frozenset(
         "GLOO_SOCKET_IFNAME",
         "RAY_ADDRESS",
         "VLLM_API_KEY",
+        "HF_TOKEN_PATH",
     }
 )
+WEIGHT_SOURCES = get_args(WeightSourceName)
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$")
 
 
 def _option_name(token: str) -> str:
@@ -230,10 +235,23 @@ class NodeSpec:
     lifecycle_hooks: LifecycleHooks = field(default_factory=LifecycleHooks)
     # Only tests set this (a local moto server); production talks to the real endpoints.
     aws_endpoint_url: str | None = None
+    # Where the weights come from. "s3": vllm-fleet-fetch-weights copies them from
+    # weights_s3_uri (or, when None, from the instance tag the Fleet sets) into weights_dir,
+    # which the argv names as the model. "huggingface": vLLM downloads them itself, with the
+    # token from hf_token_secret_id (Secrets Manager) if there is one.
+    weights_source: str = "huggingface"
+    weights_dir: str | None = None
+    weights_s3_uri: str | None = None
+    hf_token_secret_id: str | None = None
+    # scaling-signal's environment (infra/scaling.py node_scaling_environment) and how often it
+    # runs; empty renders no scaling units.
+    scaling_environment: Mapping[str, str] = field(default_factory=dict)
+    scaling_interval_s: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
         object.__setattr__(self, "vllm_env", MappingProxyType(dict(sorted(self.vllm_env.items()))))
+        object.__setattr__(self, "scaling_environment", MappingProxyType(dict(self.scaling_environment)))
         if not _STACK.match(self.stack):
             raise FleetError(f"stack={self.stack!r}: lowercase letters, digits and '-', at most 63")
         if not _REGION.match(self.region):
@@ -296,6 +314,34 @@ class NodeSpec:
                     "(the API key comes from Secrets Manager)"
                 )
             _check_control_chars(f"vllm_env {name}", value)
+        if self.weights_source not in WEIGHT_SOURCES:
+            raise FleetError(f"weights_source={self.weights_source!r}: allowed: {', '.join(WEIGHT_SOURCES)}")
+        if self.weights_source == "s3":
+            if self.weights_dir is None:
+                raise FleetError("weights_dir: weights_source s3 needs the local directory the argv serves from")
+            _check_path("weights_dir", self.weights_dir)
+            if not any(self.weights_dir.startswith(d + "/") for d in self.writable_dirs):
+                raise FleetError(f"weights_dir={self.weights_dir!r}: not inside a writable dir of the node")
+            for r in self.replicas:
+                if r.serve_argv[2] != self.weights_dir:
+                    raise FleetError(
+                        f"serve_argv model {r.serve_argv[2]!r}: weights_source s3 serves from weights_dir {self.weights_dir!r}"
+                    )
+        elif self.weights_dir is not None or self.weights_s3_uri is not None:
+            raise FleetError(f"weights_dir, weights_s3_uri: only for weights_source s3, not {self.weights_source!r}")
+        if self.weights_s3_uri is not None and not _S3_URI.match(self.weights_s3_uri):
+            raise FleetError(f"weights_s3_uri={self.weights_s3_uri!r}: expected s3://bucket/prefix/")
+        if self.hf_token_secret_id is not None:
+            if self.weights_source != "huggingface":
+                raise FleetError(f"hf_token_secret_id: only for weights_source huggingface, not {self.weights_source!r}")
+            if not _SECRET_ID.match(self.hf_token_secret_id):
+                raise FleetError(f"hf_token_secret_id={self.hf_token_secret_id!r}: not a Secrets Manager name")
+        for name, value in self.scaling_environment.items():
+            if not _ENV_NAME.match(name):
+                raise FleetError(f"scaling_environment {name!r}: not a valid environment variable name")
+            _check_control_chars(f"scaling_environment {name}", value)
+        if self.scaling_interval_s < 1:
+            raise FleetError(f"scaling_interval_s={self.scaling_interval_s}: must be at least 1")
         if self.aws_endpoint_url is not None and not _ENDPOINT.match(self.aws_endpoint_url):
             raise FleetError(f"aws_endpoint_url={self.aws_endpoint_url!r}: must look like http://host:port")
 

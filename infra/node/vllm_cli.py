@@ -9,7 +9,11 @@ them (argparse silently expands unique prefixes such as ``--max-model`` and vLLM
 flag twice, and never ``--api-key`` (the node hands vLLM its keys through ``--config`` on a
 systemd credential, so they never appear in argv; see docs/node.md).
 
-vLLM is imported lazily (about 8-25 s) and the parser is built once per process.
+vLLM is imported lazily (about 8-25 s) and the parser is built once per process. Where vLLM is
+not installed (the light venv), the flag names, switches and arities are still checked, against
+the pinned parser's flag table kept as data (infra/data/vllm_serve_flags.yaml, regenerated with
+``python -m infra.node.vllm_cli --write-flag-table`` and compared with the real parser in
+tests/test_vllm_cli.py); only the values then go unchecked.
 """
 
 from __future__ import annotations
@@ -47,6 +51,40 @@ FORBIDDEN_FLAGS: Mapping[str, str] = {
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
 
+FLAG_TABLE_FILE = "vllm_serve_flags.yaml"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """What the strict walk needs of one argparse action (so a data file can stand in for it)."""
+
+    option_strings: tuple[str, ...]
+    dest: str
+    nargs: int | str | None
+    append: bool = False
+    deprecated: bool = False
+    default: str | None = None  # repr of a switch's default, for the error message
+
+    @classmethod
+    def of(cls, action: argparse.Action, deprecated: bool) -> Flag:
+        return cls(
+            option_strings=tuple(action.option_strings),
+            dest=action.dest,
+            nargs=action.nargs,
+            append=isinstance(action, argparse._AppendAction),
+            deprecated=deprecated,
+            default=repr(action.default) if action.nargs == 0 else None,
+        )
+
+
+@dataclass(frozen=True)
+class FlagTable:
+    """Every option string of the pinned ``vllm serve`` → its Flag, and the version it is from."""
+
+    version: str
+    flags: Mapping[str, Flag]
+
+
 @dataclass(frozen=True)
 class ServeParser:
     """The pinned vLLM's ``vllm`` parser with its ``serve`` subcommand, as the CLI builds it."""
@@ -55,6 +93,59 @@ class ServeParser:
     top: argparse.ArgumentParser
     serve: argparse.ArgumentParser
     actions: Mapping[str, argparse.Action]  # every option string vLLM defines → its action
+
+    @property
+    def table(self) -> FlagTable:
+        deprecated = set(map(id, getattr(self.serve, "_deprecated", ())))
+        return FlagTable(
+            self.version,
+            {
+                name: Flag.of(action, id(action) in deprecated or bool(getattr(action, "deprecated", False)))
+                for name, action in sorted(self.actions.items())
+            },
+        )
+
+
+def flag_table_document(table: FlagTable) -> dict[str, Any]:
+    """The data file's content: one line per option string."""
+    return {
+        "vllm_version": table.version,
+        "source": (
+            "generated from the pinned vLLM's own `vllm serve` parser by "
+            "`python -m infra.node.vllm_cli --write-flag-table`; tests/test_vllm_cli.py regenerates "
+            "it and compares"
+        ),
+        "flags": {
+            name: {key: value for key, value in vars(flag).items() if value is not None and value is not False}
+            for name, flag in table.flags.items()
+        },
+    }
+
+
+@cache
+def pinned_flag_table() -> FlagTable:
+    """The pinned parser's flag table from infra/data (no vLLM import)."""
+    from infra.catalog import DATA_DIR, read_yaml
+
+    doc = read_yaml(DATA_DIR / FLAG_TABLE_FILE)
+    pin = vllm_facts().pin.version.value
+    if doc["vllm_version"] != pin:
+        raise FleetError(
+            f"infra/data/{FLAG_TABLE_FILE}: vllm_version {doc['vllm_version']} differs from the pin {pin}; "
+            "regenerate it with python -m infra.node.vllm_cli --write-flag-table"
+        )
+    flags = {
+        name: Flag(
+            option_strings=tuple(entry["option_strings"]),
+            dest=entry["dest"],
+            nargs=entry.get("nargs"),
+            append=entry.get("append", False),
+            deprecated=entry.get("deprecated", False),
+            default=entry.get("default"),
+        )
+        for name, entry in doc["flags"].items()
+    }
+    return FlagTable(doc["vllm_version"], flags)
 
 
 def vllm_importable() -> bool:
@@ -120,7 +211,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _forbidden(written: str, action: argparse.Action) -> str | None:
+def _forbidden(written: str, action: Flag) -> str | None:
     for option in action.option_strings:
         if option in FORBIDDEN_FLAGS:
             spelled = written if written == option else f"{written} (vLLM reads it as {option})"
@@ -128,14 +219,14 @@ def _forbidden(written: str, action: argparse.Action) -> str | None:
     return None
 
 
-def _misspelled_or_unknown(written: str, parser: ServeParser) -> FleetError:
+def _misspelled_or_unknown(written: str, parser: FlagTable) -> FleetError:
     """Explain a flag vLLM does not define under exactly this spelling."""
     if written.startswith("-O") and not written.startswith("--"):
         canonical: str | None = "--optimization-level"
     elif written.startswith("--"):
         normalized = "--" + written[2:].replace("_", "-")  # vLLM's underscore → dash rewrite
-        prefixed = [name for name in parser.actions if name.startswith(normalized)]
-        if normalized in parser.actions:
+        prefixed = [name for name in parser.flags if name.startswith(normalized)]
+        if normalized in parser.flags:
             canonical = normalized
         elif len(prefixed) == 1:  # argparse's allow_abbrev expansion
             canonical = prefixed[0]
@@ -143,31 +234,31 @@ def _misspelled_or_unknown(written: str, parser: ServeParser) -> FleetError:
             canonical = None
     else:
         canonical = None
-    if canonical is not None and canonical in parser.actions:
-        forbidden = _forbidden(written, parser.actions[canonical])
+    if canonical is not None and canonical in parser.flags:
+        forbidden = _forbidden(written, parser.flags[canonical])
         if forbidden:
             return FleetError(forbidden)
         return FleetError(
             f"vllm serve flag {written} is not spelled as vLLM {parser.version} defines it: "
             f"write {canonical} (vLLM's parser would silently rewrite this form; the fleet spells flags exactly)"
         )
-    long_flags = [name for name in parser.actions if name.startswith("--")]
+    long_flags = [name for name in parser.flags if name.startswith("--")]
     close = difflib.get_close_matches(written.replace("_", "-"), long_flags, n=1, cutoff=0.75)
     hint = f"; closest defined flag: {close[0]}" if close else ""
     return FleetError(f"vllm serve flag {written} does not exist in vLLM {parser.version}{hint}")
 
 
-def _switch_given_value(written: str, action: argparse.Action, value: str) -> FleetError:
+def _switch_given_value(written: str, action: Flag, value: str) -> FleetError:
     on = next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))
     off = next((o for o in action.option_strings if o.startswith("--no-")), None)
     forms = f"write {on} to switch it on, {off} to switch it off" if off else f"write {on} alone to set it"
     return FleetError(
         f"vllm serve flag {written} is a switch and takes no value (got {value!r}): "
-        f"{forms}, or omit it for vLLM's default ({action.default!r})"
+        f"{forms}, or omit it for vLLM's default ({action.default})"
     )
 
 
-def _check_tokens(tokens: Sequence[str], parser: ServeParser) -> None:
+def _check_tokens(tokens: Sequence[str], parser: FlagTable) -> None:
     """Walk the flags after the model the way argparse will, applying the fleet's strict rules."""
     seen: dict[str, str] = {}  # argparse dest → the flag that set it
     previous = "the model"
@@ -183,16 +274,16 @@ def _check_tokens(tokens: Sequence[str], parser: ServeParser) -> None:
         written, has_inline_value, inline_value = token.partition("=")
         # vLLM's JSON sub-key form: --compilation-config.mode 3 sets one key of a JSON flag.
         base = written.split(".", 1)[0] if written.startswith("--") else written
-        action = parser.actions.get(base)
+        action = parser.flags.get(base)
         if action is None:
             raise _misspelled_or_unknown(base, parser)
         forbidden = _forbidden(base, action)
         if forbidden:
             raise FleetError(forbidden)
-        if action in getattr(parser.serve, "_deprecated", ()) or getattr(action, "deprecated", False):
+        if action.deprecated:
             raise FleetError(f"vllm serve flag {base} is deprecated in vLLM {parser.version}")
         dotted = base != written
-        if not dotted and not isinstance(action, argparse._AppendAction):
+        if not dotted and not action.append:
             if action.dest in seen:
                 raise FleetError(
                     f"vllm serve flag {written} is given twice (also as {seen[action.dest]}); "
@@ -268,8 +359,39 @@ def validate_serve_argv(argv: Sequence[str]) -> argparse.Namespace:
     if len(argv) < 3 or _looks_like_flag(argv[2]):
         raise FleetError("vllm argv: the model (local path or Hugging Face repo) must follow 'vllm serve'")
     parser = serve_parser()
-    _check_tokens(argv[3:], parser)
+    _check_tokens(argv[3:], parser.table)
     namespace = _parse(parser, argv[1:])
     _run_vllm_checks(parser, namespace)
     namespace.model = namespace.model_tag
     return namespace
+
+
+def check_serve_flags(argv: Sequence[str]) -> None:
+    """Without vLLM: the same strict walk over the flag names, against the pinned flag table.
+    Values are not checked (vLLM's parser and post-parse checks need vLLM)."""
+    argv = list(argv)
+    if argv[:2] != ["vllm", "serve"] or len(argv) < 3 or _looks_like_flag(argv[2]):
+        raise FleetError("vllm argv: must start with 'vllm serve MODEL'")
+    _check_tokens(argv[3:], pinned_flag_table())
+
+
+def write_flag_table() -> Path:
+    """Regenerate infra/data/vllm_serve_flags.yaml from the installed (pinned) vLLM."""
+    import yaml
+
+    from infra.catalog import DATA_DIR
+
+    path = Path(DATA_DIR) / FLAG_TABLE_FILE
+    doc = flag_table_document(serve_parser().table)
+    doc["flags"] = {name: {**entry, "option_strings": list(entry["option_strings"])} for name, entry in doc["flags"].items()}
+    text = yaml.safe_dump(doc, sort_keys=False, width=200, default_flow_style=None)
+    path.write_text(f"# The pinned vLLM's `vllm serve` flags; do not edit, regenerate (see source).\n{text}")
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-flag-table"]:
+        sys.exit("usage: python -m infra.node.vllm_cli --write-flag-table")
+    print(write_flag_table())

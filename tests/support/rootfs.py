@@ -74,7 +74,10 @@ DEBIAN_PACKAGES = (
     "libnuma1",
 )
 # Bake scripts the rootfs runs, in order (images/scripts/, the AMI component's own).
-BAKE_SCRIPTS = ("common.sh", "install-vllm.sh", "create-vllm-user.sh", "test-vllm.sh")
+BAKE_SCRIPTS = (
+    "common.sh", "install-vllm.sh", "create-vllm-user.sh", "install-node-tools.sh", "test-vllm.sh",
+    "node-fetch-weights.sh", "node-fetch-hf-token.sh", "node-scaling-signal.sh",
+)
 VLLM_PREFIX = "/opt/vllm"
 # The CPU build's torchvision, torchaudio and torchcodec break `import transformers` (vllm.md).
 UNINSTALL_AFTER = "torchvision torchaudio torchcodec"
@@ -277,6 +280,15 @@ def _build(target: Path, inputs: RootfsInputs, work: Path, phases: _Phases) -> N
             nspawn_pipe_argv(
                 root, f"--bind-ro={SCRIPTS_DIR}:/run/vllm-fleet-build/scripts",
                 "bash", "/run/vllm-fleet-build/scripts/create-vllm-user.sh",
+            ),
+            log_path=log_path, timeout_s=300,
+        )  # fmt: skip
+    with phases.phase("install-node-tools.sh"):
+        _run(
+            "install-node-tools.sh",
+            nspawn_pipe_argv(
+                root, f"--bind-ro={SCRIPTS_DIR}:/run/vllm-fleet-build/scripts",
+                "bash", "/run/vllm-fleet-build/scripts/install-node-tools.sh",
             ),
             log_path=log_path, timeout_s=300,
         )  # fmt: skip
@@ -681,6 +693,27 @@ CPU_NODE_ENV = {
 }
 
 
+def cpu_variant(
+    production: NodeSpec, argv: Sequence[str], *, port: int, endpoint: str,
+    vllm_env: dict[str, str] | None = None, scaling: bool = True,
+) -> NodeSpec:
+    """A production spec as a CPU boot test runs it: one replica with ``argv`` on ``port``, the
+    CPU build's environment, moto's endpoint, no lifecycle watcher (no Auto Scaling lifecycle
+    hooks in moto), and the scaling signal reading that port (or none, ``scaling=False``)."""
+    import dataclasses
+
+    from infra.node.spec import ReplicaSpec
+
+    return dataclasses.replace(
+        production,
+        replicas=(ReplicaSpec(tuple(argv), port=port),),
+        vllm_env={**production.vllm_env, **(CPU_NODE_ENV if vllm_env is None else vllm_env)},
+        aws_endpoint_url=endpoint,
+        lifecycle_hooks=dataclasses.replace(production.lifecycle_hooks, enabled=False),
+        scaling_environment={**production.scaling_environment, "SCALING_PORTS": str(port)} if scaling else {},
+    )
+
+
 @functools.cache
 def production_node_spec(stack: str) -> NodeSpec:
     """The NodeSpec that ``stack`` deploys on its chosen instance type."""
@@ -770,6 +803,27 @@ def replace_serve_flags(argv: Sequence[str], model: str, replacements: dict[str,
     return ("vllm", "serve", model, *replaced[3:], *added)
 
 
+def node_files_diff(production: NodeSpec, test: NodeSpec) -> str:
+    """What the test's user-data changes against production's, file by file: files left out or
+    added by name, changed files as a unified diff of their changed lines."""
+    import difflib
+
+    from infra.node.render import render_node
+
+    before, after = render_node(production), render_node(test)
+    unit_dir = "etc/systemd/system"
+    if f"{unit_dir}/vllm.service" in after and f"{unit_dir}/vllm-0.service" in before:
+        # One replica where production packs several: compare it with production's first.
+        before[f"{unit_dir}/vllm.service"] = before.pop(f"{unit_dir}/vllm-0.service")
+    out = [f"- {path} (left out)" for path in sorted(set(before) - set(after))]
+    out += [f"+ {path} (added)" for path in sorted(set(after) - set(before))]
+    for path in sorted(set(before) & set(after)):
+        if before[path] != after[path]:
+            out += difflib.unified_diff(before[path].splitlines(), after[path].splitlines(),
+                                        f"production /{path}", f"cpu test /{path}", lineterm="", n=0)  # fmt: skip
+    return "\n".join(out)
+
+
 def argv_diff(production: Sequence[str], test: Sequence[str]) -> str:
     """A unified diff of two argvs, one option (with its values) per line."""
     import difflib
@@ -856,3 +910,68 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- Booting a stack's node from its rendered user-data ----------------------------------------
+
+
+def node_health(port: int) -> int | None:
+    """vLLM's /health on 127.0.0.1 (the node shares this host's network): status, or None."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+def moto_group(moto: MotoServer, name: str, region: str) -> str:
+    """An Auto Scaling group of one in moto; returns its instance's id (the node's identity)."""
+    import boto3
+
+    kwargs = {"endpoint_url": moto.endpoint, "region_name": region,
+              "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # fmt: skip
+    ec2, asg = boto3.client("ec2", **kwargs), boto3.client("autoscaling", **kwargs)
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"})
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=1, MaxSize=1, DesiredCapacity=1,
+        LaunchTemplate={"LaunchTemplateName": f"{name}-lt"}, AvailabilityZones=[f"{region}a"],
+    )  # fmt: skip
+    return str(asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
+
+
+def aws_unit_dropins(units: Sequence[str], imds_url: str | None) -> dict[str, str]:
+    """What a real instance has and a container does not, for the units that call AWS: the
+    instance role's credentials (moto takes any) and the metadata service (a stand-in)."""
+    extra = f"Environment=VLLM_FLEET_IMDS={imds_url}\n" if imds_url else ""
+    return {
+        f"etc/systemd/system/{unit}.d/10-test-aws.conf": AWS_TEST_CREDENTIALS_DROPIN + (extra if unit != "vllm-fleet-fetch-key.service" else "")
+        for unit in units
+    }
+
+
+def boot_stack_node(
+    rootfs: Path, workdir: Path, name: str, production: NodeSpec, spec: NodeSpec, dropins: dict[str, str],
+    *, holds_vllm_slot: bool,
+) -> tuple[NodeContainer, float]:
+    """Print what the test changes (argv, user-data file by file, drop-ins), seed cloud-init with
+    the test spec's user-data, boot; returns the node and the monotonic time of the boot."""
+    from infra.node.render import render_user_data
+
+    print(f"\n{production.stack} serve argv, production vs this CPU test:\n"
+          f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"
+          f"{production.stack} user-data, production vs this CPU test (every changed line):\n"
+          f"{node_files_diff(production, spec)}\n"
+          "test drop-ins (not user-data): " + ", ".join(dropins))  # fmt: skip
+    node = prepare_node(rootfs, workdir, name, holds_vllm_slot=holds_vllm_slot)
+    for path, content in dropins.items():
+        node.write(path, content)
+    seed_nocloud(node, render_user_data(spec), instance_id=f"i-{name}")
+    started = time.monotonic()
+    node.boot()
+    return node, started
