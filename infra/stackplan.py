@@ -48,6 +48,13 @@ class StackPlan:
                 f"vllm-fleet:model.revision = {revision!r} is not a commit sha: nodes booted on "
                 "different days may load different weights; pin the repo's commit"
             )
+        capacity = self.plan.chosen.capacity
+        needed = capacity.replicas_needed if capacity is not None else None
+        if needed is not None and capacity is not None and needed > self.config.capacity.max_replicas:
+            found.append(
+                f"vllm-fleet:capacity.maxReplicas = {self.config.capacity.max_replicas}: the workload's peak of "
+                f"{capacity.peak_requests_per_s or 0:,.1f} requests/s needs {needed} replicas at the SLO"
+            )
         return found
 
     @property
