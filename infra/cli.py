@@ -7,6 +7,7 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +39,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console(highlight=False)
+# A Hugging Face repo id: org/name.
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _print_json(doc: Any) -> None:
@@ -51,7 +54,10 @@ def _model_request(model: str) -> tuple[str, Any]:
     path = Path(model)
     if path.suffix == ".json" or path.exists():
         doc = load_config_json(path, key="--model")
-        return path.parent.name or model, arch_from_config_doc(doc, source=str(path), repo=None)
+        # Named by its repo id (config.json's _name_or_path), not by the folder that holds it.
+        repo = doc.get("_name_or_path")
+        name = repo if isinstance(repo, str) and REPO_ID.fullmatch(repo) else path.resolve().parent.name or model
+        return name, arch_from_config_doc(doc, source=str(path), repo=name if name == repo else None)
     raise FleetError(
         f"--model = {model!r}: not a catalog model or a config.json path "
         f"(catalog: {', '.join(sorted(catalog.models))})"
