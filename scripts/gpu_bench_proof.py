@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.ops.bench import (  # noqa: E402  (the repo root is put on the path just above)
+# The repo root is put on the path just above, so this import comes after it.
+from infra.ops.bench import (
     BenchResult,
     Prediction,
     Workload,
