@@ -105,6 +105,9 @@ class SizingRequest:
     # False: size by memory alone, as when aiconfigurator-core is not installed.
     performance_model: bool = True
     tensor_parallel_size: int | None = None  # consider only this TP (e.g. 1: one GPU per replica)
+    # The endpoint's limit on vLLM servers per node (an ALB forwards to a few target groups,
+    # an NLB to one port); None: no limit.
+    max_replicas_per_node: int | None = None
 
     @property
     def effective_workload(self) -> Workload:
@@ -384,6 +387,12 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
         return Candidate(layout, False, f"{layout.instance_type} has no EFA for multi-node replicas")
     if instance.on_demand_usd_per_hour is None:
         return Candidate(layout, False, f"{layout.instance_type} is not sold on demand (capacity blocks only)")
+    if req.max_replicas_per_node is not None and layout.replicas_per_node > req.max_replicas_per_node:
+        return Candidate(
+            layout, False,
+            f"{layout.replicas_per_node} vLLM servers per node; the endpoint routes to at most "
+            f"{req.max_replicas_per_node} per node",
+        )
     utilization = facts.defaults.gpu_memory_utilization
     _, batched = vllm_server_defaults(gpu)
     budget, tokens = memory_budget(req, quant, layout, gpu.memory_gib, utilization, batched)

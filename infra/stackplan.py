@@ -87,7 +87,18 @@ def sizing_request(config: StackConfig) -> SizingRequest:
         max_nodes_per_replica=config.capacity.max_nodes_per_replica,
         weights_source=config.serving.weights_source,
         workload=config.resolved_workload(),
+        max_replicas_per_node=max_servers_per_node(config),
     )
+
+
+def max_servers_per_node(config: StackConfig) -> int:
+    """Each vLLM server on a node has its own port and target group: an ALB's forward action
+    takes a few (aws_fleet.yaml), an NLB listener one (infra/components/endpoint.py)."""
+    from infra.components.facts import aws_fleet_facts
+
+    if config.endpoint.type == "nlb":
+        return 1
+    return aws_fleet_facts().alb_forward_max_target_groups.value
 
 
 def validate_argv(argv: list[str], *, required: bool = False) -> str:
