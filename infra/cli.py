@@ -27,9 +27,10 @@ from infra.config import (
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
-from infra.perf import Workload, default_workload
+from infra.perf import default_workload
 from infra.planner import GB, Candidate, GiB, Plan, SizingRequest, make_plan, performance_json, serving_facts
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
+from infra.workload import Workload
 
 app = typer.Typer(
     name="vllm-fleet",

@@ -23,7 +23,8 @@ from pydantic.alias_generators import to_camel
 from infra.catalog import ModelArch, arch_from_hf_config, default_catalog
 from infra.errors import FleetError
 from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
-from infra.perf import Workload, perf_facts
+from infra.perf import perf_facts
+from infra.workload import Workload
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"

@@ -33,13 +33,13 @@ from infra.errors import FleetError
 from infra.perf import (
     Capacity,
     ServingPoint,
-    Workload,
     capacity_at_peak,
     default_workload,
     serving_point,
     vllm_server_defaults,
 )
 from infra.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
+from infra.workload import Workload
 
 GiB = 1024**3
 GB = 1000**3

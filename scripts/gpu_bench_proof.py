@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from infra.ops.bench import (
     BenchResult,
     Prediction,
-    Workload,
     parse_rates,
     run_sweep,
     table_text,
     write_outputs,
 )
+from infra.workload import Workload
 
 HEALTH_TIMEOUT_S = 1200
 

@@ -13,13 +13,13 @@ import pytest
 
 from infra.ops.bench import (
     Prediction,
-    Workload,
     parse_rates,
     prompts_for_rate,
     run_sweep,
     table_text,
     write_outputs,
 )
+from infra.workload import Workload
 from tests.support.vllm_server import VllmServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,6 @@ from infra.catalog import default_catalog
 from infra.errors import FleetError
 from infra.perf import (
     Performance,
-    Workload,
     capacity_at_peak,
     gpu_measurements,
     perf_facts,
@@ -22,6 +21,7 @@ from infra.perf import (
     vllm_server_defaults,
 )
 from infra.planner import SizingRequest, make_plan
+from infra.workload import Workload
 
 CATALOG = default_catalog()
 GiB = 1 << 30

@@ -27,6 +27,7 @@ from infra.errors import FleetError
 from infra.ops.api_keys import check_key, new_api_key, read_secret_keys
 from infra.ops.aws import client_factory, credentials_error, error_text
 from infra.stackplan import build_stack_plan
+from infra.workload import Workload
 
 out = Console(highlight=False)
 err_out = Console(stderr=True, highlight=False)
@@ -257,7 +258,7 @@ def bench(
         max_num_seqs=perf["max_num_seqs"], output_tokens_per_s=perf["output_tokens_per_s"],
         requests_per_s=perf["requests_per_s"], ttft_ms=perf["ttft_ms"], itl_ms=perf["itl_ms"],
     ) if perf["predicted"] else None
-    workload = bench_driver.Workload(
+    workload = Workload(
         input_tokens or work.input_tokens, output_tokens or work.output_tokens, work.ttft_p95_ms, work.itl_p95_ms
     )
     api_key = _key_from(key_env, secret_id, region)
