@@ -148,3 +148,27 @@ def test_an_slo_no_layout_meets_is_one_line() -> None:
 def test_gpu_measurements_file_validates() -> None:
     for run in gpu_measurements().runs:
         assert run.gpu in CATALOG.gpus and run.model in CATALOG.models
+
+
+def test_without_aiconfigurator_the_plan_is_memory_only_and_says_so() -> None:
+    """The light planning venv may lack the optional `perf` extra: a None in sys.modules makes
+    `import aiconfigurator_core` fail exactly as a missing package does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['aiconfigurator_core'] = None\n"
+        "from infra.config import load_stack_file\n"
+        "from infra.planner import make_plan\n"
+        "from infra.stackplan import sizing_request\n"
+        "plan = make_plan(sizing_request(load_stack_file('dev-8b')))\n"
+        "print(plan.layout.instance_type, plan.max_num_seqs, plan.chosen.serving.performance, plan.chosen.serving.reason)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    instance, seqs, performance, reason = run.stdout.split(" ", 3)
+    assert performance == "None" and int(seqs) > 0
+    assert instance == "g6e.xlarge"  # the cheapest per hour that fits, as before the performance model
+    assert "aiconfigurator-core is not installed" in reason and "memory-only plan" in reason
