@@ -34,7 +34,7 @@ from infra.config import (
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
-from infra.perf import Workload, default_workload
+from infra.perf import default_workload
 from infra.planner import (
     GB,
     Candidate,
@@ -47,6 +47,7 @@ from infra.planner import (
     serving_facts,
 )
 from infra.stackplan import StackPlan, build_stack_plan, write_artifacts
+from infra.workload import Workload
 
 app = typer.Typer(
     name=PROJECT,
@@ -200,7 +201,8 @@ def size(
     if as_json:
         _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:
-        _print_plan(plan)
+        given = input_tokens or output_tokens or ttft_p95_ms or itl_p95_ms
+        _print_plan(plan, "" if given else " (defaults: no --input-tokens/--output-tokens/--ttft-p95-ms/--itl-p95-ms)")
 
 
 @app.command()
@@ -273,7 +275,8 @@ def plan(
         )
         return
     out.print(f"[bold]Stack {stack}[/bold]: {config.model.catalog or config.model.repo} in {config.region}")
-    _print_plan(stack_plan.plan)
+    stated = config.workload.model_fields_set
+    _print_plan(stack_plan.plan, "" if stated else " (defaults: the stack has no vllm-fleet:workload)")
     _print_stack_extras(stack_plan)
     _print_fleet_cost(cost)
     out.print("\n[bold]Defaults in effect[/bold] (not set in the stack file; they cost money or expose something):")
@@ -392,7 +395,7 @@ def _layout_text(c: Candidate) -> str:
     return text
 
 
-def _print_plan(plan: Plan) -> None:
+def _print_plan(plan: Plan, workload_note: str = "") -> None:
     s = plan.summary()
     req = plan.request
     chosen = plan.chosen
@@ -417,7 +420,7 @@ def _print_plan(plan: Plan) -> None:
                      f"(timeouts use {s['startup_timeout_s']} s)")
     decision.add_row("fallback ladder", "\n".join(ladder_explanation(plan)))
     out.print(_folded(decision))
-    _print_performance(plan)
+    _print_performance(plan, workload_note)
 
     budget = Table(title="Per-GPU memory budget (GiB)", title_justify="left")
     for col in ("GPU", "usable", "weights", "activation", "CUDA graphs", "non-torch", "NCCL", "KV cache"):
@@ -462,7 +465,7 @@ def _per_token_text(cand: Candidate) -> str:
     return f"; ${per_token:,.2f} per 1M output tokens at the SLO" if per_token is not None else ""
 
 
-def _print_performance(plan: Plan) -> None:
+def _print_performance(plan: Plan, workload_note: str) -> None:
     """The workload, the SLO, and what one replica is predicted to deliver at it."""
     wl = plan.workload
     perf_table = Table(title="Workload and SLO → serving point (performance model)", show_header=False,
@@ -474,7 +477,7 @@ def _print_performance(plan: Plan) -> None:
         else f"{wl.concurrent_users} concurrent users" if wl.concurrent_users is not None else "not stated"
     )
     perf_table.add_row("workload", f"{wl.input_tokens:,} → {wl.output_tokens:,} tokens per request; peak {peak}"
-                       + ("" if plan.request.workload is not None else " (defaults: no workload stated)"))
+                       + workload_note)
     perf_table.add_row("SLO", f"TTFT p95 ≤ {wl.ttft_p95_ms:,.0f} ms, inter-token latency p95 ≤ {wl.itl_p95_ms:g} ms")
     serving, capacity = plan.chosen.serving, plan.chosen.capacity
     assert serving is not None

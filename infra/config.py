@@ -25,7 +25,8 @@ from pydantic.alias_generators import to_camel
 from infra.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
 from infra.errors import FleetError
 from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
-from infra.perf import Workload, perf_facts
+from infra.perf import perf_facts
+from infra.workload import Workload
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
@@ -577,6 +578,16 @@ def validate_workload(config: StackConfig) -> None:
             f"{PROJECT}:workload.ttftP95Ms = {work.ttft_p95_ms:g}: disagrees with "
             f"{PROJECT}:monitoring.ttftP95SloS = {config.monitoring.ttft_p95_slo_s:g}; state the TTFT SLO once"
         )
+    if work.ttft_p95_ms is not None and config.monitoring.mode != "none":
+        # The alert measures p95 from vLLM's TTFT histogram: the SLO must be one of its bounds.
+        from infra.monitoring import default_metric_catalog
+
+        bounds = default_metric_catalog().bucket_bounds("vllm:time_to_first_token_seconds")
+        if work.ttft_p95_ms / 1000 not in bounds:
+            raise FleetError(
+                f"{PROJECT}:workload.ttftP95Ms = {work.ttft_p95_ms:g}: the TTFT alert needs a bucket bound of "
+                f"vllm:time_to_first_token_seconds (ms: {', '.join(f'{b * 1000:g}' for b in bounds)})"
+            )
     resolved = config.resolved_workload()
     total = resolved.input_tokens + resolved.output_tokens
     if total > config.serving.max_model_len:

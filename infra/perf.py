@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.catalog import DATA_DIR, Cited, Gpu, ModelArch, read_yaml
+from infra.workload import Workload
 
 
 class PackagePin(Cited):
@@ -130,18 +131,6 @@ def vllm_server_defaults(gpu: Gpu) -> tuple[int, int]:
         if gpu.memory_gib >= tier.min_memory_gib and not (excluded and excluded in gpu.name.lower()):
             return tier.max_num_seqs, tier.max_num_batched_tokens
     raise ValueError(f"vllm.yaml server_defaults has no tier for {gpu.name}")  # the last tier has min 0
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one request looks like and what its user must get (the stack's `workload`)."""
-
-    input_tokens: int
-    output_tokens: int
-    ttft_p95_ms: float
-    itl_p95_ms: float
-    peak_requests_per_s: float | None = None
-    concurrent_users: int | None = None  # requests in flight at peak, each waiting for its answer
 
 
 def default_workload() -> Workload:

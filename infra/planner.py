@@ -34,7 +34,6 @@ from infra.errors import FleetError
 from infra.perf import (
     Capacity,
     ServingPoint,
-    Workload,
     capacity_at_peak,
     default_workload,
     serving_point,
@@ -42,6 +41,7 @@ from infra.perf import (
 )
 from infra.pricing import instance_price
 from infra.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
+from infra.workload import Workload
 
 GiB = 1024**3
 GB = 1000**3
@@ -109,6 +109,9 @@ class SizingRequest:
     # False: size by memory alone, as when aiconfigurator-core is not installed.
     performance_model: bool = True
     tensor_parallel_size: int | None = None  # consider only this TP (e.g. 1: one GPU per replica)
+    # The endpoint's limit on vLLM servers per node (an ALB forwards to a few target groups,
+    # an NLB to one port); None: no limit.
+    max_replicas_per_node: int | None = None
 
     @property
     def effective_workload(self) -> Workload:
@@ -391,13 +394,19 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
         return Candidate(layout, False, f"{layout.instance_type} has no EFA for multi-node replicas")
     if instance.on_demand_usd_per_hour is None:
         return Candidate(layout, False, f"{layout.instance_type} is not sold on demand (capacity blocks only)")
-    most_servers = aws_fleet_facts().alb_forward_max_target_groups.value
+    most_servers = (
+        req.max_replicas_per_node
+        if req.max_replicas_per_node is not None
+        else aws_fleet_facts().alb_forward_max_target_groups.value
+    )
     if layout.replicas_per_node > most_servers:
-        # The deploy layer's rule (infra/components/endpoint.py): one target group per server port.
+        # The deploy layer's rule (infra/components/endpoint.py): one target group per server
+        # port; a stack's endpoint type sets the limit (stackplan.max_servers_per_node), `size`
+        # assumes an ALB.
         return Candidate(
             layout, False,
-            f"{layout.replicas_per_node} replicas per node need {layout.replicas_per_node} target groups; "
-            f"an ALB forwards to at most {most_servers}",
+            f"{layout.replicas_per_node} vLLM servers per node need {layout.replicas_per_node} target groups; "
+            f"the endpoint routes to at most {most_servers} per node",
         )
     price = instance_price(catalog, layout.instance_type, req.region, req.market)
     if not price.offered:

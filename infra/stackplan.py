@@ -48,6 +48,13 @@ class StackPlan:
                 f"vllm-fleet:model.revision = {revision!r} is not a commit sha: nodes booted on "
                 "different days may load different weights; pin the repo's commit"
             )
+        capacity = self.plan.chosen.capacity
+        needed = capacity.replicas_needed if capacity is not None else None
+        if needed is not None and capacity is not None and needed > self.config.capacity.max_replicas:
+            found.append(
+                f"vllm-fleet:capacity.maxReplicas = {self.config.capacity.max_replicas}: the workload's peak of "
+                f"{capacity.peak_requests_per_s or 0:,.1f} requests/s needs {needed} replicas at the SLO"
+            )
         return found
 
     @property
@@ -87,7 +94,18 @@ def sizing_request(config: StackConfig) -> SizingRequest:
         workload=config.resolved_workload(),
         region=config.region,
         market=config.capacity.market,
+        max_replicas_per_node=max_servers_per_node(config),
     )
+
+
+def max_servers_per_node(config: StackConfig) -> int:
+    """Each vLLM server on a node has its own port and target group: an ALB's forward action
+    takes a few (aws_fleet.yaml), an NLB listener one (infra/components/endpoint.py)."""
+    from infra.components.facts import aws_fleet_facts
+
+    if config.endpoint.type == "nlb":
+        return 1
+    return aws_fleet_facts().alb_forward_max_target_groups.value
 
 
 def validate_argv(argv: list[str], *, required: bool = False) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,13 @@ import pytest
 
 from infra.ops.bench import (
     Prediction,
-    Workload,
     parse_rates,
     prompts_for_rate,
     run_sweep,
     table_text,
     write_outputs,
 )
+from infra.workload import Workload
 from tests.support.vllm_server import VllmServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +80,25 @@ def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Pat
     assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = table_text(result)
     assert "SLO: TTFT p95 ≤ 5000 ms" in table and "predicted 100 tok/s" in table
+
+
+def test_vllm_fleet_bench_uses_the_stacks_workload_and_prediction(
+    vllm_server: VllmServer, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """`vllm-fleet bench dev-8b` against the session's server (which runs dev-8b's argv):
+    the stack's SLO and served name, shorter requests so a CPU finishes them."""
+    run = subprocess.run(
+        [sys.executable, "-m", "infra", "bench", "dev-8b", "--url", vllm_server.openai_base_url,
+         "--tokenizer", str(tiny_llama_dir), "--key-env", "BENCH_KEY", "--rates", "inf", "--max-requests", "4",
+         "--duration-s", "5", "--input-tokens", "24", "--output-tokens", "8", "--out", str(tmp_path), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "BENCH_KEY": vllm_server.api_key, "PYTHONPATH": str(REPO)},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["model"] == vllm_server.served_model_name
+    assert doc["workload"]["ttft_p95_ms"] == 1000 and doc["workload"]["itl_p95_ms"] == 50
+    assert doc["points"][0]["completed"] == 4
+    assert doc["prediction"]["output_tokens_per_s"] > 0  # the plan's g6e.xlarge prediction
+    assert doc["prediction_vs_measurement"]["measured_output_tokens_per_s"] > 0
+    assert (tmp_path / "bench.png").is_file() and (tmp_path / "bench.txt").is_file()

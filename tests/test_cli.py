@@ -19,7 +19,9 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_size_70b_fp16_json() -> None:
-    run = cli("size", "--model", "llama-3.1-70b", "--quantization", "fp16", "--max-model-len", "8192", "--json")
+    # Memory-only: the TP the memory math needs (tests/test_perf.py covers the SLO ranking).
+    run = cli("size", "--model", "llama-3.1-70b", "--quantization", "fp16", "--max-model-len", "8192", "--json",
+              "--memory-only")
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
     for key in ("instance_type", "gpus_per_replica", "tensor_parallel_size", "pipeline_parallel_size",
@@ -50,6 +52,36 @@ def test_size_accepts_a_config_json(tmp_path: Path) -> None:
     assert json.loads(run.stdout)["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
 
 
+def test_a_config_json_is_named_by_its_repo_id_not_its_folder(tmp_path: Path) -> None:
+    cfg = tmp_path / "nc" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({
+        "_name_or_path": "Qwen/Qwen2.5-32B-Instruct-AWQ", "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "num_hidden_layers": 64,
+        "vocab_size": 152064, "intermediate_size": 27648, "max_position_embeddings": 32768,
+    }))
+    run = cli("size", "--model", str(cfg), "--quantization", "awq", "--max-model-len", "32768", "--max-num-seqs",
+              "16", "--instance-types", "g6e,g5,p4d", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["model"] == "Qwen/Qwen2.5-32B-Instruct-AWQ"
+
+
+def test_size_sizes_for_the_workload_and_slo() -> None:
+    run = cli("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+              "--instance-types", "p5en", "--tensor-parallel-size", "1", "--input-tokens", "1024",
+              "--output-tokens", "256", "--ttft-p95-ms", "2000", "--itl-p95-ms", "40", "--peak-rps", "60", "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    perf = doc["performance"]
+    assert doc["tensor_parallel_size"] == 1 and doc["replicas_per_node"] == 8
+    assert perf["predicted"] and perf["meets_slo"]
+    assert doc["max_num_seqs"] == perf["max_num_seqs"] and doc["max_num_batched_tokens"] == 8192
+    assert perf["ttft_ms"] <= 2000 and perf["itl_ms"] <= 40
+    assert perf["replicas_at_peak"] == -(-60 // perf["requests_per_s"])
+    assert doc["workload"] == {"input_tokens": 1024, "output_tokens": 256, "ttft_p95_ms": 2000.0,
+                               "itl_p95_ms": 40.0, "peak_requests_per_s": 60.0, "concurrent_users": None}
+
+
 def test_size_human_output_is_tables() -> None:
     run = cli("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192")
     assert run.returncode == 0, run.stderr
@@ -69,6 +101,14 @@ def test_size_human_output_is_tables() -> None:
         (("size", "--model", "llama-2-13b", "--quantization", "fp16", "--max-model-len", "65536"),
          "max_position_embeddings"),
         (("plan", "nonexistent"), "no file"),
+        (("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "1024",
+          "--input-tokens", "1000", "--output-tokens", "100"), "exceeds --max-model-len 1024"),
+        (("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+          "--itl-p95-ms", "-5"), "--itl-p95-ms"),
+        (("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+          "--peak-rps", "5", "--concurrent-users", "10"), "not both"),
+        (("size", "--model", "llama-3.1-8b", "--quantization", "bf16", "--max-model-len", "8192",
+          "--instance-types", "p5en", "--itl-p95-ms", "1"), "no allowed layout meets"),
         (("size", "--nope"), "--nope"),
     ],
 )

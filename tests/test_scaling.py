@@ -22,10 +22,12 @@ import pulumi
 import pulumi_aws as aws
 import pytest
 
+from infra.catalog import default_catalog
 from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_args
 from infra.config import ScalingSection, StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.node.render import UNIT_DIR, render_node
+from infra.perf import predict
 from infra.scaling import (
     describe_scaling,
     instances_for,
@@ -37,6 +39,7 @@ from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 
+CATALOG = default_catalog()
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "scaling"
 UPDATE = os.environ.get("UPDATE_SNAPSHOTS") == "1"
@@ -95,7 +98,8 @@ def test_every_stack_has_a_policy_and_says_it_in_words() -> None:
 def test_default_target_keeps_a_quarter_of_the_batch_free() -> None:
     sp = stack_plan("prod-70b")
     spec = scaling_policy_spec(sp)
-    batch = sp.plan.request.concurrency * sp.plan.layout.replicas_per_node  # 32 × 2
+    # The batch each replica serves within the SLO (--max-num-seqs), times the replicas per node.
+    batch = sp.plan.max_num_seqs * sp.plan.layout.replicas_per_node
     assert spec.target_is_default and spec.target == batch / 4
     assert spec.setpoint == batch - batch / 4
     assert [(s.lower, s.upper, s.percent) for s in spec.burst_steps] == [(batch / 4, batch, 50), (batch, None, 100)]
@@ -104,11 +108,19 @@ def test_default_target_keeps_a_quarter_of_the_batch_free() -> None:
 
 def test_small_batches_still_wait_for_at_least_one_request() -> None:
     config = load_stack_file("dev-8b")
-    config = config.model_copy(update={"serving": config.serving.model_copy(update={"concurrency": 2})})
-    spec = scaling_policy_spec(build_stack_plan(config, validate=False))
+    # An inter-token SLO that only two requests at a time meet gives a batch of 2.
+    plan = build_stack_plan(config, validate=False).plan
+    lay = plan.layout
+    two = predict(plan.request.arch, "bf16", CATALOG.instances[lay.instance_type].gpu, 1, 1,
+                  plan.workload, plan.max_num_batched_tokens, 2)
+    tight = config.model_copy(update={"workload": config.workload.model_copy(update={"itl_p95_ms": two.itl_ms})})
+    sp = build_stack_plan(tight, validate=False)
+    assert sp.plan.max_num_seqs == 2
+    spec = scaling_policy_spec(sp)
     assert spec.target == 1.0 and spec.setpoint == 1.0
-    with pytest.raises(FleetError, match=r"vllm-fleet:scaling.target = 8.0: .* below the batch of 8"):
-        scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", target=8), validate=False))
+    batch = stack_plan("dev-8b").plan.max_num_seqs
+    with pytest.raises(FleetError, match=rf"vllm-fleet:scaling.target = {batch}.0: .* below the batch of {batch}"):
+        scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", target=batch), validate=False))
 
 
 def test_kv_cache_target_is_a_fraction() -> None:
@@ -122,9 +134,13 @@ def test_kv_cache_target_is_a_fraction() -> None:
 def test_night_floor_errors_name_the_key() -> None:
     with pytest.raises(FleetError, match=r"vllm-fleet:scaling.nightFloor = 1: must be below vllm-fleet:capacity.minReplicas \(1\)"):
         scaling_policy_spec(build_stack_plan(with_scaling("dev-8b", night_floor=1), validate=False))
-    # prod-70b: 2 replicas per node, so 1 and 2 replicas are the same single node.
+    # dev-8b on 4-GPU g6e.12xlarge nodes: one GPU per replica, so 1 and 2 replicas share a node.
+    config = with_scaling("dev-8b", night_floor=1)
+    capacity = config.capacity.model_copy(update={"instance_types": ["g6e.12xlarge"], "min_replicas": 2, "max_replicas": 8})
+    packed = build_stack_plan(config.model_copy(update={"capacity": capacity}), validate=False)
+    assert packed.plan.layout.replicas_per_node == 4
     with pytest.raises(FleetError, match=r"nightFloor = 1: 1 and 2 replicas both take 1 node"):
-        scaling_policy_spec(build_stack_plan(with_scaling("prod-70b", night_floor=1), validate=False))
+        scaling_policy_spec(packed)
 
 
 def test_gangs_scale_by_a_ladder_of_whole_gangs() -> None:
@@ -132,7 +148,7 @@ def test_gangs_scale_by_a_ladder_of_whole_gangs() -> None:
     spec = scaling_policy_spec(sp)
     assert sp.plan.layout.nodes_per_replica == 2 and spec.shape == "gang-ladder"
     assert spec.group_dimension == "Stack" and spec.burst_steps == ()
-    per_replica = sp.plan.request.concurrency - max(1, sp.plan.request.concurrency / 4)
+    per_replica = sp.plan.max_num_seqs - max(1, sp.plan.max_num_seqs / 4)
     assert [(r.gang_index, r.on_above, r.off_below) for r in spec.ladder] == [
         (k, k * per_replica, 0.9 * k * per_replica) for k in range(1, sp.config.capacity.max_replicas)
     ]

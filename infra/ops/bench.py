@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.workload import Workload
+
 PERCENTILES = (50, 95, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")
 # `vllm bench serve` waits for the endpoint to answer before it starts the clock.
@@ -52,14 +54,6 @@ BENCH_SERVE_PROGRAM = (
     "add_cli_args(parser)\n"
     "main(parser.parse_args(sys.argv[1:]))\n"
 )
-
-
-@dataclass(frozen=True)
-class Workload:
-    input_tokens: int
-    output_tokens: int
-    ttft_p95_ms: float
-    itl_p95_ms: float
 
 
 @dataclass(frozen=True)

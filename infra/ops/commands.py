@@ -4,6 +4,8 @@
   capacity reservation)? Exit 1 on a blocker.
 - ``smoke URL``: the endpoint works for a client and hides what it must. Exit 1 on a failure.
 - ``rotate-key STACK``: a new API key with no failed request (two rolling restarts).
+- ``bench STACK --url URL``: load at the stack's workload over a sweep of rates, against the
+  plan's prediction (infra/ops/bench.py). Exit 1 when no rate completed.
 Bad input exits 2 with one line (infra.errors.FleetError, printed by infra/cli.py).
 """
 
@@ -25,6 +27,7 @@ from infra.errors import FleetError
 from infra.ops.api_keys import check_key, new_api_key, read_secret_keys
 from infra.ops.aws import client_factory, credentials_error, error_text
 from infra.stackplan import build_stack_plan
+from infra.workload import Workload
 
 out = Console(highlight=False)
 err_out = Console(stderr=True, highlight=False)
@@ -210,8 +213,77 @@ def rotate_key(
     )
 
 
+def bench(
+    stack: Annotated[str, typer.Argument(help="stack name: its workload, SLO and plan's prediction")],
+    url: Annotated[str, typer.Option(help="the endpoint, e.g. https://llm.example.com or http://127.0.0.1:8000")],
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer directory or hub id for the prompts; default: the model's repo")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="served model name; default: the stack's")] = None,
+    key_env: Annotated[str | None, typer.Option(help="environment variable holding the API key")] = None,
+    secret_id: Annotated[
+        str | None, typer.Option(help="Secrets Manager secret with the key (its first key is used)")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="the secret's region")] = None,
+    rates: Annotated[str, typer.Option(help="comma-separated requests/s; inf = all at once")] = "1,2,4,8,inf",
+    duration_s: Annotated[float, typer.Option(help="offered load per rate, seconds (bounds each run)")] = 60.0,
+    max_requests: Annotated[int, typer.Option(help="most requests per rate")] = 1000,
+    max_concurrency: Annotated[int | None, typer.Option(help="client-side cap on requests in flight")] = None,
+    input_tokens: Annotated[int | None, typer.Option(help="override the stack's workload.inputTokens")] = None,
+    output_tokens: Annotated[int | None, typer.Option(help="override the stack's workload.outputTokens")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="result directory (default build/bench/<stack>)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+) -> None:
+    """Load-test an endpoint at the stack's workload over a sweep of rates (vLLM's `vllm bench serve`),
+    and compare with the plan's prediction: a table, bench.json and bench.png."""
+    from infra.node.serve_args import served_model_name
+    from infra.ops import bench as bench_driver
+    from infra.planner import performance_json
+
+    config = load_stack_file(stack, stacks_dir)
+    plan = build_stack_plan(config, validate=False).plan
+    work = plan.workload
+    for key, value in (("--input-tokens", input_tokens), ("--output-tokens", output_tokens),
+                       ("--duration-s", duration_s), ("--max-requests", max_requests),
+                       ("--max-concurrency", max_concurrency)):
+        if value is not None and not value > 0:
+            raise FleetError(f"{key} = {value}: must be positive")
+    try:
+        sweep = bench_driver.parse_rates(rates)
+    except ValueError as err:
+        raise FleetError(str(err)) from None
+    perf = performance_json(plan.chosen)
+    prediction = bench_driver.Prediction(
+        max_num_seqs=perf["max_num_seqs"], output_tokens_per_s=perf["output_tokens_per_s"],
+        requests_per_s=perf["requests_per_s"], ttft_ms=perf["ttft_ms"], itl_ms=perf["itl_ms"],
+    ) if perf["predicted"] else None
+    workload = Workload(
+        input_tokens or work.input_tokens, output_tokens or work.output_tokens, work.ttft_p95_ms, work.itl_p95_ms
+    )
+    api_key = _key_from(key_env, secret_id, region)
+    target = out_dir or Path("build") / "bench" / stack
+    result = bench_driver.run_sweep(
+        base_url=url.rstrip("/").removesuffix("/v1"),
+        model=model or served_model_name(config, plan.request.model_name),
+        tokenizer=tokenizer or config.model.repo or plan.request.arch.hf_repo,
+        workload=workload, rates=sweep, out_dir=target, duration_s=duration_s, max_requests=max_requests,
+        max_concurrency=max_concurrency, api_key=api_key, prediction=prediction,
+    )
+    written = bench_driver.write_outputs(result, target)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        out.file.flush()
+        print(bench_driver.table_text(result), flush=True)
+        out.print("wrote " + ", ".join(str(p) for p in written.values()))
+    if not any(p.completed for p in result.points):
+        raise SystemExit(1)
+
+
 def register(app: typer.Typer) -> None:
-    """Attach the operations commands (preflight, smoke, rotate-key) to the CLI."""
+    """Attach the operations commands (preflight, smoke, rotate-key, bench) to the CLI."""
     app.command(name="preflight")(preflight)
     app.command(name="smoke")(smoke)
     app.command(name="rotate-key")(rotate_key)
+    app.command(name="bench")(bench)

@@ -1,0 +1,174 @@
+"""The performance model (infra/perf.py): vLLM's own batch defaults, predictions against the
+H200 measurements, the SLO batch search, the fallback without data, and the planner's
+ranking by $ per 1M output tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from infra.catalog import default_catalog
+from infra.errors import FleetError
+from infra.perf import (
+    Performance,
+    capacity_at_peak,
+    gpu_measurements,
+    perf_facts,
+    predict,
+    serving_point,
+    vllm_server_defaults,
+)
+from infra.planner import SizingRequest, make_plan
+from infra.workload import Workload
+
+CATALOG = default_catalog()
+GiB = 1 << 30
+LLAMA_8B = CATALOG.models["llama-3.1-8b"]
+H200 = CATALOG.gpus["h200"]
+
+
+def test_server_defaults_are_what_vllm_itself_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm.yaml's tiers against vLLM's own EngineArgs.get_batch_defaults, with the platform
+    reporting each catalog GPU's memory and name (the CPU build's platform otherwise)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(current_platform, "is_tpu", lambda: False)
+    for key, gpu in CATALOG.gpus.items():
+        monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0, g=gpu: int(g.memory_gib * GiB))
+        monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0, g=gpu: g.name)
+        batched, seqs = EngineArgs.get_batch_defaults(world_size=1)
+        server = UsageContext.OPENAI_API_SERVER
+        assert vllm_server_defaults(gpu) == (seqs[server], batched[server]), key
+
+
+# The H200 runs of /work/shared/reference/gpu-bench.md (vLLM 0.26.0, Llama-3.1-8B bf16, a
+# saturated replica at max_num_batched_tokens 8192): (input, output, max_num_seqs, output tok/s).
+H200_MEASURED = [
+    (1024, 256, 32, 3453),
+    (1024, 256, 256, 5861),
+    (256, 512, 32, 5266),
+    (256, 512, 256, 14489),
+]
+
+
+@pytest.mark.parametrize(("isl", "osl", "batch", "measured"), H200_MEASURED)
+def test_prediction_within_15_percent_of_the_h200_measurements(isl: int, osl: int, batch: int, measured: float) -> None:
+    perf = predict(LLAMA_8B, "bf16", "h200", 1, 1, Workload(isl, osl, 1e9, 1e9), 8192, batch)
+    print(f"{isl}→{osl} batch {batch}: predicted {perf.output_tokens_per_s:,.0f} tok/s, measured {measured:,}")
+    assert perf.output_tokens_per_s == pytest.approx(measured, rel=0.15)
+
+
+def test_a_bigger_batch_buys_throughput_with_latency() -> None:
+    work = Workload(1024, 256, 1e9, 1e9)
+    small, big = (predict(LLAMA_8B, "bf16", "h200", 1, 1, work, 8192, b) for b in (32, 256))
+    assert big.output_tokens_per_s > small.output_tokens_per_s
+    assert big.itl_ms > small.itl_ms and big.ttft_ms > small.ttft_ms
+
+
+def test_max_num_seqs_is_the_largest_batch_meeting_the_slo() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=2000, itl_p95_ms=40)
+    point = serving_point(LLAMA_8B, "bf16", "h200", H200, 1, 1, 900_000, work)
+    assert point.meets_slo and point.performance is not None
+    assert point.performance.meets(work) and point.max_num_seqs == point.performance.batch
+    # The next size the search could have taken misses the SLO.
+    sizes = perf_facts().batch_sizes
+    bigger = sizes[sizes.index(point.max_num_seqs) + 1]
+    assert not predict(LLAMA_8B, "bf16", "h200", 1, 1, work, 8192, bigger).meets(work)
+    assert point.max_num_batched_tokens == vllm_server_defaults(H200)[1] == 8192
+
+
+def test_the_kv_cache_caps_the_batch() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=1e6, itl_p95_ms=1e6)
+    point = serving_point(LLAMA_8B, "bf16", "h200", H200, 1, 1, 20 * 1280, work)
+    assert point.max_num_seqs == 20 and "KV cache" in point.reason
+
+
+def test_no_data_falls_back_to_memory_and_says_so() -> None:
+    a10g = CATALOG.gpus["a10g"]
+    point = serving_point(LLAMA_8B, "bf16", "a10g", a10g, 1, 1, 40 * 1280, Workload(1024, 256, 1000, 50))
+    assert point.performance is None and point.meets_slo is None
+    assert point.max_num_seqs == 40 and "no AIConfigurator data for a10g" in point.reason
+    assert "memory-only" in point.reason
+    assert point.usd_per_million_output_tokens(1.0) is None
+
+
+def test_peak_as_users_is_a_rate_by_littles_law() -> None:
+    perf = Performance(batch=100, ttft_ms=300, itl_ms=30, output_tokens_per_s=5000, requests_per_s=20)
+    by_rate = capacity_at_peak(Workload(1024, 256, 1000, 50, peak_requests_per_s=50), perf)
+    assert by_rate.replicas_needed == 3 and by_rate.headroom == pytest.approx(60 / 50 - 1)
+    # 200 users each with a request in flight for e2e = 100 / 20 = 5 s: 40 requests/s.
+    by_users = capacity_at_peak(Workload(1024, 256, 1000, 50, concurrent_users=200), perf)
+    assert by_users.peak_requests_per_s == pytest.approx(40) and by_users.replicas_needed == 2
+    assert capacity_at_peak(Workload(1024, 256, 1000, 50), perf).replicas_needed is None
+
+
+def _request(types: tuple[str, ...], workload: Workload, model: str = "llama-3.1-8b", quant: str = "bf16") -> SizingRequest:
+    return SizingRequest(model, CATALOG.models[model], quant, 8192, 8, types, 1, workload=workload)
+
+
+def test_the_plan_ranks_by_dollars_per_million_tokens_at_the_slo() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=1000, itl_p95_ms=50)
+    plan = make_plan(_request(("g6e.xlarge", "p5.4xlarge", "p5en.48xlarge"), work))
+    chosen = plan.chosen.usd_per_million_tokens
+    assert chosen is not None
+    rivals = [c for c in plan.alternatives if c.feasible and c.usd_per_million_tokens is not None]
+    assert rivals and all(chosen <= c.usd_per_million_tokens for c in rivals)  # type: ignore[operator]
+    # Not the cheapest per hour: g6e.xlarge costs less per hour but more per token.
+    cheapest_hourly = min([plan.chosen, *rivals], key=lambda c: c.hourly_usd_per_replica or math.inf)
+    assert cheapest_hourly is not plan.chosen
+    summary = plan.summary()
+    assert summary["max_num_seqs"] == plan.chosen.max_num_seqs and summary["concurrency"] == 8
+    assert summary["performance"]["usd_per_million_output_tokens"] == pytest.approx(chosen, abs=1e-4)
+    print(f"chosen {plan.layout.instance_type} at ${chosen:.3f}/1M tokens; cheapest per hour "
+          f"{cheapest_hourly.layout.instance_type}")
+
+
+def test_memory_only_mode_ranks_by_the_hour() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=1000, itl_p95_ms=50)
+    req = dataclasses.replace(_request(("g6e.xlarge", "p5.4xlarge"), work), performance_model=False)
+    plan = make_plan(req)
+    assert plan.layout.instance_type == "g6e.xlarge" and plan.chosen.serving is not None
+    assert plan.chosen.serving.performance is None and "memory-only sizing requested" in plan.chosen.serving.reason
+
+
+def test_an_slo_no_layout_meets_is_one_line() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=1000, itl_p95_ms=2)
+    with pytest.raises(FleetError) as err:
+        make_plan(_request(("p5en.48xlarge",), work))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("workload: no allowed layout meets")
+    assert "ITL p95 ≤ 2 ms" in message and "vllm-fleet:workload.itlP95Ms" in message
+
+
+def test_gpu_measurements_file_validates() -> None:
+    for run in gpu_measurements().runs:
+        assert run.gpu in CATALOG.gpus and run.model in CATALOG.models
+
+
+def test_without_aiconfigurator_the_plan_is_memory_only_and_says_so() -> None:
+    """The light planning venv may lack the optional `perf` extra: a None in sys.modules makes
+    `import aiconfigurator_core` fail exactly as a missing package does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['aiconfigurator_core'] = None\n"
+        "from infra.config import load_stack_file\n"
+        "from infra.planner import make_plan\n"
+        "from infra.stackplan import sizing_request\n"
+        "plan = make_plan(sizing_request(load_stack_file('dev-8b')))\n"
+        "print(plan.layout.instance_type, plan.max_num_seqs, plan.chosen.serving.performance, plan.chosen.serving.reason)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    instance, seqs, performance, reason = run.stdout.split(" ", 3)
+    assert performance == "None" and int(seqs) > 0
+    assert instance == "g6e.xlarge"  # the cheapest per hour that fits, as before the performance model
+    assert "aiconfigurator-core is not installed" in reason and "memory-only plan" in reason
