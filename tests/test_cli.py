@@ -59,6 +59,7 @@ def test_a_config_json_is_named_by_its_repo_id_not_its_folder(tmp_path: Path) ->
         "_name_or_path": "Qwen/Qwen2.5-32B-Instruct-AWQ", "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "num_hidden_layers": 64,
         "vocab_size": 152064, "intermediate_size": 27648, "max_position_embeddings": 32768,
+        "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
     }))
     run = cli("size", "--model", str(cfg), "--quantization", "awq", "--max-model-len", "32768", "--max-num-seqs",
               "16", "--instance-types", "g6e,g5,p4d", "--json")
