@@ -22,7 +22,7 @@ GPUs, then fewer nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -421,17 +421,17 @@ def evaluate(req: SizingRequest, layout: Layout, catalog: Catalog) -> Candidate:
             layout, False,
             f"weights and overheads need {budget.fixed / GiB:.1f} GiB per GPU; "
             f"{utilization:.0%} of {gpu.name} is {budget.usable / GiB:.1f} GiB",
-            budget, 0, hourly, price.basis,
+            budget, 0, hourly, price_basis=price.basis,
         )
     if tokens < needed:
         return Candidate(
             layout, False,
             f"KV cache holds {tokens:,} tokens; {req.concurrency} × {req.max_model_len:,} needs {needed:,}",
-            budget, tokens, hourly, price.basis,
+            budget, tokens, hourly, price_basis=price.basis,
         )
     return Candidate(
         layout, True, f"fits with {tokens // req.max_model_len} full-context sequences", budget, tokens, hourly,
-        price.basis,
+        price_basis=price.basis,
     )
 
 
@@ -465,12 +465,8 @@ def with_serving(req: SizingRequest, cand: Candidate, catalog: Catalog) -> Candi
         lay.pipeline_parallel_size, cand.kv_cache_tokens, workload, predict_performance=req.performance_model,
     )
     if serving.meets_slo is False:
-        return Candidate(lay, False, serving.reason, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica,
-                         serving)
-    return Candidate(
-        lay, True, cand.reason, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica,
-        serving, capacity_at_peak(workload, serving.performance),
-    )
+        return replace(cand, feasible=False, reason=serving.reason, serving=serving)
+    return replace(cand, serving=serving, capacity=capacity_at_peak(workload, serving.performance))
 
 
 def time_to_ready(req: SizingRequest, weights: int, source: str, catalog: Catalog) -> TimeToReady:
@@ -498,7 +494,7 @@ def plan_candidates(req: SizingRequest, catalog: Catalog, *, serving: bool = Tru
         if cand.feasible:
             why = dominated_by(cand, fitting)
             cand = (
-                Candidate(cand.layout, False, why, cand.memory, cand.kv_cache_tokens, cand.hourly_usd_per_replica)
+                replace(cand, feasible=False, reason=why)
                 if why else with_serving(req, cand, catalog)
             )
         judged.append(cand)
