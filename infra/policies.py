@@ -27,8 +27,11 @@ from pulumi_policy import (
     PolicyCustomTimeouts,
     PolicyResourceOptions,
     ReportViolation,
+    PolicyResource,
     ResourceValidationArgs,
     ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
 )
 
 from infra.components.facts import aws_fleet_facts
@@ -41,6 +44,7 @@ AUTOSCALING_GROUP = "aws:autoscaling/group:Group"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 SECURITY_GROUP_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS_RULE = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 SECRET_VERSION = "aws:secretsmanager/secretVersion:SecretVersion"
 LISTENER = "aws:lb/listener:Listener"
 LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
@@ -81,6 +85,9 @@ SECRET_PATTERNS = (
 )
 
 Validator = Callable[[ResourceValidationArgs, ReportViolation], None]
+StackValidator = Callable[[StackValidationArgs, ReportViolation], None]
+Policy = ResourceValidationPolicy | StackValidationPolicy
+EFA_INTERFACE_TYPES = ("efa", "efa-only")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -342,7 +349,52 @@ def validate_replacement_keeps_capacity(args: ResourceValidationArgs, report: Re
             )
 
 
+# --- stack validators (rules that relate several resources) -----------------------------------
+def _of_type(args: StackValidationArgs, resource_type: str) -> list[PolicyResource]:
+    return [r for r in args.resources if r.resource_type == resource_type]
+
+
+def _self_rule(props: Mapping[str, Any], group_id: Any) -> bool:
+    """An all-traffic rule of ``group_id`` that names the group itself (not a CIDR). In a
+    preview of a new stack both ids are unknown (None): equal, like the rule the program writes."""
+    return (
+        str(props.get("ipProtocol")) == "-1"
+        and "referencedSecurityGroupId" in props
+        and not props.get("cidrIpv4")
+        and not props.get("cidrIpv6")
+        and props.get("securityGroupId") == group_id
+        and props.get("referencedSecurityGroupId") == group_id
+    )
+
+
+def validate_efa_self_traffic(args: StackValidationArgs, report: ReportViolation) -> None:
+    """EFA needs its security group to allow all traffic in AND out to the group itself;
+    EFA traffic matches no CIDR rule (aws_fleet.yaml ``efa_security_group``)."""
+    ingress_rules = [r.props for r in _of_type(args, INGRESS_RULE)]
+    egress_rules = [r.props for r in _of_type(args, EGRESS_RULE)]
+    for template in _of_type(args, LAUNCH_TEMPLATE):
+        for nic in template.props.get("networkInterfaces") or []:
+            if not isinstance(nic, Mapping) or nic.get("interfaceType") not in EFA_INTERFACE_TYPES:
+                continue
+            for group_id in nic.get("securityGroups") or [None]:
+                for direction, rules in (("ingress", ingress_rules), ("egress", egress_rules)):
+                    if not any(_self_rule(rule, group_id) for rule in rules):
+                        report(
+                            f"launch template {template.name}: EFA interface in security group {group_id or '(new)'} "
+                            f"without an all-traffic {direction} rule to the group itself; "
+                            f"EFA needs {aws_fleet_facts().efa_security_group.value}",
+                            template.urn,
+                        )
+                break  # every interface of a template carries the same groups
+
+
 # --- the policies ----------------------------------------------------------------------------
+def _stack_policy(name: str, description: str, validate: StackValidator) -> StackValidationPolicy:
+    return StackValidationPolicy(
+        name=name, description=description, validate=validate, enforcement_level=EnforcementLevel.MANDATORY
+    )
+
+
 def _policy(name: str, description: str, validate: Validator, config_schema: PolicyConfigSchema | None = None) -> ResourceValidationPolicy:
     return ResourceValidationPolicy(
         name=name,
@@ -353,7 +405,7 @@ def _policy(name: str, description: str, validate: Validator, config_schema: Pol
     )
 
 
-POLICIES: Sequence[ResourceValidationPolicy] = (
+POLICIES: Sequence[Policy] = (
     _policy("ebs-volumes-encrypted", "Launch-template EBS volumes are declared and encrypted.", validate_encrypted_volumes),
     _policy("imdsv2-required", "Instances require IMDSv2 tokens with a short hop limit.", validate_imdsv2),
     _policy("no-world-ingress", "Nothing but HTTPS is open to 0.0.0.0/0 or ::/0.", validate_no_world_ingress),
@@ -381,6 +433,11 @@ POLICIES: Sequence[ResourceValidationPolicy] = (
         "replacement-keeps-capacity",
         "Groups behind a load balancer use its health checks and refresh without dropping capacity.",
         validate_replacement_keeps_capacity,
+    ),
+    _stack_policy(
+        "efa-self-traffic",
+        "A security group on an EFA interface allows all traffic in and out to itself.",
+        validate_efa_self_traffic,
     ),
 )
 
@@ -429,13 +486,34 @@ def validation_args(
     )
 
 
-def run_policy(policy: ResourceValidationPolicy, args: ResourceValidationArgs) -> list[str]:
+def stack_validation_args(
+    resources: Iterable[tuple[str, str, Mapping[str, Any], Sequence[str]]], config: Mapping[str, Any] | None = None
+) -> StackValidationArgs:
+    """What the engine hands a stack policy, built by hand from (type, name, props, secret outputs)."""
+    policy_resources = [
+        PolicyResource(
+            resource_type=resource_type,
+            props=props,
+            urn=f"urn:pulumi:stack::vllm-fleet::{resource_type}::{name}",
+            name=name,
+            opts=validation_args(resource_type, props, name=name, additional_secret_outputs=secret_outputs).opts,
+            provider=None,
+            parent=None,
+            dependencies=[],
+            property_dependencies={},
+        )
+        for resource_type, name, props, secret_outputs in resources
+    ]
+    return StackValidationArgs(resources=policy_resources, config=config)
+
+
+def run_policy(policy: Policy, args: ResourceValidationArgs | StackValidationArgs) -> list[str]:
     messages: list[str] = []
 
     def report(message: str, urn: str | None = None) -> None:
         messages.append(message)
 
-    policy.validate(args, report)
+    policy.validate(args, report)  # type: ignore[arg-type]
     return messages
 
 
@@ -445,15 +523,19 @@ def check_resources(
 ) -> list[Violation]:
     """Every policy over (type, name, engine-form props, additionalSecretOutputs) tuples,
     e.g. the offline plan's records; returns the violations (empty: the pack passes)."""
+    resources = list(resources)
     violations: list[Violation] = []
-    for resource_type, name, props, secret_outputs in resources:
-        for policy in POLICIES:
+    for policy in POLICIES:
+        config = (pack_config or {}).get(policy.name)
+        if isinstance(policy, StackValidationPolicy):
+            violations += [
+                Violation(policy.name, "stack", "-", m)
+                for m in run_policy(policy, stack_validation_args(resources, config))
+            ]
+            continue
+        for resource_type, name, props, secret_outputs in resources:
             args = validation_args(
-                resource_type,
-                props,
-                name=name,
-                additional_secret_outputs=secret_outputs,
-                config=(pack_config or {}).get(policy.name),
+                resource_type, props, name=name, additional_secret_outputs=secret_outputs, config=config
             )
             violations += [Violation(policy.name, resource_type, name, m) for m in run_policy(policy, args)]
     return violations

@@ -268,3 +268,36 @@ def test_tagless_types_match_pulumi_aws() -> None:
     for record in records:
         if record.custom and record.type.startswith("aws:") and record.type not in policies.TAGLESS_TYPES:
             assert "tags" in record.engine_inputs, f"{record.type} {record.name} has no tags"
+
+
+# --- rules that relate several resources (stack policies) ------------------------------------------
+def stack_violations(name: str, resources: list[tuple[str, str, dict[str, Any], list[str]]]) -> list[str]:
+    return policies.run_policy(policy(name), policies.stack_validation_args(resources))
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["preview", "update"])
+def test_efa_groups_allow_all_traffic_to_themselves_both_ways(preview: bool) -> None:
+    """EFA matches only rules that name the group itself: the gang stack's node group needs a
+    self-referencing egress rule as well as the ingress one (a 0.0.0.0/0 egress is not enough)."""
+    base = resources(offline.preview_resources(plan("prod-405b"), preview=preview))
+    assert stack_violations("efa-self-traffic", base) == []
+    # The program before the fix: ingress to itself, egress only to 0.0.0.0/0.
+    without_self_egress = [r for r in base if not (r[0] == policies.EGRESS_RULE and r[1] == "fleet-out-gang")]
+    found = stack_violations("efa-self-traffic", without_self_egress)
+    assert found and all("egress rule to the group itself" in m for m in found)
+    without_self_ingress = [r for r in base if not (r[0] == policies.INGRESS_RULE and r[1] == "fleet-in-gang")]
+    assert any("ingress rule" in m for m in stack_violations("efa-self-traffic", without_self_ingress))
+    # A single-node stack has no EFA interfaces and needs no such rule.
+    assert stack_violations("efa-self-traffic", resources(offline.preview_resources(plan("dev-8b"), preview=preview))) == []
+
+
+def test_efa_self_rule_must_name_the_group_not_a_cidr() -> None:
+    template = {"networkInterfaces": [{"interfaceType": "efa-only", "securityGroups": ["sg-1"]}]}
+    self_in = {"ipProtocol": "-1", "securityGroupId": "sg-1", "referencedSecurityGroupId": "sg-1"}
+    world_out = {"ipProtocol": "-1", "securityGroupId": "sg-1", "cidrIpv4": "0.0.0.0/0"}
+    other_out = {"ipProtocol": "-1", "securityGroupId": "sg-1", "referencedSecurityGroupId": "sg-2"}
+    lt = (policies.LAUNCH_TEMPLATE, "lt", template, [])
+    ingress = (policies.INGRESS_RULE, "in", self_in, [])
+    for egress in (world_out, other_out):
+        assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", egress, [])])
+    assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", self_in, [])]) == []

@@ -479,14 +479,25 @@ class Fleet(pulumi.ComponentResource):
         ingress("node-metrics", args.scraper_security_group_id, exporters.node_exporter, exporters.node_exporter, "node_exporter")
         ingress("gpu-metrics", args.scraper_security_group_id, exporters.dcgm_exporter, exporters.dcgm_exporter, "dcgm-exporter")
         if capacity.gangs:
-            # EFA and Ray/NCCL between the members of a gang: all traffic within the group.
+            # EFA and Ray/NCCL between the members of a gang: all traffic within the group, both
+            # ways. EFA's OS-bypass traffic matches only rules that name the group itself, never
+            # a CIDR rule (aws_fleet.yaml efa_security_group), so the egress below is not enough.
             ingress("gang", sg.id, 0, 0, "gang members (EFA, NCCL, Ray)", protocol="-1")
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-out-gang",
+                security_group_id=sg.id,
+                referenced_security_group_id=sg.id,
+                ip_protocol="-1",
+                description="gang members (EFA, NCCL, Ray)",
+                tags=node_tags,
+                opts=child,
+            )
         aws.vpc.SecurityGroupEgressRule(
             f"{name}-out",
             security_group_id=sg.id,
             ip_protocol="-1",
             cidr_ipv4="0.0.0.0/0",
-            description="AWS APIs, weights, model hub; gang peers",
+            description="AWS APIs, weights, model hub",
             tags=node_tags,
             opts=child,
         )
