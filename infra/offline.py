@@ -221,6 +221,8 @@ class ResourceRecord:
     # What a policy pack sees in a real run: secrets unwrapped, unknowns kept as None.
     engine_inputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     secret_paths: tuple[str, ...] = ()
+    # URNs this resource waits for (depends_on and every resource whose outputs it takes).
+    dependencies: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def parent_type(self) -> str | None:
@@ -270,6 +272,11 @@ class RecordingMonitor(MockMonitor):
                 "additionalSecretOutputs": list(request.additionalSecretOutputs),
                 "deleteBeforeReplace": bool(request.deleteBeforeReplace),
                 "protect": bool(request.protect),
+                "customTimeouts": {
+                    key: value
+                    for key in ("create", "update", "delete")
+                    if (value := getattr(request.customTimeouts, key, ""))
+                },
             }
             self.records.append(
                 ResourceRecord(
@@ -282,6 +289,7 @@ class RecordingMonitor(MockMonitor):
                     options={k: v for k, v in options.items() if v},
                     engine_inputs=engine,
                     secret_paths=tuple(secrets),
+                    dependencies=tuple(sorted(request.dependencies)),
                 )
             )
         return response

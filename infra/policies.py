@@ -59,6 +59,7 @@ TAGLESS_TYPES = frozenset(
         "aws:ec2/routeTableAssociation:RouteTableAssociation",
         "aws:autoscaling/policy:Policy",
         "aws:autoscaling/schedule:Schedule",
+        "aws:autoscaling/lifecycleHook:LifecycleHook",
         "aws:s3/bucketPolicy:BucketPolicy",
         "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
         "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
@@ -349,6 +350,22 @@ def validate_replacement_keeps_capacity(args: ResourceValidationArgs, report: Re
             )
 
 
+def validate_group_force_new_inputs(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """A group's initial_lifecycle_hooks are ForceNew (aws_fleet.yaml
+    initial_lifecycle_hook_force_new): a changed hook replaces the group and every node in it.
+    Only a launch hook, which must exist before the first instance, belongs there; a
+    terminating hook's timeout follows the drain, so it is an aws.autoscaling.LifecycleHook."""
+    if args.resource_type != AUTOSCALING_GROUP:
+        return
+    for hook in args.props.get("initialLifecycleHooks") or []:
+        if isinstance(hook, Mapping) and hook.get("lifecycleTransition") != "autoscaling:EC2_INSTANCE_LAUNCHING":
+            report(
+                f"initial lifecycle hook {hook.get('name')!r} ({hook.get('lifecycleTransition')}): initial hooks "
+                "are ForceNew, so changing it replaces the group; declare it as aws.autoscaling.LifecycleHook",
+                None,
+            )
+
+
 # --- stack validators (rules that relate several resources) -----------------------------------
 def _of_type(args: StackValidationArgs, resource_type: str) -> list[PolicyResource]:
     return [r for r in args.resources if r.resource_type == resource_type]
@@ -433,6 +450,11 @@ POLICIES: Sequence[Policy] = (
         "replacement-keeps-capacity",
         "Groups behind a load balancer use its health checks and refresh without dropping capacity.",
         validate_replacement_keeps_capacity,
+    ),
+    _policy(
+        "group-force-new-inputs",
+        "A group's ForceNew initial lifecycle hooks hold only its launch hook; the drain hook is a resource of its own.",
+        validate_group_force_new_inputs,
     ),
     _stack_policy(
         "efa-self-traffic",

@@ -253,6 +253,7 @@ def test_tagless_types_match_pulumi_aws() -> None:
         "aws:ec2/routeTableAssociation:RouteTableAssociation": aws.ec2.RouteTableAssociation,
         "aws:autoscaling/policy:Policy": aws.autoscaling.Policy,
         "aws:autoscaling/schedule:Schedule": aws.autoscaling.Schedule,
+        "aws:autoscaling/lifecycleHook:LifecycleHook": aws.autoscaling.LifecycleHook,
         "aws:ec2/vpc:Vpc": aws.ec2.Vpc,
         "aws:autoscaling/group:Group": aws.autoscaling.Group,
         "aws:lb/listenerRule:ListenerRule": aws.lb.ListenerRule,
@@ -301,3 +302,15 @@ def test_efa_self_rule_must_name_the_group_not_a_cidr() -> None:
     for egress in (world_out, other_out):
         assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", egress, [])])
     assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", self_in, [])]) == []
+
+
+def test_group_holds_no_force_new_drain_hook() -> None:
+    """The program before the fix put the drain hook (timeout from shutdownTimeoutS) among the
+    group's ForceNew initial hooks: a new shutdown timeout replaced the group."""
+    name, group = "group-force-new-inputs", policies.AUTOSCALING_GROUP
+    drain = {"name": "drain", "lifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING", "heartbeatTimeout": 660}
+    ready = {"name": "gang-ready", "lifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING", "heartbeatTimeout": 900}
+    assert violations(name, group, {"initialLifecycleHooks": [drain]})
+    assert violations(name, group, {"initialLifecycleHooks": [ready, drain]})
+    assert violations(name, group, {"initialLifecycleHooks": [ready]}) == []
+    assert violations(name, group, {}) == []

@@ -28,6 +28,7 @@ from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import route_rules
 from infra.components.facts import RuleLimits, aws_fleet_facts
 from infra.components.fleet import (
+    GANG_READY_HEARTBEAT_S,
     PolicyInputs,
     capacity_layout,
     decoded_user_data,
@@ -60,6 +61,7 @@ SECRET_VERSION = "aws:secretsmanager/secretVersion:SecretVersion"
 ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 PLACEMENT = "aws:ec2/placementGroup:PlacementGroup"
 PASSWORD = "random:index/randomPassword:RandomPassword"
+HOOK = "aws:autoscaling/lifecycleHook:LifecycleHook"
 
 
 # --- building plans and runs (cached: each run is a whole program under mocks) ---------------
@@ -299,13 +301,25 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
     groups = of_type(run, ASG)
     startup = plan.plan.startup_timeout_s
     shutdown = config.serving.shutdown_timeout_s
+    drains = {h.name: h.engine_inputs for h in of_type(run, HOOK)}
+    assert len(drains) == len(groups)
     for group in groups:
         props = group.engine_inputs
-        hooks = {h["name"]: h for h in props["initialLifecycleHooks"]}
-        drain = hooks["drain"]
+        drain = drains[f"{group.name}-drain"]
+        assert drain["name"] == "drain"
         assert drain["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
         assert drain["defaultResult"] == "CONTINUE"
-        assert drain["heartbeatTimeout"] >= shutdown + shutdown  # deregistration delay + vLLM drain
+        deregistration = of_type(run, TG)[0].engine_inputs["deregistrationDelay"]
+        assert drain["heartbeatTimeout"] >= deregistration + shutdown  # load balancer drain, then vLLM's
+        # Deleting the group waits for every node's drain hook, then for EC2 to terminate it.
+        delete_s = int(group.options["customTimeouts"]["delete"].removesuffix("s"))
+        assert delete_s >= drain["heartbeatTimeout"] + 300 and delete_s > 600  # the provider default: 10 min
+        if not preview:
+            assert drain["autoscalingGroupName"].startswith(props["namePrefix"])
+        # Initial hooks are ForceNew: only the gangs' launch hook, with a constant timeout.
+        initial = props.get("initialLifecycleHooks", [])
+        assert all(h["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING" for h in initial)
+        assert all(h["heartbeatTimeout"] == GANG_READY_HEARTBEAT_S for h in initial)
         assert props["healthCheckGracePeriod"] == startup and props["defaultInstanceWarmup"] == startup
         tags = {t["key"]: t for t in props["tags"]}
         assert all(tags[k]["propagateAtLaunch"] is True for k in REQUIRED_TAG_KEYS)

@@ -98,6 +98,7 @@ class AwsFleetFacts(BaseModel):
     vpc_gateway_endpoints: Fact[list[str]]
     exporter_ports: Fact[ExporterPorts]
     imds_target_lifecycle_state: Fact[str]
+    initial_lifecycle_hook_force_new: Fact[bool]
 
 
 @cache

@@ -21,7 +21,9 @@ Two shapes, from the plan's layout:
 
 Both shapes have a termination lifecycle hook ("drain") long enough for the load
 balancer's deregistration delay plus vLLM's shutdown drain; the node side of it is
-described in docs of the node units (see the program's report / node templates).
+described in docs of the node units (see the program's report / node templates). It is an
+``aws.autoscaling.LifecycleHook`` of its own: a group's ``initial_lifecycle_hooks`` are
+ForceNew, so nothing a day-2 change moves may live there (docs/day2.md).
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ MAX_HEALTHY_PERCENT = 110
 DRAIN_MARGIN_S = 60
 # On top of the planned start-up: time for EC2 to find GPU capacity before Pulumi gives up.
 CAPACITY_SEARCH_S = 600
+# A gang's launch hook ("gang-ready") must exist before the group's first instance, so it is
+# one of the group's initial_lifecycle_hooks, which the provider marks ForceNew
+# (aws_fleet.yaml initial_lifecycle_hook_force_new). Its timeout is therefore a constant, never
+# derived from the plan: the node records a heartbeat every 25 s while its gang starts
+# (infra/node/spec.py heartbeat_interval_s), so this only bounds how long a silent node (dead
+# before its watcher ran) holds capacity before ABANDON gives it back.
+GANG_READY_HEARTBEAT_S = 900
+# After the drain hook: EC2's own shutdown and termination of a GPU node (EFA interfaces, EBS).
+TERMINATION_MARGIN_S = 600
 # No containers on the nodes: the metadata token need not cross a network hop.
 IMDS_HOP_LIMIT = 1
 LOG_RETENTION_DAYS = 30
@@ -201,11 +212,11 @@ def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> i
     return max(heartbeat, bounds.min)
 
 
-def launch_heartbeat_s(stack_plan: StackPlan) -> int:
-    """The gang launch hook's timeout: the planned start-up, capped at the hook maximum
-    (the node records heartbeats if it needs longer)."""
-    bounds = aws_fleet_facts().lifecycle_hook_heartbeat_s.value
-    return max(bounds.min, min(stack_plan.plan.startup_timeout_s, bounds.max))
+def group_delete_timeout_s(drain_s: int) -> int:
+    """How long Pulumi waits for a group to delete: every node first runs its drain hook
+    (up to ``drain_s``), then EC2 terminates it. The provider's default (10 min, group.go
+    Timeouts.Delete) is shorter than a gang's drain plus termination."""
+    return drain_s + TERMINATION_MARGIN_S
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -591,12 +602,6 @@ class Fleet(pulumi.ComponentResource):
 
         # --- the groups ------------------------------------------------------------------
         startup = stack_plan.plan.startup_timeout_s
-        drain_hook = aws.autoscaling.GroupInitialLifecycleHookArgs(
-            name="drain",
-            lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
-            heartbeat_timeout=drain_s,
-            default_result="CONTINUE",
-        )
         group_tags: dict[str, pulumi.Input[str]] = {**node_tags, "Name": f"{stack}-vllm", LOG_GROUP_TAG: log_group.name}
         if args.weights_s3_uri:
             group_tags[WEIGHTS_URI_TAG] = args.weights_s3_uri
@@ -606,12 +611,23 @@ class Fleet(pulumi.ComponentResource):
         for spec in capacity.groups:
             if spec.gang_index is None:
                 group = self._fleet_group(
-                    name, args, spec, types, templates, group_tags, drain_hook, startup, capacity.replicas_per_node
+                    name, args, spec, types, templates, group_tags, drain_s, startup, capacity.replicas_per_node
                 )
             else:
-                group = self._gang_group(
-                    name, args, spec, templates[chosen], group_tags, drain_hook, startup, launch_heartbeat_s(stack_plan)
-                )
+                group = self._gang_group(name, args, spec, templates[chosen], group_tags, drain_s, startup)
+            # The drain hook is its own resource, not one of the group's initial_lifecycle_hooks:
+            # its timeout follows shutdownTimeoutS, and an initial hook is ForceNew, so a new
+            # timeout would replace the group (and every node in it). A terminating hook need
+            # not exist before the first launch; PutLifecycleHook updates it in place.
+            aws.autoscaling.LifecycleHook(
+                f"{name}-{spec.key}-drain",
+                name="drain",
+                autoscaling_group_name=group.name,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
+                heartbeat_timeout=drain_s,
+                default_result="CONTINUE",
+                opts=pulumi.ResourceOptions(parent=self),
+            )
             self.group_names.append(group.name)
             self.group_arns.append(group.arn)
 
@@ -637,7 +653,7 @@ class Fleet(pulumi.ComponentResource):
         types: list[str],
         templates: dict[str, aws.ec2.LaunchTemplate],
         group_tags: Mapping[str, pulumi.Input[str]],
-        drain_hook: aws.autoscaling.GroupInitialLifecycleHookArgs,
+        drain_s: int,
         startup: int,
         replicas_per_node: int,
     ) -> aws.autoscaling.Group:
@@ -703,10 +719,13 @@ class Fleet(pulumi.ComponentResource):
             instance_maintenance_policy=aws.autoscaling.GroupInstanceMaintenancePolicyArgs(
                 min_healthy_percentage=MIN_HEALTHY_PERCENT, max_healthy_percentage=MAX_HEALTHY_PERCENT
             ),
-            initial_lifecycle_hooks=[drain_hook],
             wait_for_capacity_timeout=startup_wait,
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["desired_capacity"] if spec.scaled else None),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                ignore_changes=["desired_capacity"] if spec.scaled else None,
+                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
+            ),
         )
 
     def _gang_group(
@@ -716,9 +735,8 @@ class Fleet(pulumi.ComponentResource):
         spec: GroupSpec,
         template: aws.ec2.LaunchTemplate,
         group_tags: Mapping[str, pulumi.Input[str]],
-        drain_hook: aws.autoscaling.GroupInitialLifecycleHookArgs,
+        drain_s: int,
         startup: int,
-        launch_heartbeat: int,
     ) -> aws.autoscaling.Group:
         assert spec.gang_index is not None
         config = args.stack_plan.config
@@ -734,7 +752,7 @@ class Fleet(pulumi.ComponentResource):
         ready_hook = aws.autoscaling.GroupInitialLifecycleHookArgs(
             name="gang-ready",
             lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
-            heartbeat_timeout=launch_heartbeat,
+            heartbeat_timeout=GANG_READY_HEARTBEAT_S,
             # A gang that never serves is not capacity: give its nodes back.
             default_result="ABANDON",
         )
@@ -755,7 +773,7 @@ class Fleet(pulumi.ComponentResource):
             launch_template=aws.autoscaling.GroupLaunchTemplateArgs(
                 id=template.id, version=template.latest_version.apply(str)
             ),
-            initial_lifecycle_hooks=[ready_hook, drain_hook],
+            initial_lifecycle_hooks=[ready_hook],
             wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
             opts=pulumi.ResourceOptions(
@@ -764,5 +782,6 @@ class Fleet(pulumi.ComponentResource):
                 replace_on_changes=["launchTemplate"],
                 delete_before_replace=False,
                 ignore_changes=["desired_capacity"] if spec.scaled else None,
+                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
         )
