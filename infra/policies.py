@@ -366,6 +366,21 @@ def validate_group_force_new_inputs(args: ResourceValidationArgs, report: Report
             )
 
 
+def validate_group_waits_for_healthy_targets(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """A group behind target groups makes `pulumi up` wait until its first nodes serve
+    (aws_fleet.yaml elb_capacity_wait); otherwise the deploy's smoke test meets no healthy target."""
+    if args.resource_type != AUTOSCALING_GROUP or not args.props.get("targetGroupArns"):
+        return
+    floor = args.props.get("minSize") or 0
+    waits = args.props.get("minElbCapacity") or args.props.get("waitForElbCapacity") or 0
+    if int(floor) > 0 and int(waits) < int(floor):
+        report(
+            f"minElbCapacity {waits or 'unset'} below minSize {floor}: `pulumi up` would return before the "
+            "load balancer has a healthy target",
+            None,
+        )
+
+
 # --- stack validators (rules that relate several resources) -----------------------------------
 def _of_type(args: StackValidationArgs, resource_type: str) -> list[PolicyResource]:
     return [r for r in args.resources if r.resource_type == resource_type]
@@ -455,6 +470,11 @@ POLICIES: Sequence[Policy] = (
         "group-force-new-inputs",
         "A group's ForceNew initial lifecycle hooks hold only its launch hook; the drain hook is a resource of its own.",
         validate_group_force_new_inputs,
+    ),
+    _policy(
+        "group-waits-for-healthy-targets",
+        "A group behind a load balancer makes the first `pulumi up` wait for healthy targets.",
+        validate_group_waits_for_healthy_targets,
     ),
     _stack_policy(
         "efa-self-traffic",

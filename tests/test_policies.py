@@ -314,3 +314,14 @@ def test_group_holds_no_force_new_drain_hook() -> None:
     assert violations(name, group, {"initialLifecycleHooks": [ready, drain]})
     assert violations(name, group, {"initialLifecycleHooks": [ready]}) == []
     assert violations(name, group, {}) == []
+
+
+def test_group_waits_for_healthy_targets() -> None:
+    """Before the fix no group set min_elb_capacity: `pulumi up` returned with no healthy target."""
+    name, group = "group-waits-for-healthy-targets", policies.AUTOSCALING_GROUP
+    attached = {"targetGroupArns": ["arn"], "minSize": 2}
+    assert violations(name, group, attached)
+    assert violations(name, group, {**attached, "minElbCapacity": 1})
+    assert violations(name, group, {**attached, "minElbCapacity": 2}) == []
+    assert violations(name, group, {"targetGroupArns": ["arn"], "minSize": 0}) == []  # scale from zero
+    assert violations(name, group, {"minSize": 2}) == []  # a gang registers its head itself

@@ -328,6 +328,8 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
         (group,) = groups
         props = group.engine_inputs
         assert props["healthCheckType"] == "ELB"
+        # `pulumi up` returns only when the first nodes serve through the load balancer.
+        assert props["minElbCapacity"] == props["minSize"] >= 1
         assert props["minSize"] == instances_for(config.capacity.min_replicas, layout)
         assert props["maxSize"] == instances_for(config.capacity.max_replicas, layout)
         assert props["maxSize"] >= props["minSize"] + 1  # room to surge during a refresh

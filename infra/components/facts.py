@@ -99,6 +99,7 @@ class AwsFleetFacts(BaseModel):
     exporter_ports: Fact[ExporterPorts]
     imds_target_lifecycle_state: Fact[str]
     initial_lifecycle_hook_force_new: Fact[bool]
+    elb_capacity_wait: Fact[Literal["min_elb_capacity"]]
 
 
 @cache

@@ -720,6 +720,11 @@ class Fleet(pulumi.ComponentResource):
                 min_healthy_percentage=MIN_HEALTHY_PERCENT, max_healthy_percentage=MAX_HEALTHY_PERCENT
             ),
             wait_for_capacity_timeout=startup_wait,
+            # On create, `pulumi up` returns only once this many nodes pass the target groups'
+            # health checks (the deploy's smoke test runs right after). min_elb_capacity, not
+            # wait_for_elb_capacity: the latter also waits on every update, which would hang a
+            # deploy while the night schedule holds the group at zero.
+            min_elb_capacity=spec.min_size or None,
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
