@@ -17,6 +17,7 @@ import base64
 import binascii
 import gzip
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -420,6 +421,50 @@ def validate_efa_self_traffic(args: StackValidationArgs, report: ReportViolation
                 break  # every interface of a template carries the same groups
 
 
+NAT_GATEWAY = "aws:ec2/natGateway:NatGateway"
+VPC_ENDPOINT = "aws:ec2/vpcEndpoint:VpcEndpoint"
+ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
+# An IAM action prefix whose PrivateLink service is named differently.
+ENDPOINT_SERVICE_OF_PREFIX = {"aps": "aps-workspaces"}
+
+
+def _called_services(policy_json: Any) -> set[str]:
+    """The AWS services a role's inline policy lets it call directly: action prefixes, except
+    statements only usable through another service (a kms:ViaService condition)."""
+    try:
+        doc = json.loads(str(policy_json))
+    except ValueError:
+        return set()
+    services: set[str] = set()
+    for statement in doc.get("Statement") or []:
+        if "kms:ViaService" in json.dumps(statement.get("Condition") or {}):
+            continue
+        actions = statement.get("Action") or []
+        for action in [actions] if isinstance(actions, str) else actions:
+            prefix = str(action).split(":")[0]
+            services.add(ENDPOINT_SERVICE_OF_PREFIX.get(prefix, prefix))
+    return services
+
+
+def validate_endpoints_only_reaches_every_api(args: StackValidationArgs, report: ReportViolation) -> None:
+    """A VPC with endpoints and no NAT gateway reaches only the services it has endpoints for:
+    every service a role's inline policy calls needs one (aws_fleet.yaml vpc_interface_endpoints)."""
+    endpoints = _of_type(args, VPC_ENDPOINT)
+    if not endpoints or _of_type(args, NAT_GATEWAY):
+        return
+    reachable = {str(e.props.get("serviceName") or "").split(".", 3)[-1] for e in endpoints}
+    for policy_resource in _of_type(args, ROLE_POLICY):
+        if policy_resource.props.get("policy") is None:
+            continue  # built from ARNs a preview of a new stack does not know yet
+        missing = sorted(_called_services(policy_resource.props["policy"]) - reachable)
+        if missing:
+            report(
+                f"{policy_resource.name}: the role calls {', '.join(missing)}, which a network without NAT "
+                "reaches only through VPC endpoints; none is declared",
+                policy_resource.urn,
+            )
+
+
 # --- the policies ----------------------------------------------------------------------------
 def _stack_policy(name: str, description: str, validate: StackValidator) -> StackValidationPolicy:
     return StackValidationPolicy(
@@ -475,6 +520,11 @@ POLICIES: Sequence[Policy] = (
         "group-waits-for-healthy-targets",
         "A group behind a load balancer makes the first `pulumi up` wait for healthy targets.",
         validate_group_waits_for_healthy_targets,
+    ),
+    _stack_policy(
+        "endpoints-only-reaches-every-api",
+        "Without a NAT gateway, every AWS service a role calls has a VPC endpoint.",
+        validate_endpoints_only_reaches_every_api,
     ),
     _stack_policy(
         "efa-self-traffic",

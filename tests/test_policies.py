@@ -325,3 +325,36 @@ def test_group_waits_for_healthy_targets() -> None:
     assert violations(name, group, {**attached, "minElbCapacity": 2}) == []
     assert violations(name, group, {"targetGroupArns": ["arn"], "minSize": 0}) == []  # scale from zero
     assert violations(name, group, {"minSize": 2}) == []  # a gang registers its head itself
+
+
+def endpoints_only(stack: str) -> StackPlan:
+    config = plan(stack).config
+    config = config.model_copy(update={
+        "network": config.network.model_copy(update={"egress": "endpoints-only"}),
+        "endpoint": config.endpoint.model_copy(update={"internal": True}),
+        "monitoring": config.monitoring.model_copy(update={"mode": "none"}),
+    })  # fmt: skip
+    return build_stack_plan(config, validate=False)
+
+
+@pytest.mark.parametrize("stack", ["prod-405b", "dev-8b"])
+def test_endpoints_only_network_reaches_every_api_the_nodes_call(stack: str) -> None:
+    """Before the fix the endpoints-only network had no autoscaling, ec2 or
+    elasticloadbalancing endpoint: the drain hook, gang discovery and head registration hung."""
+    stack_plan = endpoints_only(stack)
+    if stack_plan.config.serving.weights_source not in ("s3", "ebs-initialized", "ebs-lazy", "local-nvme"):
+        stack_plan = build_stack_plan(
+            stack_plan.config.model_copy(update={"serving": stack_plan.config.serving.model_copy(update={"weights_source": "s3"})}),
+            validate=False,
+        )
+    base = resources(offline.preview_resources(stack_plan, preview=False))
+    assert stack_violations("endpoints-only-reaches-every-api", base) == []
+    old_services = ("autoscaling", "ec2", "elasticloadbalancing")
+    before_fix = [r for r in base if not (r[0] == policies.VPC_ENDPOINT and r[2]["serviceName"].endswith(old_services))]
+    (found,) = stack_violations("endpoints-only-reaches-every-api", before_fix)
+    gangs = stack_plan.plan.layout.nodes_per_replica > 1
+    assert found.startswith("fleet-node-policy: the role calls ")
+    assert ("ec2" in found and "elasticloadbalancing" in found) == gangs and "autoscaling" in found
+    # With a NAT gateway the same missing endpoints are no violation.
+    with_nat = before_fix + [(policies.NAT_GATEWAY, "nat", {}, [])]
+    assert stack_violations("endpoints-only-reaches-every-api", with_nat) == []

@@ -590,6 +590,11 @@ def test_internal_nlb_forwards_at_l4() -> None:
 def test_endpoints_only_network_has_no_nat_and_every_endpoint() -> None:
     config = with_section(stack_plan("prod-405b").config, "network", egress="endpoints-only")
     config = with_section(config, "endpoint", internal=True)
+    # The self-hosted monitoring host installs its software from the internet: refused.
+    hosted = with_section(config, "monitoring", mode="self-hosted")
+    with pytest.raises(FleetError, match="monitoring.mode = \"self-hosted\".*endpoints-only"):
+        offline.run_stack(plan_for(hosted), preview=True)
+    config = with_section(config, "monitoring", mode="none")
     run = offline.run_stack(plan_for(config), preview=True)
     assert not of_type(run, "aws:ec2/natGateway:NatGateway")
     assert not of_type(run, "aws:ec2/internetGateway:InternetGateway")

@@ -63,6 +63,12 @@ def preflight(stack_plan: StackPlan) -> CapacityLayout:
             f"vllm-fleet:serving.weightsSource = {config.serving.weights_source!r}: unreachable with "
             f"network.egress endpoints-only (no internet); use one of {', '.join(SOURCES_WITHOUT_INTERNET)}"
         )
+    if config.network.egress == "endpoints-only" and config.monitoring.mode == "self-hosted":
+        raise FleetError(
+            "vllm-fleet:monitoring.mode = \"self-hosted\": the monitoring host installs Prometheus, "
+            "Alertmanager and Grafana from the internet, which network.egress endpoints-only does not reach; "
+            "use managed, shared or none"
+        )
     if config.network.mode == "new":
         subnet_cidrs(config.network.vpc_cidr, config.network.availability_zones)
     image_source(config.image)
