@@ -383,6 +383,7 @@ class Fleet(pulumi.ComponentResource):
     security_group_id: pulumi.Output[str]
     log_group_name: pulumi.Output[str]
     launch_template_ids: dict[str, pulumi.Output[str]]
+    _node_policy: aws.iam.RolePolicy  # the groups wait for it
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:fleet:Fleet", name, None, opts)
@@ -457,7 +458,8 @@ class Fleet(pulumi.ComponentResource):
                 indent=2,
             )
         )
-        aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
+        node_policy = aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
+        self._node_policy = node_policy
         profile = aws.iam.InstanceProfile(
             f"{name}-profile", role=role.name, tags={**tags, "Name": f"{stack}-node"}, opts=child
         )
@@ -728,6 +730,9 @@ class Fleet(pulumi.ComponentResource):
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
+                # A node that boots before its role's inline policy exists fails its first
+                # calls (the API key, the lifecycle hook): the policy comes first.
+                depends_on=[self._node_policy],
                 ignore_changes=["desired_capacity"] if spec.scaled else None,
                 custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
@@ -783,6 +788,7 @@ class Fleet(pulumi.ComponentResource):
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
+                depends_on=[self._node_policy],
                 # A new template version means a new gang, created before the old one goes.
                 replace_on_changes=["launchTemplate"],
                 delete_before_replace=False,
