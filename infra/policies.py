@@ -465,6 +465,32 @@ def validate_endpoints_only_reaches_every_api(args: StackValidationArgs, report:
             )
 
 
+def validate_capacity_block_scope(args: StackValidationArgs, report: ReportViolation) -> None:
+    """A capacity block is one instance type in one AZ (aws_fleet.yaml capacity_block_scope):
+    its templates share one type and reservation, and every group launches in one subnet."""
+    scope = aws_fleet_facts().capacity_block_scope.value
+    blocks = [
+        t for t in _of_type(args, LAUNCH_TEMPLATE)
+        if (t.props.get("instanceMarketOptions") or {}).get("marketType") == "capacity-block"
+    ]  # fmt: skip
+    if not blocks:
+        return
+    types = sorted({str(t.props.get("instanceType")) for t in blocks})
+    if len(types) > scope.instance_types:
+        report(f"capacity-block launch templates for {', '.join(types)}: a block reserves one instance type", None)
+    for group in _of_type(args, AUTOSCALING_GROUP):
+        subnets = group.props.get("vpcZoneIdentifiers") or []
+        if len(subnets) > scope.availability_zones:
+            report(
+                f"group {group.name} launches capacity-block instances in {len(subnets)} subnets; a block is in "
+                "one Availability Zone, so the group takes only the subnet there",
+                group.urn,
+            )
+        overrides = ((group.props.get("mixedInstancesPolicy") or {}).get("launchTemplate") or {}).get("overrides") or []
+        if len(overrides) > scope.instance_types:
+            report(f"group {group.name} overrides {len(overrides)} instance types on a capacity block", group.urn)
+
+
 # --- the policies ----------------------------------------------------------------------------
 def _stack_policy(name: str, description: str, validate: StackValidator) -> StackValidationPolicy:
     return StackValidationPolicy(
@@ -525,6 +551,11 @@ POLICIES: Sequence[Policy] = (
         "endpoints-only-reaches-every-api",
         "Without a NAT gateway, every AWS service a role calls has a VPC endpoint.",
         validate_endpoints_only_reaches_every_api,
+    ),
+    _stack_policy(
+        "capacity-block-scope",
+        "A capacity block's instances launch as one type in one Availability Zone.",
+        validate_capacity_block_scope,
     ),
     _stack_policy(
         "efa-self-traffic",

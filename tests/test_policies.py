@@ -358,3 +358,18 @@ def test_endpoints_only_network_reaches_every_api_the_nodes_call(stack: str) -> 
     # With a NAT gateway the same missing endpoints are no violation.
     with_nat = before_fix + [(policies.NAT_GATEWAY, "nat", {}, [])]
     assert stack_violations("endpoints-only-reaches-every-api", with_nat) == []
+
+
+def test_capacity_block_is_one_type_in_one_zone() -> None:
+    """Before the fix the block's group spanned every private subnet (several AZs)."""
+    name = "capacity-block-scope"
+    block = {"instanceType": "p5.48xlarge", "instanceMarketOptions": {"marketType": "capacity-block"}}
+    lt = (policies.LAUNCH_TEMPLATE, "lt", block, [])
+    one_zone = (policies.AUTOSCALING_GROUP, "g", {"vpcZoneIdentifiers": ["subnet-a"]}, [])
+    two_zones = (policies.AUTOSCALING_GROUP, "g", {"vpcZoneIdentifiers": ["subnet-a", "subnet-b"]}, [])
+    assert stack_violations(name, [lt, one_zone]) == []
+    assert stack_violations(name, [lt, two_zones])
+    other_type = (policies.LAUNCH_TEMPLATE, "lt2", {**block, "instanceType": "p4de.24xlarge"}, [])
+    assert stack_violations(name, [lt, other_type, one_zone])
+    on_demand = (policies.LAUNCH_TEMPLATE, "lt", {"instanceType": "p5.48xlarge"}, [])
+    assert stack_violations(name, [on_demand, two_zones]) == []

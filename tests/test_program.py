@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pulumi.runtime import settings
 
-from infra import offline
+from infra import offline, policies
 from infra.catalog import default_catalog
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import route_rules
@@ -41,6 +41,7 @@ from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.offline import OfflineRun, ResourceRecord
 from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
+from infra.program.stack import deploy
 from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
@@ -584,6 +585,38 @@ def test_capacity_block_pins_one_type_and_the_reservation() -> None:
         "capacityReservationId": "cr-0123456789abcdef0"
     }
     assert "mixedInstancesPolicy" not in of_type(run, ASG)[0].engine_inputs
+    # One zone: the block's (the mocks put it in the region's second zone). Before the fix the
+    # group spanned every private subnet, so most launches missed the block.
+    updated = offline.run_stack(plan_for(config), preview=False)
+    (group,) = of_type(updated, ASG)
+    (subnet_id,) = group.engine_inputs["vpcZoneIdentifiers"]
+    (subnet,) = [s for s in of_type(updated, "aws:ec2/subnet:Subnet") if s.id == subnet_id]
+    assert subnet.name == "network-private-0" and subnet.engine_inputs["availabilityZone"] == "us-east-1b"
+    found = policies.check_resources(
+        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in updated.records if r.custom],
+        policies.policy_config(ladder_types(plan_for(config))),
+    )
+    assert found == [], found
+    # An existing VPC: the private subnet in the block's zone (the mocks derive it from the id).
+    existing = with_section(
+        config, "network", mode="existing", vpc_id="vpc-0123456789abcdef0",
+        private_subnet_ids=["subnet-0aaa0000", "subnet-0bbb0001"], public_subnet_ids=["subnet-0ccc0002", "subnet-0ddd0003"],
+    )  # fmt: skip
+    (group,) = of_type(offline.run_stack(plan_for(existing), preview=True), ASG)
+    assert group.engine_inputs["vpcZoneIdentifiers"] == ["subnet-0bbb0001"]
+    elsewhere = with_section(existing, "network", private_subnet_ids=["subnet-0aaa0000", "subnet-0bbb0002"])
+    with pytest.raises(FleetError, match="none is in us-east-1b"):
+        offline.run_stack(plan_for(elsewhere), preview=True)
+
+
+def test_capacity_block_of_another_type_is_refused() -> None:
+    config = with_capacity(
+        stack_plan("prod-70b").config, market="capacity-block", capacity_reservation_id="cr-0123456789abcdef0"
+    )
+    plan = plan_for(config)
+    mocks = offline.OfflineMocks(region="us-east-1", preview=True, capacity_block_instance_type="g6e.48xlarge")
+    with pytest.raises(FleetError, match="the block reserves g6e.48xlarge, the plan chose"):
+        offline.run_offline(lambda: deploy(plan), project="vllm-fleet", stack=config.stack, mocks=mocks, preview=True)
 
 
 def test_endpoint_exposure_is_refused_where_unsafe() -> None:

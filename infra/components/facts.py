@@ -78,6 +78,13 @@ class ExporterPorts(BaseModel):
     dcgm_exporter: int = Field(ge=1, le=65535)
 
 
+class CapacityBlockScope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instance_types: int = Field(ge=1)
+    availability_zones: int = Field(ge=1)
+
+
 class AwsFleetFacts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -100,6 +107,7 @@ class AwsFleetFacts(BaseModel):
     imds_target_lifecycle_state: Fact[str]
     initial_lifecycle_hook_force_new: Fact[bool]
     elb_capacity_wait: Fact[Literal["min_elb_capacity"]]
+    capacity_block_scope: Fact[CapacityBlockScope]
 
 
 @cache

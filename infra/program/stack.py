@@ -31,7 +31,7 @@ from infra.components.fleet import (
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
-from infra.config import ImageSection
+from infra.config import ImageSection, StackConfig
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
 from infra.program.tags import plan_id, stack_tags
@@ -104,8 +104,28 @@ def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Outpu
     return image_id, ami.root_device_name
 
 
-def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
-    """The first ``count`` default AZs that offer the plan's instance type."""
+def capacity_block_zone(stack_plan: StackPlan) -> str | None:
+    """The one zone a capacity block's instances can launch in (None for other markets). A
+    block reserves one instance type in one AZ (aws_fleet.yaml capacity_block_scope), so the
+    fleet's groups launch in that zone only, and the plan must have chosen the block's type."""
+    config = stack_plan.config
+    if config.capacity.market != "capacity-block":
+        return None
+    reservation_id = config.capacity.capacity_reservation_id
+    block = aws.ec2.get_capacity_block_reservation(id=reservation_id)
+    chosen = stack_plan.plan.layout.instance_type
+    if block.instance_type != chosen:
+        raise FleetError(
+            f"vllm-fleet:capacity.capacityReservationId = {reservation_id!r}: the block reserves "
+            f"{block.instance_type}, the plan chose {chosen}; restrict vllm-fleet:capacity.instanceTypes to "
+            f"{block.instance_type} or use a block of {chosen}"
+        )
+    return str(block.availability_zone)
+
+
+def choose_availability_zones(stack_plan: StackPlan, count: int, first: str | None = None) -> list[str]:
+    """The first ``count`` default AZs that offer the plan's instance type; ``first`` (a
+    capacity block's zone) leads when given."""
     chosen = stack_plan.plan.layout.instance_type
     zones = aws.get_availability_zones(
         state="available", filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"])]
@@ -115,12 +135,37 @@ def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
         filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=[chosen])],
     )
     usable = [zone for zone in zones.names if zone in set(offered.locations)]
+    if first is not None:
+        if first not in usable:
+            raise FleetError(
+                f"vllm-fleet:capacity.capacityReservationId: the block is in {first}, which is not one of "
+                f"{stack_plan.config.region}'s default zones offering {chosen} ({', '.join(usable) or 'none'})"
+            )
+        usable = [first] + [zone for zone in usable if zone != first]
     if len(usable) < count:
         raise FleetError(
             f"vllm-fleet:network.availabilityZones = {count}: only {len(usable)} zone(s) of "
             f"{stack_plan.config.region} offer {chosen} ({', '.join(usable) or 'none'})"
         )
     return usable[:count]
+
+
+def fleet_subnet_ids(
+    config: StackConfig, private_subnet_ids: list[pulumi.Output[str]], block_zone: str | None
+) -> list[pulumi.Input[str]]:
+    """The subnets the fleet's groups launch in: every private subnet, or for a capacity block
+    only the one in the block's zone (the first, for a new network; looked up, for an existing one)."""
+    if block_zone is None:
+        return list(private_subnet_ids)
+    if config.network.mode == "new":
+        return [private_subnet_ids[0]]
+    for subnet_id in config.network.private_subnet_ids:
+        if aws.ec2.get_subnet(id=subnet_id).availability_zone == block_zone:
+            return [subnet_id]
+    raise FleetError(
+        f"vllm-fleet:network.privateSubnetIds: none is in {block_zone}, where the capacity block "
+        f"{config.capacity.capacity_reservation_id} is; add a private subnet there"
+    )
 
 
 def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str, Any]:
@@ -145,8 +190,9 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
 
     identity = aws.get_caller_identity()
     partition = aws.get_partition().partition
+    block_zone = capacity_block_zone(stack_plan)
     zones = (
-        choose_availability_zones(stack_plan, config.network.availability_zones)
+        choose_availability_zones(stack_plan, config.network.availability_zones, first=block_zone)
         if config.network.mode == "new"
         else []
     )
@@ -217,7 +263,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         FleetArgs(
             stack_plan=stack_plan,
             vpc_id=network.vpc_id,
-            subnet_ids=network.private_subnet_ids,
+            subnet_ids=fleet_subnet_ids(config, network.private_subnet_ids, block_zone),
             load_balancer_security_group_id=endpoint.security_group_id,
             scraper_security_group_id=network.scraper_security_group_id,
             target_group_arns=endpoint.target_group_arns,
