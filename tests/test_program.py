@@ -40,8 +40,8 @@ from infra.components.fleet import (
 from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.offline import OfflineRun, ResourceRecord
-from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.program.stack import deploy
+from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
