@@ -23,6 +23,7 @@ from infra.config import (
     arch_from_config_doc,
     load_any_stack_file,
     load_config_json,
+    load_stack_file,
 )
 from infra.errors import FleetError
 from infra.ops.commands import register as register_ops_commands
@@ -101,6 +102,10 @@ def plan(
     out_dir: Annotated[Path | None, typer.Option("--out", help="artifact directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     stacks_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml files live")] = STACKS_DIR,
+    since: Annotated[
+        Path | None,
+        typer.Option(help="stacks directory of the deployed version: list what the change would replace"),
+    ] = None,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
     config = load_any_stack_file(stack, stacks_dir)
@@ -128,6 +133,7 @@ def plan(
             f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
             + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
         )
+    replacements = _replacements_since(stack_plan, since) if since is not None else []
     stack_plan.artifacts["resources.json"] = resources_json(records)
     stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
     target = out_dir or Path("build") / stack
@@ -143,6 +149,7 @@ def plan(
                 "scaling": describe_scaling(stack_plan),
                 "resources": len(records),
                 "policy_violations": 0,
+                "replacements": [r.line() for r in replacements],
                 "artifacts": [str(p) for p in written],
             }
         )
@@ -155,9 +162,23 @@ def plan(
     # Plain print: the tree's lines must not be wrapped at the terminal width.
     print(resource_tree_text(records), flush=True)
     out.print(f"Policy pack: {len(records)} resources checked, no violations.")
+    if since is not None:
+        out.print(f"\n[bold]Since {since}[/bold]: {len(replacements) or 'no'} resource(s) must be replaced")
+        for replacement in replacements:
+            out.print(f"[bold red]  ± {replacement.line()}[/bold red]")
     out.print(f"\nArtifacts written to {target}/:")
     for path in written:
         out.print(f"  {path.relative_to(target)}")
+
+
+def _replacements_since(stack_plan: StackPlan, since: Path) -> list[Any]:
+    """What `pulumi up` would replace going from the stack file in ``since`` to this one: both
+    programs run under the same mocks, diffed against the provider's ForceNew table."""
+    from infra.offline import run_stack
+    from infra.replacement import day2_diff
+
+    before = build_stack_plan(load_stack_file(stack_plan.config.stack, since), validate=False)
+    return list(day2_diff(run_stack(before, preview=False).records, run_stack(stack_plan, preview=False).records).replaced)
 
 
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:
