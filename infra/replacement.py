@@ -115,10 +115,12 @@ def _strings(value: Any) -> Iterable[str]:
 
 def _identities(record: Record) -> set[str]:
     """How other resources refer to ``record``: its id, ARN and name as the mocks answered."""
-    found = {record.id or "", str(record.outputs.get("arn") or "")}
-    # A computed name (from a prefix, or generated) is an identity; a name the program gave
-    # as an input ("drain") is shared by unrelated resources, so it is not.
-    found |= {str(record.outputs.get(key) or "") for key in ("name", "bucket") if key not in record.engine_inputs}
+    # Computed string outputs (id, ARN, a generated name, a password's result) change when
+    # the resource is replaced; an input ("drain", a tag) stays, and unrelated resources may
+    # share it, so it is no identity.
+    found = {record.id or ""} | {
+        value for key, value in record.outputs.items() if isinstance(value, str) and key not in record.engine_inputs
+    }
     return {value for value in found if len(value) > 3}
 
 
@@ -133,11 +135,14 @@ def force_new_properties(resource_type: str) -> tuple[str, ...]:
 
 
 def _replace_triggers(record: Record) -> tuple[str, ...]:
+    """The inputs whose change replaces ``record``, less those its ignoreChanges option hides
+    from the diff (Pulumi then keeps the old value, so nothing is replaced)."""
     triggers = list(force_new_properties(record.type))
     triggers += [p for p in record.options.get("replaceOnChanges", []) if p != "*"]
     if record.type == "aws:ec2/instance:Instance" and record.engine_inputs.get("userDataReplaceOnChange"):
         triggers += ["userData", "userDataBase64"]
-    return tuple(triggers)
+    ignored = set(record.options.get("ignoreChanges", []))
+    return tuple(t for t in triggers if t not in ignored and t.split(".")[0] not in ignored)
 
 
 def day2_diff(before: Sequence[Record], after: Sequence[Record]) -> Day2Diff:

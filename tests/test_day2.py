@@ -221,3 +221,26 @@ def test_plan_says_loudly_what_must_be_replaced(tmp_path: Path) -> None:
     human = subprocess.run([*base, "--out", str(tmp_path / "out2")], cwd=root, capture_output=True, text=True, timeout=300, check=False)
     assert human.returncode == 0, human.stderr
     assert "resource(s) must be replaced" in human.stdout and "fleet-gang-1 must be replaced" in human.stdout
+
+
+def test_a_new_password_in_pulumi_never_becomes_the_current_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defect: secret_string is ForceNew, and a new version becomes AWSCURRENT, so any
+    change that replaced the password (its length, say) wrote Pulumi's key over the one
+    `rotate-key` made current. The version now ignores its value: nothing is replaced."""
+    from infra.components import api_key
+
+    def key_records() -> list[ResourceRecord]:
+        mocks = offline.OfflineMocks(region="us-east-1", preview=False)
+        program = lambda: api_key.ApiKey("api-key", api_key.ApiKeyArgs(secret_name="vllm-fleet/t/api-key", tags={}))  # noqa: E731
+        return offline.run_offline(program, project="vllm-fleet", stack="t", mocks=mocks, preview=False).records
+
+    before = key_records()
+    monkeypatch.setattr(api_key, "KEY_LENGTH", api_key.KEY_LENGTH + 16)
+    after = key_records()
+    found = day2_diff(before, after)
+    assert found.replaced_names() == {"api-key-value"}
+    assert ("aws:secretsmanager/secretVersion:SecretVersion", "api-key-version") not in found.updated
+    # The same records without the ignoreChanges option: the version is replaced (the old code).
+    unguarded = [ResourceRecord(**{**r.__dict__, "options": {**r.options, "ignoreChanges": []}}) for r in before + after]
+    old_code = day2_diff(unguarded[: len(before)], unguarded[len(before) :])
+    assert "api-key-version" in old_code.replaced_names()

@@ -283,7 +283,6 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         "servedModelName": pulumi.Output.from_input(served_model_name(config, stack_plan.plan.request.model_name)),
         "apiKeySecretArn": api_key.secret_arn,
         "apiKeySecretName": api_key.secret_name,
-        "apiKey": api_key.api_key,
         "planId": pulumi.Output.from_input(plan_id(stack_plan)),
         "planSummary": pulumi.Output.from_input(stack_plan.plan.summary()),
         "estimatedHourlyUsd": pulumi.Output.from_input(hourly_estimate(stack_plan, capacity)),
