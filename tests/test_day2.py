@@ -231,7 +231,7 @@ def test_a_new_password_in_pulumi_never_becomes_the_current_key(monkeypatch: pyt
 
     def key_records() -> list[ResourceRecord]:
         mocks = offline.OfflineMocks(region="us-east-1", preview=False)
-        program = lambda: api_key.ApiKey("api-key", api_key.ApiKeyArgs(secret_name="vllm-fleet/t/api-key", tags={}))  # noqa: E731
+        program = lambda: api_key.ApiKey("api-key", api_key.ApiKeyArgs(secret_name="vllm-fleet/t/api-key", tags={}))
         return offline.run_offline(program, project="vllm-fleet", stack="t", mocks=mocks, preview=False).records
 
     before = key_records()
