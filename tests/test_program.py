@@ -38,6 +38,7 @@ from infra.components.fleet import (
     node_policy_document,
 )
 from infra.config import StackConfig, load_stack_file, stack_names
+from infra.drain import SLOWEST_STREAM_TOKENS_PER_S
 from infra.errors import FleetError
 from infra.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
@@ -292,6 +293,14 @@ def test_target_groups_drain_and_check_health(stack: str, preview: bool) -> None
     for group in groups:
         props = group.engine_inputs
         assert props["deregistrationDelay"] >= plan.config.serving.shutdown_timeout_s
+        # Scale-in must not cut a stream: before the fix the delay was the shutdown timeout
+        # (120 s), shorter than a maxModelLen-token stream at the slowest planned decode rate.
+        longest = math.ceil(plan.config.serving.max_model_len / SLOWEST_STREAM_TOKENS_PER_S)
+        assert props["deregistrationDelay"] == min(3600, max(longest, plan.config.serving.shutdown_timeout_s))
+        # The node's drain watcher waits for the same delay.
+        for lt in of_type(run, LT):
+            text = decoded_user_data(lt.engine_inputs["userData"])
+            assert f"readonly delay_s={props['deregistrationDelay']}" in text
         assert props["healthCheck"]["path"] == "/health" and props["healthCheck"]["matcher"] == "200"
         assert props["loadBalancingAlgorithmType"] == "least_outstanding_requests"
         assert props["stickiness"]["enabled"] is False

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from infra.catalog import default_catalog
 from infra.config import StackConfig
+from infra.drain import deregistration_delay_s
 from infra.node.serve_args import LOCAL_WEIGHT_SOURCES, build_serve_argv
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.node.spec import LifecycleHooks, NodeSpec, ReplicaSpec
 from infra.planner import Candidate, Plan
 
 
@@ -48,6 +49,8 @@ def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_
         api_key_secret_id=api_key_secret_id,
         start_timeout_s=plan.startup_timeout_s,
         shutdown_timeout_s=config.serving.shutdown_timeout_s,
+        # The target groups' delay (infra/drain.py): the watcher waits for it, not for vLLM's.
+        lifecycle_hooks=LifecycleHooks(deregistration_delay_s=deregistration_delay_s(config)),
         gpus_per_node=gpus_per_node,
         vllm_env=vllm_environment(config, plan),
         nodes=layout.nodes_per_replica,

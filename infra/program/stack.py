@@ -32,6 +32,7 @@ from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection, StackConfig
+from infra.drain import deregistration_delay_s
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
 from infra.program.tags import plan_id, stack_tags
@@ -48,7 +49,7 @@ def preflight(stack_plan: StackPlan) -> CapacityLayout:
     capacity = capacity_layout(config, layout)
     for instance_type in ladder_types(stack_plan):
         encoded_user_data(stack_plan, instance_type)
-    deregistration_delay = config.serving.shutdown_timeout_s
+    deregistration_delay = deregistration_delay_s(config)
     drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s)
     check_endpoint(
         lb_type=config.endpoint.type,
@@ -234,7 +235,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             nodes_per_replica=layout.nodes_per_replica,
         ),
     )
-    deregistration_delay = config.serving.shutdown_timeout_s
+    deregistration_delay = deregistration_delay_s(config)
     endpoint = Endpoint(
         "endpoint",
         EndpointArgs(
