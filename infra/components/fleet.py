@@ -54,7 +54,7 @@ from infra.program.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
-from infra.scaling import instances_for, ladder_types, log_group_name
+from infra.scaling import instances_for, ladder_types, log_group_name, scaling_policy_spec
 from infra.stackplan import StackPlan, group_name_prefix
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
@@ -210,6 +210,17 @@ def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> i
             f"a lifecycle hook waits at most {bounds.max} s"
         )
     return max(heartbeat, bounds.min)
+
+
+def scheduled_min_groups(stack_plan: StackPlan) -> set[str]:
+    """The groups whose min_size the night schedule owns (infra/scaling.py NightFloor): Pulumi
+    must not diff it, or every nightly drift check reports the schedule's value as drift."""
+    night = scaling_policy_spec(stack_plan).night
+    if night is None:
+        return set()
+    if stack_plan.plan.layout.nodes_per_replica > 1:
+        return {f"gang-{k}" for k in night.gang_indices}
+    return {"fleet"}
 
 
 def group_delete_timeout_s(drain_s: int) -> int:
@@ -384,6 +395,7 @@ class Fleet(pulumi.ComponentResource):
     log_group_name: pulumi.Output[str]
     launch_template_ids: dict[str, pulumi.Output[str]]
     _node_policy: aws.iam.RolePolicy  # the groups wait for it
+    _scheduled_min: set[str]  # group keys whose min_size the night schedule owns
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:fleet:Fleet", name, None, opts)
@@ -608,6 +620,7 @@ class Fleet(pulumi.ComponentResource):
         if args.weights_s3_uri:
             group_tags[WEIGHTS_URI_TAG] = args.weights_s3_uri
         chosen = types[0]
+        self._scheduled_min = scheduled_min_groups(stack_plan)
         self.group_names = []
         self.group_arns = []
         for spec in capacity.groups:
@@ -646,6 +659,14 @@ class Fleet(pulumi.ComponentResource):
                 "launchTemplateIds": self.launch_template_ids,
             }
         )
+
+    def _ignored_group_changes(self, spec: GroupSpec) -> list[str] | None:
+        """What Pulumi leaves to others: desired capacity to the scaler, min size to the
+        night schedule (scheduled actions set it twice a day)."""
+        ignored = (["desired_capacity"] if spec.scaled else []) + (
+            ["min_size"] if spec.key in self._scheduled_min else []
+        )
+        return ignored or None
 
     def _fleet_group(
         self,
@@ -733,7 +754,7 @@ class Fleet(pulumi.ComponentResource):
                 # A node that boots before its role's inline policy exists fails its first
                 # calls (the API key, the lifecycle hook): the policy comes first.
                 depends_on=[self._node_policy],
-                ignore_changes=["desired_capacity"] if spec.scaled else None,
+                ignore_changes=self._ignored_group_changes(spec),
                 custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
         )
@@ -792,7 +813,7 @@ class Fleet(pulumi.ComponentResource):
                 # A new template version means a new gang, created before the old one goes.
                 replace_on_changes=["launchTemplate"],
                 delete_before_replace=False,
-                ignore_changes=["desired_capacity"] if spec.scaled else None,
+                ignore_changes=self._ignored_group_changes(spec),
                 custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
         )
