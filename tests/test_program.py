@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from functools import cache
@@ -753,3 +754,28 @@ def test_api_key_component_outputs(pulumi_mocks: Callable[..., PulumiHarness]) -
     assert password.inputs["length"] == 48 and password.inputs["special"] is False
     version = harness.record(SECRET_VERSION, "key-version")
     assert version.secret_paths == ("secretString",)
+
+
+@pytest.mark.parametrize("stack", DEPLOYABLE)
+def test_dashboard_group_panels_find_the_groups(stack: str) -> None:
+    """Before the fix the groups published no group metrics, and the panels asked CloudWatch
+    for a group named exactly the prefix (AWS suffixes every name): the panels stayed empty."""
+    from infra.monitoring import render_monitoring
+    from infra.stackplan import monitoring_spec
+
+    plan = stack_plan(stack)
+    run = stack_run(stack, False)
+    files = render_monitoring(monitoring_spec(plan))
+    dashboard = json.loads(next(text for path, text in files.items() if path.endswith("dashboards/fleet.json")))
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "asg"]
+    pattern = re.compile(variable["regex"].strip("/"))
+    names = run.outputs["autoscalingGroupNames"]
+    assert names and all(pattern.match(name) for name in names)
+    assert not pattern.match(f"vllm-fleet.{stack}-2.fleet-abcdef12")  # another stack's group
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", []) if t.get("namespace") == "AWS/AutoScaling"]
+    assert targets
+    for group in of_type(run, ASG):
+        enabled = set(group.engine_inputs["enabledMetrics"])
+        assert group.engine_inputs["metricsGranularity"] == "1Minute"
+        assert {t["metricName"] for t in targets} <= enabled
+    assert all(t["dimensions"] == {"AutoScalingGroupName": "$asg"} for t in targets)

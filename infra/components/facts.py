@@ -108,6 +108,7 @@ class AwsFleetFacts(BaseModel):
     initial_lifecycle_hook_force_new: Fact[bool]
     elb_capacity_wait: Fact[Literal["min_elb_capacity"]]
     capacity_block_scope: Fact[CapacityBlockScope]
+    asg_group_metrics: Fact[list[str]]
 
 
 @cache

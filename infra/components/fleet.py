@@ -748,6 +748,9 @@ class Fleet(pulumi.ComponentResource):
             # wait_for_elb_capacity: the latter also waits on every update, which would hang a
             # deploy while the night schedule holds the group at zero.
             min_elb_capacity=spec.min_size or None,
+            # The Fleet dashboard's group panels read these; a group publishes none by default.
+            enabled_metrics=aws_fleet_facts().asg_group_metrics.value,
+            metrics_granularity="1Minute",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
@@ -805,6 +808,8 @@ class Fleet(pulumi.ComponentResource):
                 id=template.id, version=template.latest_version.apply(str)
             ),
             initial_lifecycle_hooks=[ready_hook],
+            enabled_metrics=aws_fleet_facts().asg_group_metrics.value,
+            metrics_granularity="1Minute",
             wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
             opts=pulumi.ResourceOptions(
