@@ -223,6 +223,11 @@ def scheduled_min_groups(stack_plan: StackPlan) -> set[str]:
     return {"fleet"}
 
 
+def group_metrics() -> list[aws.autoscaling.Metric]:
+    """The group metrics every group publishes (aws_fleet.yaml asg_group_metrics)."""
+    return [aws.autoscaling.Metric(name) for name in aws_fleet_facts().asg_group_metrics.value]
+
+
 def group_delete_timeout_s(drain_s: int) -> int:
     """How long Pulumi waits for a group to delete: every node first runs its drain hook
     (up to ``drain_s``), then EC2 terminates it. The provider's default (10 min, group.go
@@ -749,7 +754,7 @@ class Fleet(pulumi.ComponentResource):
             # deploy while the night schedule holds the group at zero.
             min_elb_capacity=spec.min_size or None,
             # The Fleet dashboard's group panels read these; a group publishes none by default.
-            enabled_metrics=aws_fleet_facts().asg_group_metrics.value,
+            enabled_metrics=group_metrics(),
             metrics_granularity="1Minute",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
             opts=pulumi.ResourceOptions(
@@ -808,7 +813,7 @@ class Fleet(pulumi.ComponentResource):
                 id=template.id, version=template.latest_version.apply(str)
             ),
             initial_lifecycle_hooks=[ready_hook],
-            enabled_metrics=aws_fleet_facts().asg_group_metrics.value,
+            enabled_metrics=group_metrics(),
             metrics_granularity="1Minute",
             wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
