@@ -85,6 +85,13 @@ class CapacityBlockScope(BaseModel):
     availability_zones: int = Field(ge=1)
 
 
+class SnsTopicPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    principal: str
+    actions: list[str]
+
+
 class AwsFleetFacts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,6 +116,7 @@ class AwsFleetFacts(BaseModel):
     elb_capacity_wait: Fact[Literal["min_elb_capacity"]]
     capacity_block_scope: Fact[CapacityBlockScope]
     asg_group_metrics: Fact[list[str]]
+    amp_sns_topic_policy: Fact[SnsTopicPolicy]
 
 
 @cache
