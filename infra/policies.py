@@ -36,7 +36,7 @@ from pulumi_policy import (
 )
 
 from infra.components.facts import aws_fleet_facts
-from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.program.tags import IMAGES_REQUIRED_TAG_KEYS, INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
 
 PACK_NAME = "vllm-fleet-guardrails"
 
@@ -300,21 +300,23 @@ def validate_instance_types(args: ResourceValidationArgs, report: ReportViolatio
 def validate_required_tags(args: ResourceValidationArgs, report: ReportViolation) -> None:
     if not args.resource_type.startswith("aws:") or args.resource_type in TAGLESS_TYPES:
         return
+    # A fleet's keys unless the pack config names others (an image-build stack's).
+    required = tuple((args.get_config() or {}).get("requiredTagKeys") or REQUIRED_TAG_KEYS)
     tags = tags_of(args.resource_type, args.props)
-    missing = [key for key in REQUIRED_TAG_KEYS if not tags.get(key)]
+    missing = [key for key in required if not tags.get(key)]
     if missing:
         report(f"missing tags: {', '.join(missing)}", None)
     if args.resource_type == AUTOSCALING_GROUP:
         unpropagated = [
             str(t.get("key"))
             for t in args.props.get("tags") or []
-            if t.get("key") in REQUIRED_TAG_KEYS and not t.get("propagateAtLaunch")
+            if t.get("key") in required and not t.get("propagateAtLaunch")
         ]
         if unpropagated:
             report(f"tags not propagated to instances: {', '.join(unpropagated)}", None)
     if args.resource_type == LAUNCH_TEMPLATE:
         for spec in args.props.get("tagSpecifications") or []:
-            absent = [key for key in REQUIRED_TAG_KEYS if not (spec.get("tags") or {}).get(key)]
+            absent = [key for key in required if not (spec.get("tags") or {}).get(key)]
             if absent:
                 report(f"tagSpecifications[{spec.get('resourceType')}] lacks {', '.join(absent)}", None)
 
@@ -529,7 +531,12 @@ POLICIES: Sequence[Policy] = (
         validate_instance_types,
         PolicyConfigSchema(properties={"plannedInstanceTypes": {"type": "array", "items": {"type": "string"}}}),
     ),
-    _policy("required-tags", "Every taggable resource carries the stack, model, quantization and plan tags.", validate_required_tags),
+    _policy(
+        "required-tags",
+        "Every taggable resource carries the stack, model, quantization and plan tags (an image stack's: stack and image).",
+        validate_required_tags,
+        PolicyConfigSchema(properties={"requiredTagKeys": {"type": "array", "items": {"type": "string"}}}),
+    ),
     _policy("modern-tls", "TLS listeners use a TLS 1.3 security policy.", validate_modern_tls),
     _policy("alb-drops-invalid-headers", "ALBs drop invalid header fields.", validate_alb_header_hygiene),
     _policy(
@@ -568,6 +575,11 @@ POLICIES: Sequence[Policy] = (
 def policy_config(planned_instance_types: Sequence[str]) -> dict[str, Any]:
     """``--policy-pack-config`` content for a stack: the plan's instance types."""
     return {"instance-type-matches-plan": {"plannedInstanceTypes": list(planned_instance_types)}}
+
+
+def images_policy_config() -> dict[str, Any]:
+    """``--policy-pack-config`` content for an image-build stack: no model, no plan."""
+    return {"required-tags": {"requiredTagKeys": list(IMAGES_REQUIRED_TAG_KEYS)}}
 
 
 # --- running the pack without the CLI -------------------------------------------------------

@@ -373,3 +373,17 @@ def test_capacity_block_is_one_type_in_one_zone() -> None:
     assert stack_violations(name, [lt, other_type, one_zone])
     on_demand = (policies.LAUNCH_TEMPLATE, "lt", {"instanceType": "p5.48xlarge"}, [])
     assert stack_violations(name, [on_demand, two_zones]) == []
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["preview", "update"])
+def test_pack_passes_on_the_images_stack(preview: bool) -> None:
+    """An image-build stack has no model or plan: with its pack config (stack and image tags)
+    it passes; with the fleet's required tags (the pack before the fix) it did not."""
+    from infra.config import load_any_stack_file
+
+    config = load_any_stack_file("images")
+    found = resources(offline.preview_resources(config, preview=preview))
+    assert policies.check_resources(found, policies.images_policy_config()) == []
+    assert {v.policy for v in policies.check_resources(found)} == {"required-tags"}
+    script = next(r for r in found if r[0] == "aws:s3/bucketObjectv2:BucketObjectv2")
+    assert script[2]["tags"]["vllm-fleet:image"]

@@ -33,6 +33,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
+from infra.program.tags import IMAGE_TAG
 from infra.images import (
     SCRIPTS_PREFIX_PARAMETER,
     ImageFacts,
@@ -50,7 +51,10 @@ IMDS_HOP_LIMIT = 1
 # test phases (vLLM import, serve --help, exporters serving), well under two hours.
 IMAGE_TESTS_TIMEOUT_MINUTES = 120
 # A GPU build with CUDA wheels (and optionally weights and a pre-warm) takes hours, not minutes.
-IMAGE_BUILD_TIMEOUT = "6h"
+# Bounded by the images workflow: its job (6 h, GitHub's maximum for hosted runners) and role
+# session must outlast `pulumi up`'s wait, or the update is killed midway
+# (tests/test_workflows.py checks the three together).
+IMAGE_BUILD_TIMEOUT = "5h"
 SCRIPTS_KEY_PREFIX = "bake-scripts"
 
 
@@ -108,7 +112,7 @@ class VllmImage(pulumi.ComponentResource):
         spec = plan.spec
         child = pulumi.ResourceOptions(parent=self)
         invoke = pulumi.InvokeOutputOptions(parent=self)
-        tags = {**args.tags, "vllm-fleet:image": spec.name}
+        tags = {**args.tags, IMAGE_TAG: spec.name}
         resource_base = f"vllm-fleet-{spec.name}"
 
         region = aws.get_region_output(opts=invoke).region
@@ -153,6 +157,7 @@ class VllmImage(pulumi.ComponentResource):
                 key=f"{scripts_key}/{script_name}",
                 content=content.decode("utf-8"),
                 content_type="text/x-shellscript",
+                tags=tags,
                 # Older component versions (skip_destroy) still point at their scripts.
                 opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
             )
