@@ -123,7 +123,6 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
     plan = plan_bake(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.offline import preview_resources, resource_tree_text, resources_json
-
     from infra.policies import check_resources, images_policy_config
 
     records = preview_resources(config, preview=True)

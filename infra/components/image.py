@@ -33,7 +33,6 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
-from infra.program.tags import IMAGE_TAG
 from infra.images import (
     SCRIPTS_PREFIX_PARAMETER,
     ImageFacts,
@@ -43,6 +42,7 @@ from infra.images import (
     plan_image,
     root_volume_gib,
 )
+from infra.program.tags import IMAGE_TAG
 
 COMPONENT_TYPE = "vllm-fleet:images:VllmImage"
 # The build instance runs no containers: the metadata token need not cross a network hop.
