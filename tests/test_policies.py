@@ -8,6 +8,7 @@ import ast
 import base64
 import gzip
 import inspect
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -387,3 +388,34 @@ def test_pack_passes_on_the_images_stack(preview: bool) -> None:
     assert {v.policy for v in policies.check_resources(found)} == {"required-tags"}
     script = next(r for r in found if r[0] == "aws:s3/bucketObjectv2:BucketObjectv2")
     assert script[2]["tags"]["vllm-fleet:image"]
+
+
+def test_program_arns_name_the_partition() -> None:
+    """ARNs the program writes name the stack's partition (from aws.get_partition), so a stack
+    in aws-cn or aws-us-gov gets valid policies. Before the fix the image component wrote
+    arn:aws: literals (and the ManagedPolicy enum's aws-partition ARNs)."""
+    root = Path(__file__).resolve().parent.parent / "infra"
+    literal = re.compile(r"""["']arn:aws:|ManagedPolicy\.""")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted([*root.glob("components/*.py"), *root.glob("program/*.py"), root / "monitoring_host.py"])
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert found == []
+
+
+def test_image_policies_follow_the_partition() -> None:
+    from infra.config import load_any_stack_file
+
+    config = load_any_stack_file("images")
+    mocks = offline.OfflineMocks(
+        region="cn-north-1",
+        preview=False,
+        invoke_handlers={"aws:index/getPartition:getPartition": lambda a: {"partition": "aws-cn", "id": "aws-cn"}},
+    )
+    from infra.program.images import deploy_images
+
+    run = offline.run_offline(lambda: deploy_images(config), project="vllm-fleet", stack="images", mocks=mocks, preview=False)
+    attachments = [r.engine_inputs["policyArn"] for r in run.records if r.type == "aws:iam/rolePolicyAttachment:RolePolicyAttachment"]
+    assert attachments and all(arn.startswith("arn:aws-cn:iam::aws:policy/") for arn in attachments)

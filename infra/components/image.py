@@ -117,6 +117,8 @@ class VllmImage(pulumi.ComponentResource):
 
         region = aws.get_region_output(opts=invoke).region
         account_id = aws.get_caller_identity_output(opts=invoke).account_id
+        # ARNs name the partition the stack runs in (aws, aws-cn, aws-us-gov), never a literal.
+        partition = aws.get_partition_output(opts=invoke).partition
 
         # -- the bake scripts, content-addressed so each component version keeps its scripts --
         bucket = aws.s3.Bucket(
@@ -180,18 +182,22 @@ class VllmImage(pulumi.ComponentResource):
             tags=tags,
             opts=child,
         )
-        for short, policy_arn in (
-            ("imagebuilder", aws.iam.ManagedPolicy.EC2_INSTANCE_PROFILE_FOR_IMAGE_BUILDER),
-            ("ssm", aws.iam.ManagedPolicy.AMAZON_SSM_MANAGED_INSTANCE_CORE),
+        # By name in the stack's partition (the ManagedPolicy enum's values are aws-partition ARNs).
+        for short, managed_policy in (
+            ("imagebuilder", "EC2InstanceProfileForImageBuilder"),
+            ("ssm", "AmazonSSMManagedInstanceCore"),
         ):
             aws.iam.RolePolicyAttachment(
-                f"{name}-build-{short}", role=role.name, policy_arn=policy_arn, opts=child
+                f"{name}-build-{short}",
+                role=role.name,
+                policy_arn=pulumi.Output.concat("arn:", partition, f":iam::aws:policy/{managed_policy}"),
+                opts=child,
             )
         aws.iam.RolePolicy(
             f"{name}-build-reads",
             role=role.id,
-            policy=pulumi.Output.all(bucket.arn, region, account_id).apply(
-                lambda values: _policy(self._read_statements(plan, values[0], values[1], values[2]))
+            policy=pulumi.Output.all(bucket.arn, partition, region, account_id).apply(
+                lambda values: _policy(self._read_statements(plan, values[0], values[1], values[2], values[3]))
             ),
             opts=child,
         )
@@ -390,7 +396,7 @@ class VllmImage(pulumi.ComponentResource):
 
     @staticmethod
     def _read_statements(
-        plan: ImagePlan, scripts_bucket_arn: str, region: str, account_id: str
+        plan: ImagePlan, scripts_bucket_arn: str, partition: str, region: str, account_id: str
     ) -> list[dict[str, Any]]:
         """What the build instance may read: its scripts, and the weights source / HF token if any."""
         statements: list[dict[str, Any]] = [
@@ -409,14 +415,14 @@ class VllmImage(pulumi.ComponentResource):
                     "Sid": "WeightsList",
                     "Effect": "Allow",
                     "Action": ["s3:ListBucket"],
-                    "Resource": f"arn:aws:s3:::{bucket}",
+                    "Resource": f"arn:{partition}:s3:::{bucket}",
                     "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
                 },
                 {
                     "Sid": "WeightsRead",
                     "Effect": "Allow",
                     "Action": ["s3:GetObject"],
-                    "Resource": f"arn:aws:s3:::{bucket}/{prefix}*",
+                    "Resource": f"arn:{partition}:s3:::{bucket}/{prefix}*",
                 },
             ]
         if weights is not None and weights.hf_token_secret_id:
@@ -425,7 +431,7 @@ class VllmImage(pulumi.ComponentResource):
             resource = (
                 secret
                 if secret.startswith("arn:")
-                else f"arn:aws:secretsmanager:{region}:{account_id}:secret:{secret}-??????"
+                else f"arn:{partition}:secretsmanager:{region}:{account_id}:secret:{secret}-??????"
             )
             statements.append(
                 {
