@@ -384,6 +384,14 @@ def validate_group_waits_for_healthy_targets(args: ResourceValidationArgs, repor
         )
 
 
+def validate_names_within_limits(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """Names and name prefixes AWS would reject as too long (aws_fleet.yaml name_limits)."""
+    for prop, limit in aws_fleet_facts().name_limits.value.get(args.resource_type, {}).items():
+        value = args.props.get(prop)
+        if isinstance(value, str) and len(value) > limit:
+            report(f"{prop} {value!r} has {len(value)} characters; AWS takes at most {limit}", None)
+
+
 # --- stack validators (rules that relate several resources) -----------------------------------
 def _of_type(args: StackValidationArgs, resource_type: str) -> list[PolicyResource]:
     return [r for r in args.resources if r.resource_type == resource_type]
@@ -554,6 +562,7 @@ POLICIES: Sequence[Policy] = (
         "A group behind a load balancer makes the first `pulumi up` wait for healthy targets.",
         validate_group_waits_for_healthy_targets,
     ),
+    _policy("names-within-limits", "Names and name prefixes fit AWS's length limits.", validate_names_within_limits),
     _stack_policy(
         "endpoints-only-reaches-every-api",
         "Without a NAT gateway, every AWS service a role calls has a VPC endpoint.",

@@ -419,3 +419,25 @@ def test_image_policies_follow_the_partition() -> None:
     run = offline.run_offline(lambda: deploy_images(config), project="vllm-fleet", stack="images", mocks=mocks, preview=False)
     attachments = [r.engine_inputs["policyArn"] for r in run.records if r.type == "aws:iam/rolePolicyAttachment:RolePolicyAttachment"]
     assert attachments and all(arn.startswith("arn:aws-cn:iam::aws:policy/") for arn in attachments)
+
+
+def test_names_stay_within_aws_limits() -> None:
+    """A 40-character image name (the most config allows) made a 57-character bucket prefix
+    (S3 takes 37): the pack catches that, and the image component now fits its prefixes."""
+    from infra.config import load_any_stack_file
+    from infra.names import fit_prefix
+
+    name, bucket = "names-within-limits", "aws:s3/bucket:Bucket"
+    assert violations(name, bucket, {"bucketPrefix": "vllm-fleet-" + "x" * 40 + "-bake-"})
+    assert violations(name, bucket, {"bucketPrefix": "vllm-fleet-short-bake-"}) == []
+    assert violations(name, "aws:iam/role:Role", {"namePrefix": "r" * 39})
+    config = load_any_stack_file("images")
+    longest = config.model_copy(update={"bake": config.bake.model_copy(update={"name": "vllm-0-32-0-" + "x" * 28})})
+    assert len(longest.bake.name) == 40
+    found = resources(offline.preview_resources(longest, preview=True))
+    assert policies.check_resources(found, policies.images_policy_config()) == []
+    (bucket_props,) = [props for rtype, _, props, _ in found if rtype == bucket]
+    prefix = bucket_props["bucketPrefix"]
+    assert len(prefix) <= 37 and prefix.startswith("vllm-fleet-vllm-0-32-0-") and prefix.endswith("-")
+    other = fit_prefix("vllm-fleet-vllm-0-32-0-" + "y" * 28 + "-bake-", bucket, "bucketPrefix")
+    assert other != prefix and len(other) <= 37  # two long names stay distinct

@@ -117,6 +117,7 @@ class AwsFleetFacts(BaseModel):
     capacity_block_scope: Fact[CapacityBlockScope]
     asg_group_metrics: Fact[list[str]]
     amp_sns_topic_policy: Fact[SnsTopicPolicy]
+    name_limits: Fact[dict[str, dict[str, int]]]
 
 
 @cache

@@ -42,6 +42,7 @@ from infra.images import (
     plan_image,
     root_volume_gib,
 )
+from infra.names import fit_prefix
 from infra.program.tags import IMAGE_TAG
 
 COMPONENT_TYPE = "vllm-fleet:images:VllmImage"
@@ -123,7 +124,7 @@ class VllmImage(pulumi.ComponentResource):
         # -- the bake scripts, content-addressed so each component version keeps its scripts --
         bucket = aws.s3.Bucket(
             f"{name}-bake-scripts",
-            bucket_prefix=f"{resource_base}-bake-",
+            bucket_prefix=fit_prefix(f"{resource_base}-bake-", "aws:s3/bucket:Bucket", "bucketPrefix"),
             force_destroy=True,
             tags=tags,
             opts=child,
@@ -168,7 +169,7 @@ class VllmImage(pulumi.ComponentResource):
         # -- the build instance's identity --
         role = aws.iam.Role(
             f"{name}-build",
-            name_prefix=f"{resource_base}-build-"[:38],
+            name_prefix=fit_prefix(f"{resource_base}-build-", "aws:iam/role:Role", "namePrefix"),
             description=f"Image Builder build/test instances for the {spec.name} vLLM image",
             assume_role_policy=_policy(
                 [
@@ -219,7 +220,11 @@ class VllmImage(pulumi.ComponentResource):
                 opts=child,
             )
         profile = aws.iam.InstanceProfile(
-            f"{name}-build", name_prefix=f"{resource_base}-build-"[:38], role=role.name, tags=tags, opts=child
+            f"{name}-build",
+            name_prefix=fit_prefix(f"{resource_base}-build-", "aws:iam/instanceProfile:InstanceProfile", "namePrefix"),
+            role=role.name,
+            tags=tags,
+            opts=child,
         )
 
         # -- components --
