@@ -288,6 +288,7 @@ class RecordingMonitor(MockMonitor):
                 "additionalSecretOutputs": list(request.additionalSecretOutputs),
                 "deleteBeforeReplace": bool(request.deleteBeforeReplace),
                 "protect": bool(request.protect),
+                "retainOnDelete": bool(getattr(request, "retainOnDelete", False)),
                 "customTimeouts": {
                     key: value
                     for key in ("create", "update", "delete")

@@ -86,6 +86,7 @@ class Day2Diff:
     refreshed: tuple[str, ...]  # groups that roll to a new launch-template version (instance refresh)
     created: tuple[tuple[str, str], ...]
     deleted: tuple[tuple[str, str], ...]
+    blocked: tuple[str, ...] = ()  # protected resources the change would replace or delete: refused
 
     def replaced_names(self) -> set[str]:
         return {r.name for r in self.replaced}
@@ -194,10 +195,15 @@ def day2_diff(before: Sequence[Record], after: Sequence[Record]) -> Day2Diff:
         and (resource_type, name) not in reasons
         and any(s in new_versions for s in _strings(old[(resource_type, name)].engine_inputs))
     )
+    deleted = sorted(old.keys() - new.keys())
+    blocked = tuple(
+        name for key in [*sorted(reasons), *deleted] if old[key].options.get("protect") for name in [key[1]]
+    )
     return Day2Diff(
+        blocked=blocked,
         replaced=tuple(Replacement(t, n, tuple(reasons[(t, n)])) for t, n in sorted(reasons)),
         updated=updated,
         refreshed=refreshed,
         created=tuple(sorted(new.keys() - old.keys())),
-        deleted=tuple(sorted(old.keys() - new.keys())),
+        deleted=tuple(deleted),
     )

@@ -129,6 +129,10 @@ def test_routine_change_replaces_only_what_it_must(stack: str, key: str) -> None
         if resource.type == GROUP:
             # Only a gang, and only for a new launch-template version of its type.
             assert resource.name.startswith("fleet-gang-") and new_template, resource.line()
+    # Protected resources (the API key's secret, the nodes' logs, the monitoring host and its
+    # metrics history) are never replaced; only turning self-hosted monitoring off deletes one,
+    # and Pulumi refuses that until it is unprotected deliberately.
+    assert set(found.blocked) <= ({"monitoring-host"} if key == "monitoring.mode" else set()), found.blocked
     if new_template and config.capacity.max_nodes_per_replica and not found.replaced:
         assert "fleet-fleet" in found.refreshed, "a new template version must roll the fleet group"
     assert "fleet-fleet" not in found.replaced_names()
@@ -176,8 +180,8 @@ def test_the_table_covers_every_type_and_names_real_inputs() -> None:
 
 def day2_table() -> str:
     lines = [
-        "| change | stack | must be replaced | rolls (instance refresh) | updated in place | created | deleted |",
-        "|---|---|---|---|---|---|---|",
+        "| change | stack | must be replaced | rolls (instance refresh) | updated in place | created | deleted | refused (protected) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key in [c.key for c in CHANGES]:
         for stack in DAY2_STACKS:
@@ -185,7 +189,7 @@ def day2_table() -> str:
             replaced = ", ".join(f"{r.name} ({'; '.join(r.because)})" for r in found.replaced) or "none"
             lines.append(
                 f"| {key} | {stack} | {replaced} | {', '.join(found.refreshed) or '-'} | "
-                f"{len(found.updated)} | {len(found.created)} | {len(found.deleted)} |"
+                f"{len(found.updated)} | {len(found.created)} | {len(found.deleted)} | {', '.join(found.blocked) or '-'} |"
             )
     return "\n".join(lines)
 

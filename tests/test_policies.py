@@ -441,3 +441,18 @@ def test_names_stay_within_aws_limits() -> None:
     assert len(prefix) <= 37 and prefix.startswith("vllm-fleet-vllm-0-32-0-") and prefix.endswith("-")
     other = fit_prefix("vllm-fleet-vllm-0-32-0-" + "y" * 28 + "-bake-", bucket, "bucketPrefix")
     assert other != prefix and len(other) <= 37  # two long names stay distinct
+
+
+def test_retained_objects_live_in_a_retained_bucket() -> None:
+    """The bake scripts are retained (older component versions use them), but their bucket had
+    force_destroy: destroying the stack deleted them anyway. Now the bucket (and its public
+    access block and encryption) is retained and not force-destroyed."""
+    from infra.config import load_any_stack_file
+
+    records = offline.preview_resources(load_any_stack_file("images"), preview=True)
+    retained = [r for r in records if r.options.get("retainOnDelete")]
+    assert any(r.type == "aws:s3/bucketObjectv2:BucketObjectv2" for r in retained)
+    for bucket in [r for r in records if r.type == "aws:s3/bucket:Bucket"]:
+        assert bucket.options.get("retainOnDelete") and not bucket.engine_inputs.get("forceDestroy")
+        guards = [r for r in records if r.type.startswith("aws:s3/bucket") and r.type != bucket.type]
+        assert guards and all(r.options.get("retainOnDelete") for r in guards if "Object" not in r.type)

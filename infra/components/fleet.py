@@ -429,7 +429,8 @@ class Fleet(pulumi.ComponentResource):
             name=log_group_name(stack),
             retention_in_days=LOG_RETENTION_DAYS,
             tags={**tags, "Name": f"/vllm-fleet/{stack}"},
-            opts=child,
+            # The nodes' logs are the record of what happened: never deleted by an update.
+            opts=pulumi.ResourceOptions(parent=self, protect=True),
         )
         role = aws.iam.Role(
             f"{name}-role",

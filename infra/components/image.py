@@ -122,12 +122,16 @@ class VllmImage(pulumi.ComponentResource):
         partition = aws.get_partition_output(opts=invoke).partition
 
         # -- the bake scripts, content-addressed so each component version keeps its scripts --
+        # Older component versions (skip_destroy) keep pointing at their scripts, so the scripts
+        # outlive the stack (retain_on_delete), and so must their bucket and its guards: a
+        # force_destroy bucket would delete the retained objects with it.
+        retained = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
         bucket = aws.s3.Bucket(
             f"{name}-bake-scripts",
             bucket_prefix=fit_prefix(f"{resource_base}-bake-", "aws:s3/bucket:Bucket", "bucketPrefix"),
-            force_destroy=True,
+            force_destroy=False,
             tags=tags,
-            opts=child,
+            opts=retained,
         )
         aws.s3.BucketPublicAccessBlock(
             f"{name}-bake-scripts",
@@ -136,7 +140,7 @@ class VllmImage(pulumi.ComponentResource):
             block_public_policy=True,
             ignore_public_acls=True,
             restrict_public_buckets=True,
-            opts=child,
+            opts=retained,
         )
         aws.s3.BucketServerSideEncryptionConfiguration(
             f"{name}-bake-scripts",
@@ -150,7 +154,7 @@ class VllmImage(pulumi.ComponentResource):
                     bucket_key_enabled=args.kms_key_arn is not None,
                 )
             ],
-            opts=child,
+            opts=retained,
         )
         scripts_key = f"{SCRIPTS_KEY_PREFIX}/{plan.scripts_sha256[:16]}"
         for script_name, content in plan.scripts.items():

@@ -425,6 +425,10 @@ class Monitoring(pulumi.ComponentResource):
                 # A newer AL2023 image must not replace the host and its metrics history; take
                 # it deliberately (pulumi up --replace) when wanted.
                 ignore_changes=["ami"],
+                # Prometheus's TSDB lives on the host's root volume, which a replacement (new
+                # host software: user_data_replace_on_change) or a deletion wipes: Pulumi refuses
+                # both until someone runs `pulumi state unprotect` (docs/day2.md).
+                protect=True,
             ),
         )
         self.grafana_url = instance.private_ip.apply(lambda ip: f"http://{ip}:{ports.grafana}")
