@@ -779,3 +779,25 @@ def test_dashboard_group_panels_find_the_groups(stack: str) -> None:
         assert group.engine_inputs["metricsGranularity"] == "1Minute"
         assert {t["metricName"] for t in targets} <= enabled
     assert all(t["dimensions"] == {"AutoScalingGroupName": "$asg"} for t in targets)
+
+
+@pytest.mark.parametrize("preview", [True, False])
+def test_root_volume_is_never_smaller_than_the_images_snapshot(preview: bool) -> None:
+    """Before the fix the root volume was the planned size alone: an image whose root snapshot
+    is larger (a baked venv, caches, staged weights) could not launch at all."""
+    plan = stack_plan("dev-8b")
+    weights_gib = math.ceil(plan.plan.weights_bytes / 1024**3)
+
+    def big_ami(args: dict[str, Any]) -> dict[str, Any]:
+        answer = offline.OfflineMocks(region="us-east-1", preview=preview)._ami(args)
+        answer["blockDeviceMappings"][0]["ebs"]["volume_size"] = "300"
+        return answer
+
+    mocks = offline.OfflineMocks(region="us-east-1", preview=preview, invoke_handlers={"aws:ec2/getAmi:getAmi": big_ami})
+    run = offline.run_offline(lambda: deploy(plan), project="vllm-fleet", stack="dev-8b", mocks=mocks, preview=preview)
+    (template,) = [r for r in run.records if r.type == LT]
+    (root,) = template.engine_inputs["blockDeviceMappings"]
+    assert root["ebs"]["volumeSize"] == 300 + weights_gib  # huggingface: downloaded onto the root volume
+    normal = stack_run("dev-8b", preview)
+    (template,) = of_type(normal, LT)
+    assert template.engine_inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 100 + weights_gib  # the planned size

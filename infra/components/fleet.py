@@ -85,6 +85,8 @@ ROOT_VOLUME_WITHOUT_WEIGHTS = ("local-nvme",)
 # provisioned volume initialization rate. ebs-initialized (fast snapshot restore, or a volume
 # written at boot) must not set one: a rate on an FSR-enabled snapshot replaces FSR with it.
 PROVISIONED_INITIALIZATION_SOURCES = ("ebs-lazy",)
+# Weights already in the image's root snapshot.
+IMAGE_WEIGHT_SOURCES = ("ebs-lazy", "ebs-initialized")
 MiB = 1024**2
 
 
@@ -160,6 +162,15 @@ def root_volume_gib(stack_plan: StackPlan) -> int:
     if stack_plan.config.serving.weights_source in ROOT_VOLUME_WITHOUT_WEIGHTS:
         return base
     return base + math.ceil(stack_plan.plan.weights_bytes / GiB)
+
+
+def root_volume_for_image(stack_plan: StackPlan, snapshot_gib: int) -> int:
+    """The planned root volume, but never smaller than the image's root snapshot plus the
+    weights a node downloads onto it: EC2 refuses a volume smaller than its snapshot, and a
+    baked image (venv, caches, staged weights) can outgrow the planned base."""
+    downloads = stack_plan.config.serving.weights_source not in (*ROOT_VOLUME_WITHOUT_WEIGHTS, *IMAGE_WEIGHT_SOURCES)
+    downloaded_gib = math.ceil(stack_plan.plan.weights_bytes / GiB) if downloads else 0
+    return max(root_volume_gib(stack_plan), snapshot_gib + downloaded_gib)
 
 
 def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
@@ -390,6 +401,8 @@ class FleetArgs:
     deregistration_delay_s: int
     weights_s3_uri: str | None = None
     api_key_kms_key_arn: str | None = None
+    # The image's root snapshot size (from the AMI); None: the planned size alone.
+    root_snapshot_gib: pulumi.Input[int] | None = None
 
 
 class Fleet(pulumi.ComponentResource):
@@ -535,7 +548,13 @@ class Fleet(pulumi.ComponentResource):
 
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value
-        volume_gib = root_volume_gib(stack_plan)
+        volume_gib: pulumi.Input[int] = (
+            root_volume_gib(stack_plan)
+            if args.root_snapshot_gib is None
+            else pulumi.Output.from_input(args.root_snapshot_gib).apply(
+                lambda snapshot: root_volume_for_image(stack_plan, int(snapshot))
+            )
+        )
         initialization_rate = volume_initialization_rate_mib_s(config.serving.weights_source)
         root_snapshot_id: pulumi.Output[str] | None = None
         if initialization_rate is not None:

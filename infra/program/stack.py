@@ -28,6 +28,7 @@ from infra.components.fleet import (
     encoded_user_data,
     ladder_types,
 )
+from infra.components.image import root_snapshot_gib
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
@@ -91,8 +92,9 @@ def image_source(image: ImageSection) -> str:
     raise FleetError("vllm-fleet:image: required; give amiId (a pinned image, preferred) or ssmParameter")
 
 
-def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
-    """(image id, its root device name): the root volume must be declared on that device."""
+def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Output[str], pulumi.Output[int]]:
+    """(image id, its root device name, its root snapshot's GiB): the root volume must be
+    declared on that device, at least that large."""
     if image.ami_id:
         image_id = pulumi.Output.from_input(image.ami_id)
     else:
@@ -102,7 +104,10 @@ def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Outpu
     ami = aws.ec2.get_ami_output(
         filters=image_id.apply(lambda ami_id: [aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami_id])])
     )
-    return image_id, ami.root_device_name
+    snapshot_gib = pulumi.Output.all(ami.root_device_name, ami.block_device_mappings).apply(
+        lambda values: root_snapshot_gib(values[0], values[1])
+    )
+    return image_id, ami.root_device_name, snapshot_gib
 
 
 def capacity_block_zone(stack_plan: StackPlan) -> str | None:
@@ -254,7 +259,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             idle_timeout_s=config.endpoint.idle_timeout_s,
         ),
     )
-    image_id, root_device = resolve_image(config.image)
+    image_id, root_device, snapshot_gib = resolve_image(config.image)
     weights_uri = None
     if config.serving.weights_source == "s3":
         repo = config.model.repo or stack_plan.plan.request.arch.hf_repo
@@ -271,6 +276,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             api_key_secret_arn=api_key.secret_arn,
             image_id=image_id,
             root_device_name=root_device,
+            root_snapshot_gib=snapshot_gib,
             tags=tags,
             partition=partition,
             account_id=identity.account_id,
