@@ -118,21 +118,12 @@ def plan(
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.components.fleet import ladder_types
     from infra.offline import preview_resources, resource_tree_text, resources_json
-    from infra.policies import check_resources, policy_config
+    from infra.policies import policy_config, require_pack_passes
     from infra.scaling import describe_scaling
 
     records = preview_resources(stack_plan, preview=True)
     pack_config = policy_config(ladder_types(stack_plan))
-    violations = check_resources(
-        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
-        pack_config,
-    )
-    if violations:
-        first = violations[0]
-        raise FleetError(
-            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
-            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
-        )
+    require_pack_passes(records, pack_config)
     replacements = _replacements_since(stack_plan, since) if since is not None else []
     stack_plan.artifacts["resources.json"] = resources_json(records)
     stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"

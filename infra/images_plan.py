@@ -123,21 +123,12 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
     plan = plan_bake(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.offline import preview_resources, resource_tree_text, resources_json
-    from infra.policies import check_resources, images_policy_config
+    from infra.policies import images_policy_config, require_pack_passes
 
     records = preview_resources(config, preview=True)
     # The same guardrails `pulumi preview --policy-pack` applies, with an image stack's config.
     pack_config = images_policy_config()
-    violations = check_resources(
-        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
-        pack_config,
-    )
-    if violations:
-        first = violations[0]
-        raise FleetError(
-            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
-            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
-        )
+    require_pack_passes(records, pack_config)
     summary = image_plan_summary(plan)
     artifacts = {
         **component_documents(plan),

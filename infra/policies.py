@@ -36,6 +36,7 @@ from pulumi_policy import (
 )
 
 from infra.components.facts import aws_fleet_facts
+from infra.errors import FleetError
 from infra.program.tags import IMAGES_REQUIRED_TAG_KEYS, INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
 
 PACK_NAME = "vllm-fleet-guardrails"
@@ -683,3 +684,18 @@ def check_resources(
             )
             violations += [Violation(policy.name, resource_type, name, m) for m in run_policy(policy, args)]
     return violations
+
+
+def require_pack_passes(records: Iterable[Any], pack_config: Mapping[str, Mapping[str, Any]]) -> None:
+    """The pack over the offline plan's records (infra.offline.ResourceRecord): one FleetError
+    line naming the first violation, as `pulumi preview --policy-pack` would refuse."""
+    violations = check_resources(
+        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
+        pack_config,
+    )
+    if violations:
+        first = violations[0]
+        raise FleetError(
+            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
+            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
+        )

@@ -216,6 +216,11 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
     assert secret.inputs["name"] == stack_plan(stack).api_key_secret_name
     assert secret.inputs["recoveryWindowInDays"] >= 7
     assert secret.options["protect"] is True
+    # Stateful: the nodes' logs and the monitoring host (its TSDB) are protected too.
+    (log_group,) = of_type(run, "aws:cloudwatch/logGroup:LogGroup", "vllm-fleet:fleet:Fleet")
+    assert log_group.options["protect"] is True
+    for host in of_type(run, "aws:ec2/instance:Instance"):
+        assert host.options["protect"] is True
 
 
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
