@@ -30,6 +30,7 @@ from infra.config import (
     int_range,
     load_any_stack_file,
     load_config_json,
+    load_stack_file,
     path_kind,
 )
 from infra.errors import FleetError
@@ -215,6 +216,11 @@ def plan(
     stacks_dir: Annotated[
         Path, typer.Option(help="where Pulumi.<stack>.yaml files live", metavar="DIR", show_default="stacks/")
     ] = STACKS_DIR,
+    since: Annotated[
+        Path | None,
+        typer.Option(help="stacks directory of the deployed version: list what the change would replace",
+                     metavar="DIR"),
+    ] = None,
 ) -> None:
     """Plan a stack offline: the sizing decision, its runner-ups, and rendered artifacts."""
     config = load_any_stack_file(stack, stacks_dir)
@@ -228,21 +234,13 @@ def plan(
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.components.fleet import ladder_types
     from infra.offline import preview_resources, resource_tree_text, resources_json
-    from infra.policies import check_resources, policy_config
+    from infra.policies import policy_config, require_pack_passes
     from infra.scaling import describe_scaling
 
     records = preview_resources(stack_plan, preview=True)
     pack_config = policy_config(ladder_types(stack_plan))
-    violations = check_resources(
-        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
-        pack_config,
-    )
-    if violations:
-        first = violations[0]
-        raise FleetError(
-            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
-            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
-        )
+    require_pack_passes(records, pack_config)
+    replacements = _replacements_since(stack_plan, since) if since is not None else []
     stack_plan.artifacts["resources.json"] = resources_json(records)
     stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
     target = out_dir or Path("build") / stack
@@ -266,6 +264,7 @@ def plan(
                 "scaling": describe_scaling(stack_plan),
                 "resources": len(records),
                 "policy_violations": 0,
+                "replacements": [r.line() for r in replacements],
                 "artifacts": [str(p) for p in written],
                 "fleet_cost": cost.as_json(),
                 "defaults_in_effect": defaults,
@@ -287,6 +286,10 @@ def plan(
     # Plain print: the tree's lines must not be wrapped at the terminal width.
     print(resource_tree_text(records), flush=True)
     out.print(f"Policy pack: {len(records)} resources checked, no violations.")
+    if since is not None:
+        out.print(f"\n[bold]Since {since}[/bold]: {len(replacements) or 'no'} resource(s) must be replaced")
+        for replacement in replacements:
+            out.print(f"[bold red]  ± {replacement.line()}[/bold red]")
     out.print(f"\nArtifacts written to {target}/:")
     for path in written:
         out.print(f"  {path.relative_to(target)}")
@@ -346,6 +349,16 @@ def check_output_dir(target: Path, flag: str) -> None:
 def _price_json(plan: Plan) -> dict[str, str]:
     """What the hourly price is (kept out of Plan.summary(), whose hash is the deployed plan id)."""
     return {"region": plan.request.region, "market": plan.request.market, "price_basis": plan.chosen.price_basis}
+
+
+def _replacements_since(stack_plan: StackPlan, since: Path) -> list[Any]:
+    """What `pulumi up` would replace going from the stack file in ``since`` to this one: both
+    programs run under the same mocks, diffed against the provider's ForceNew table."""
+    from infra.offline import run_stack
+    from infra.replacement import day2_diff
+
+    before = build_stack_plan(load_stack_file(stack_plan.config.stack, since), validate=False)
+    return list(day2_diff(run_stack(before, preview=False).records, run_stack(stack_plan, preview=False).records).replaced)
 
 
 def _alternatives_json(plan: Plan) -> list[dict[str, Any]]:

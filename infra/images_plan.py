@@ -123,13 +123,18 @@ def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> 
     plan = plan_bake(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.offline import preview_resources, resource_tree_text, resources_json
+    from infra.policies import images_policy_config, require_pack_passes
 
     records = preview_resources(config, preview=True)
+    # The same guardrails `pulumi preview --policy-pack` applies, with an image stack's config.
+    pack_config = images_policy_config()
+    require_pack_passes(records, pack_config)
     summary = image_plan_summary(plan)
     artifacts = {
         **component_documents(plan),
         "image-plan.json": json.dumps(summary, indent=2) + "\n",
         "resources.json": resources_json(records),
+        "policy-config.json": json.dumps(pack_config, indent=2) + "\n",
     }
     target = out_dir or Path("build") / config.stack
     written = []

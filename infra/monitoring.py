@@ -35,6 +35,7 @@ METRICS_FILE = Path(str(resources.files("infra") / "data" / "vllm_metrics.yaml")
 RULES_FILE = "rules/vllm-fleet.rules.yml"
 PROMETHEUS_DATASOURCE_UID = "vllm-fleet-prometheus"
 CLOUDWATCH_DATASOURCE_UID = "vllm-fleet-cloudwatch"
+ASG_VARIABLE = "asg"
 # Dashboards rendered for every fleet, by spec file stem under templates/monitoring/dashboards/.
 DASHBOARDS = ("vllm-serving", "gpu", "fleet", "cost")
 
@@ -391,7 +392,9 @@ def _cloudwatch_asg_target(ref_id: str, target: dict[str, Any], spec: Monitoring
         "metricEditorMode": 0,
         "namespace": "AWS/AutoScaling",
         "metricName": target["metric"],
-        "dimensions": {"AutoScalingGroupName": spec.autoscaling_group_name},
+        # Every group of the stack: AWS suffixes each name, so the exact names come from the
+        # dashboard variable (the group names CloudWatch knows, filtered by the stack's prefix).
+        "dimensions": {"AutoScalingGroupName": f"${ASG_VARIABLE}"},
         "matchExact": True,
         "statistic": target["statistic"],
         "period": "60",
@@ -450,6 +453,33 @@ def _panel(
     }
 
 
+def asg_variable(spec: MonitoringSpec) -> dict[str, Any]:
+    """A multi-value dashboard variable: the AutoScalingGroupName values CloudWatch has for
+    AWS/AutoScaling, kept when they start with the stack's group prefix (Grafana's CloudWatch
+    VariableQuery, queryType dimensionValues; ``regex`` is a JavaScript regex literal)."""
+    return {
+        "name": ASG_VARIABLE,
+        "label": "Auto Scaling groups",
+        "type": "query",
+        "datasource": {"type": "cloudwatch", "uid": CLOUDWATCH_DATASOURCE_UID},
+        "query": {
+            "refId": ASG_VARIABLE,
+            "queryType": "dimensionValues",
+            "region": "default",
+            "namespace": "AWS/AutoScaling",
+            "metricName": "GroupInServiceInstances",
+            "dimensionKey": "AutoScalingGroupName",
+            "dimensionFilters": {},
+        },
+        "regex": f"/^{re.escape(spec.autoscaling_group_name)}/",
+        "multi": True,
+        "includeAll": True,
+        "refresh": 2,  # on time-range change: a replaced gang brings a new name
+        "hide": 0,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }
+
+
 def render_dashboard(dashboard: dict[str, Any], spec: MonitoringSpec) -> dict[str, Any]:
     """Grafana dashboard JSON (schemaVersion 39) from a dashboard spec: one row panel per row,
     the row's panels side by side in equal widths."""
@@ -488,7 +518,9 @@ def render_dashboard(dashboard: dict[str, Any], spec: MonitoringSpec) -> dict[st
         "time": {"from": "now-6h", "to": "now"},
         "timezone": "utc",
         "annotations": {"list": []},
-        "templating": {"list": []},
+        "templating": {
+            "list": [asg_variable(spec)] if any("cloudwatch_asg" in p for r in dashboard["rows"] for p in r["panels"]) else []
+        },
         "links": [],
         "panels": panels,
     }

@@ -65,6 +65,7 @@ class OfflineMocks(Mocks):
         ssm_parameters: Mapping[str, str] | None = None,
         existing_vpc_cidr: str = "10.0.0.0/16",
         invoke_handlers: Mapping[str, InvokeHandler] | None = None,
+        capacity_block_instance_type: str | None = None,
     ) -> None:
         self.region = region
         self.preview = preview
@@ -96,6 +97,18 @@ class OfflineMocks(Mocks):
             "aws:ssm/getParameter:getParameter": self._ssm_parameter,
             "aws:ec2/getAmi:getAmi": self._ami,
             "aws:ec2/getVpc:getVpc": lambda a: {"id": a.get("id"), "cidrBlock": self.existing_vpc_cidr},
+            # A capacity block of the plan's type in the region's second zone (not the first, so
+            # the zone choice is exercised); an existing subnet's zone follows its id's last digit.
+            "aws:ec2/getCapacityBlockReservation:getCapacityBlockReservation": lambda a: {
+                "id": a.get("id"),
+                "availabilityZone": self.availability_zones[1],
+                "instanceType": capacity_block_instance_type,
+                "state": "active",
+            },
+            "aws:ec2/getSubnet:getSubnet": lambda a: {
+                "id": a.get("id"),
+                "availabilityZone": self.availability_zones[int(str(a.get("id"))[-1], 16) % len(self.availability_zones)],
+            },
         }
         self.handlers.update(invoke_handlers or {})
 
@@ -221,6 +234,11 @@ class ResourceRecord:
     # What a policy pack sees in a real run: secrets unwrapped, unknowns kept as None.
     engine_inputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     secret_paths: tuple[str, ...] = ()
+    # URNs this resource waits for (depends_on and every resource whose outputs it takes).
+    dependencies: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    # What the mocks answered: the id and the outputs (e.g. an ARN), to follow references.
+    id: str | None = field(default=None, repr=False, compare=False)
+    outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def parent_type(self) -> str | None:
@@ -270,6 +288,12 @@ class RecordingMonitor(MockMonitor):
                 "additionalSecretOutputs": list(request.additionalSecretOutputs),
                 "deleteBeforeReplace": bool(request.deleteBeforeReplace),
                 "protect": bool(request.protect),
+                "retainOnDelete": bool(getattr(request, "retainOnDelete", False)),
+                "customTimeouts": {
+                    key: value
+                    for key in ("create", "update", "delete")
+                    if (value := getattr(request.customTimeouts, key, ""))
+                },
             }
             self.records.append(
                 ResourceRecord(
@@ -282,6 +306,11 @@ class RecordingMonitor(MockMonitor):
                     options={k: v for k, v in options.items() if v},
                     engine_inputs=engine,
                     secret_paths=tuple(secrets),
+                    dependencies=tuple(sorted(request.dependencies)),
+                    id=response.id or None,
+                    outputs=_walk(rpc.deserialize_properties(response.object, keep_unknowns=True), "", [], unwrap=True)
+                    if response.object is not None
+                    else {},
                 )
             )
         return response
@@ -344,8 +373,13 @@ def run_offline(
 
 
 def offline_mocks(stack_plan: StackPlan | ImagesStackConfig, *, preview: bool) -> OfflineMocks:
-    config = stack_plan if isinstance(stack_plan, ImagesStackConfig) else stack_plan.config
-    return OfflineMocks(region=config.region, preview=preview)
+    if isinstance(stack_plan, ImagesStackConfig):
+        return OfflineMocks(region=stack_plan.region, preview=preview)
+    return OfflineMocks(
+        region=stack_plan.config.region,
+        preview=preview,
+        capacity_block_instance_type=stack_plan.plan.layout.instance_type,
+    )
 
 
 def run_stack(stack_plan: StackPlan | ImagesStackConfig, *, preview: bool) -> OfflineRun:

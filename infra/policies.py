@@ -17,6 +17,7 @@ import base64
 import binascii
 import gzip
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -25,14 +26,18 @@ from pulumi_policy import (
     EnforcementLevel,
     PolicyConfigSchema,
     PolicyCustomTimeouts,
+    PolicyResource,
     PolicyResourceOptions,
     ReportViolation,
     ResourceValidationArgs,
     ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
 )
 
 from infra.components.facts import aws_fleet_facts
-from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.errors import FleetError
+from infra.program.tags import IMAGES_REQUIRED_TAG_KEYS, INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
 
 PACK_NAME = "vllm-fleet-guardrails"
 
@@ -41,6 +46,7 @@ AUTOSCALING_GROUP = "aws:autoscaling/group:Group"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 SECURITY_GROUP_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS_RULE = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 SECRET_VERSION = "aws:secretsmanager/secretVersion:SecretVersion"
 LISTENER = "aws:lb/listener:Listener"
 LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
@@ -55,6 +61,7 @@ TAGLESS_TYPES = frozenset(
         "aws:ec2/routeTableAssociation:RouteTableAssociation",
         "aws:autoscaling/policy:Policy",
         "aws:autoscaling/schedule:Schedule",
+        "aws:autoscaling/lifecycleHook:LifecycleHook",
         "aws:s3/bucketPolicy:BucketPolicy",
         "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
         "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
@@ -81,6 +88,9 @@ SECRET_PATTERNS = (
 )
 
 Validator = Callable[[ResourceValidationArgs, ReportViolation], None]
+StackValidator = Callable[[StackValidationArgs, ReportViolation], None]
+Policy = ResourceValidationPolicy | StackValidationPolicy
+EFA_INTERFACE_TYPES = ("efa", "efa-only")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -291,21 +301,23 @@ def validate_instance_types(args: ResourceValidationArgs, report: ReportViolatio
 def validate_required_tags(args: ResourceValidationArgs, report: ReportViolation) -> None:
     if not args.resource_type.startswith("aws:") or args.resource_type in TAGLESS_TYPES:
         return
+    # A fleet's keys unless the pack config names others (an image-build stack's).
+    required = tuple((args.get_config() or {}).get("requiredTagKeys") or REQUIRED_TAG_KEYS)
     tags = tags_of(args.resource_type, args.props)
-    missing = [key for key in REQUIRED_TAG_KEYS if not tags.get(key)]
+    missing = [key for key in required if not tags.get(key)]
     if missing:
         report(f"missing tags: {', '.join(missing)}", None)
     if args.resource_type == AUTOSCALING_GROUP:
         unpropagated = [
             str(t.get("key"))
             for t in args.props.get("tags") or []
-            if t.get("key") in REQUIRED_TAG_KEYS and not t.get("propagateAtLaunch")
+            if t.get("key") in required and not t.get("propagateAtLaunch")
         ]
         if unpropagated:
             report(f"tags not propagated to instances: {', '.join(unpropagated)}", None)
     if args.resource_type == LAUNCH_TEMPLATE:
         for spec in args.props.get("tagSpecifications") or []:
-            absent = [key for key in REQUIRED_TAG_KEYS if not (spec.get("tags") or {}).get(key)]
+            absent = [key for key in required if not (spec.get("tags") or {}).get(key)]
             if absent:
                 report(f"tagSpecifications[{spec.get('resourceType')}] lacks {', '.join(absent)}", None)
 
@@ -342,7 +354,161 @@ def validate_replacement_keeps_capacity(args: ResourceValidationArgs, report: Re
             )
 
 
+def validate_group_force_new_inputs(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """A group's initial_lifecycle_hooks are ForceNew (aws_fleet.yaml
+    initial_lifecycle_hook_force_new): a changed hook replaces the group and every node in it.
+    Only a launch hook, which must exist before the first instance, belongs there; a
+    terminating hook's timeout follows the drain, so it is an aws.autoscaling.LifecycleHook."""
+    if args.resource_type != AUTOSCALING_GROUP:
+        return
+    for hook in args.props.get("initialLifecycleHooks") or []:
+        if isinstance(hook, Mapping) and hook.get("lifecycleTransition") != "autoscaling:EC2_INSTANCE_LAUNCHING":
+            report(
+                f"initial lifecycle hook {hook.get('name')!r} ({hook.get('lifecycleTransition')}): initial hooks "
+                "are ForceNew, so changing it replaces the group; declare it as aws.autoscaling.LifecycleHook",
+                None,
+            )
+
+
+def validate_group_waits_for_healthy_targets(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """A group behind target groups makes `pulumi up` wait until its first nodes serve
+    (aws_fleet.yaml elb_capacity_wait); otherwise the deploy's smoke test meets no healthy target."""
+    if args.resource_type != AUTOSCALING_GROUP or not args.props.get("targetGroupArns"):
+        return
+    floor = args.props.get("minSize") or 0
+    waits = args.props.get("minElbCapacity") or args.props.get("waitForElbCapacity") or 0
+    if int(floor) > 0 and int(waits) < int(floor):
+        report(
+            f"minElbCapacity {waits or 'unset'} below minSize {floor}: `pulumi up` would return before the "
+            "load balancer has a healthy target",
+            None,
+        )
+
+
+def validate_names_within_limits(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """Names and name prefixes AWS would reject as too long (aws_fleet.yaml name_limits)."""
+    for prop, limit in aws_fleet_facts().name_limits.value.get(args.resource_type, {}).items():
+        value = args.props.get(prop)
+        if isinstance(value, str) and len(value) > limit:
+            report(f"{prop} {value!r} has {len(value)} characters; AWS takes at most {limit}", None)
+
+
+# --- stack validators (rules that relate several resources) -----------------------------------
+def _of_type(args: StackValidationArgs, resource_type: str) -> list[PolicyResource]:
+    return [r for r in args.resources if r.resource_type == resource_type]
+
+
+def _self_rule(props: Mapping[str, Any], group_id: Any) -> bool:
+    """An all-traffic rule of ``group_id`` that names the group itself (not a CIDR). In a
+    preview of a new stack both ids are unknown (None): equal, like the rule the program writes."""
+    return (
+        str(props.get("ipProtocol")) == "-1"
+        and "referencedSecurityGroupId" in props
+        and not props.get("cidrIpv4")
+        and not props.get("cidrIpv6")
+        and props.get("securityGroupId") == group_id
+        and props.get("referencedSecurityGroupId") == group_id
+    )
+
+
+def validate_efa_self_traffic(args: StackValidationArgs, report: ReportViolation) -> None:
+    """EFA needs its security group to allow all traffic in AND out to the group itself;
+    EFA traffic matches no CIDR rule (aws_fleet.yaml ``efa_security_group``)."""
+    ingress_rules = [r.props for r in _of_type(args, INGRESS_RULE)]
+    egress_rules = [r.props for r in _of_type(args, EGRESS_RULE)]
+    for template in _of_type(args, LAUNCH_TEMPLATE):
+        for nic in template.props.get("networkInterfaces") or []:
+            if not isinstance(nic, Mapping) or nic.get("interfaceType") not in EFA_INTERFACE_TYPES:
+                continue
+            for group_id in nic.get("securityGroups") or [None]:
+                for direction, rules in (("ingress", ingress_rules), ("egress", egress_rules)):
+                    if not any(_self_rule(rule, group_id) for rule in rules):
+                        report(
+                            f"launch template {template.name}: EFA interface in security group {group_id or '(new)'} "
+                            f"without an all-traffic {direction} rule to the group itself; "
+                            f"EFA needs {aws_fleet_facts().efa_security_group.value}",
+                            template.urn,
+                        )
+                break  # every interface of a template carries the same groups
+
+
+NAT_GATEWAY = "aws:ec2/natGateway:NatGateway"
+VPC_ENDPOINT = "aws:ec2/vpcEndpoint:VpcEndpoint"
+ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
+# An IAM action prefix whose PrivateLink service is named differently.
+ENDPOINT_SERVICE_OF_PREFIX = {"aps": "aps-workspaces"}
+
+
+def _called_services(policy_json: Any) -> set[str]:
+    """The AWS services a role's inline policy lets it call directly: action prefixes, except
+    statements only usable through another service (a kms:ViaService condition)."""
+    try:
+        doc = json.loads(str(policy_json))
+    except ValueError:
+        return set()
+    services: set[str] = set()
+    for statement in doc.get("Statement") or []:
+        if "kms:ViaService" in json.dumps(statement.get("Condition") or {}):
+            continue
+        actions = statement.get("Action") or []
+        for action in [actions] if isinstance(actions, str) else actions:
+            prefix = str(action).split(":")[0]
+            services.add(ENDPOINT_SERVICE_OF_PREFIX.get(prefix, prefix))
+    return services
+
+
+def validate_endpoints_only_reaches_every_api(args: StackValidationArgs, report: ReportViolation) -> None:
+    """A VPC with endpoints and no NAT gateway reaches only the services it has endpoints for:
+    every service a role's inline policy calls needs one (aws_fleet.yaml vpc_interface_endpoints)."""
+    endpoints = _of_type(args, VPC_ENDPOINT)
+    if not endpoints or _of_type(args, NAT_GATEWAY):
+        return
+    reachable = {str(e.props.get("serviceName") or "").split(".", 3)[-1] for e in endpoints}
+    for policy_resource in _of_type(args, ROLE_POLICY):
+        if policy_resource.props.get("policy") is None:
+            continue  # built from ARNs a preview of a new stack does not know yet
+        missing = sorted(_called_services(policy_resource.props["policy"]) - reachable)
+        if missing:
+            report(
+                f"{policy_resource.name}: the role calls {', '.join(missing)}, which a network without NAT "
+                "reaches only through VPC endpoints; none is declared",
+                policy_resource.urn,
+            )
+
+
+def validate_capacity_block_scope(args: StackValidationArgs, report: ReportViolation) -> None:
+    """A capacity block is one instance type in one AZ (aws_fleet.yaml capacity_block_scope):
+    its templates share one type and reservation, and every group launches in one subnet."""
+    scope = aws_fleet_facts().capacity_block_scope.value
+    blocks = [
+        t for t in _of_type(args, LAUNCH_TEMPLATE)
+        if (t.props.get("instanceMarketOptions") or {}).get("marketType") == "capacity-block"
+    ]  # fmt: skip
+    if not blocks:
+        return
+    types = sorted({str(t.props.get("instanceType")) for t in blocks})
+    if len(types) > scope.instance_types:
+        report(f"capacity-block launch templates for {', '.join(types)}: a block reserves one instance type", None)
+    for group in _of_type(args, AUTOSCALING_GROUP):
+        subnets = group.props.get("vpcZoneIdentifiers") or []
+        if len(subnets) > scope.availability_zones:
+            report(
+                f"group {group.name} launches capacity-block instances in {len(subnets)} subnets; a block is in "
+                "one Availability Zone, so the group takes only the subnet there",
+                group.urn,
+            )
+        overrides = ((group.props.get("mixedInstancesPolicy") or {}).get("launchTemplate") or {}).get("overrides") or []
+        if len(overrides) > scope.instance_types:
+            report(f"group {group.name} overrides {len(overrides)} instance types on a capacity block", group.urn)
+
+
 # --- the policies ----------------------------------------------------------------------------
+def _stack_policy(name: str, description: str, validate: StackValidator) -> StackValidationPolicy:
+    return StackValidationPolicy(
+        name=name, description=description, validate=validate, enforcement_level=EnforcementLevel.MANDATORY
+    )
+
+
 def _policy(name: str, description: str, validate: Validator, config_schema: PolicyConfigSchema | None = None) -> ResourceValidationPolicy:
     return ResourceValidationPolicy(
         name=name,
@@ -353,7 +519,7 @@ def _policy(name: str, description: str, validate: Validator, config_schema: Pol
     )
 
 
-POLICIES: Sequence[ResourceValidationPolicy] = (
+POLICIES: Sequence[Policy] = (
     _policy("ebs-volumes-encrypted", "Launch-template EBS volumes are declared and encrypted.", validate_encrypted_volumes),
     _policy("imdsv2-required", "Instances require IMDSv2 tokens with a short hop limit.", validate_imdsv2),
     _policy("no-world-ingress", "Nothing but HTTPS is open to 0.0.0.0/0 or ::/0.", validate_no_world_ingress),
@@ -374,7 +540,12 @@ POLICIES: Sequence[ResourceValidationPolicy] = (
         validate_instance_types,
         PolicyConfigSchema(properties={"plannedInstanceTypes": {"type": "array", "items": {"type": "string"}}}),
     ),
-    _policy("required-tags", "Every taggable resource carries the stack, model, quantization and plan tags.", validate_required_tags),
+    _policy(
+        "required-tags",
+        "Every taggable resource carries the stack, model, quantization and plan tags (an image stack's: stack and image).",
+        validate_required_tags,
+        PolicyConfigSchema(properties={"requiredTagKeys": {"type": "array", "items": {"type": "string"}}}),
+    ),
     _policy("modern-tls", "TLS listeners use a TLS 1.3 security policy.", validate_modern_tls),
     _policy("alb-drops-invalid-headers", "ALBs drop invalid header fields.", validate_alb_header_hygiene),
     _policy(
@@ -382,12 +553,43 @@ POLICIES: Sequence[ResourceValidationPolicy] = (
         "Groups behind a load balancer use its health checks and refresh without dropping capacity.",
         validate_replacement_keeps_capacity,
     ),
+    _policy(
+        "group-force-new-inputs",
+        "A group's ForceNew initial lifecycle hooks hold only its launch hook; the drain hook is a resource of its own.",
+        validate_group_force_new_inputs,
+    ),
+    _policy(
+        "group-waits-for-healthy-targets",
+        "A group behind a load balancer makes the first `pulumi up` wait for healthy targets.",
+        validate_group_waits_for_healthy_targets,
+    ),
+    _policy("names-within-limits", "Names and name prefixes fit AWS's length limits.", validate_names_within_limits),
+    _stack_policy(
+        "endpoints-only-reaches-every-api",
+        "Without a NAT gateway, every AWS service a role calls has a VPC endpoint.",
+        validate_endpoints_only_reaches_every_api,
+    ),
+    _stack_policy(
+        "capacity-block-scope",
+        "A capacity block's instances launch as one type in one Availability Zone.",
+        validate_capacity_block_scope,
+    ),
+    _stack_policy(
+        "efa-self-traffic",
+        "A security group on an EFA interface allows all traffic in and out to itself.",
+        validate_efa_self_traffic,
+    ),
 )
 
 
 def policy_config(planned_instance_types: Sequence[str]) -> dict[str, Any]:
     """``--policy-pack-config`` content for a stack: the plan's instance types."""
     return {"instance-type-matches-plan": {"plannedInstanceTypes": list(planned_instance_types)}}
+
+
+def images_policy_config() -> dict[str, Any]:
+    """``--policy-pack-config`` content for an image-build stack: no model, no plan."""
+    return {"required-tags": {"requiredTagKeys": list(IMAGES_REQUIRED_TAG_KEYS)}}
 
 
 # --- running the pack without the CLI -------------------------------------------------------
@@ -429,13 +631,34 @@ def validation_args(
     )
 
 
-def run_policy(policy: ResourceValidationPolicy, args: ResourceValidationArgs) -> list[str]:
+def stack_validation_args(
+    resources: Iterable[tuple[str, str, Mapping[str, Any], Sequence[str]]], config: Mapping[str, Any] | None = None
+) -> StackValidationArgs:
+    """What the engine hands a stack policy, built by hand from (type, name, props, secret outputs)."""
+    policy_resources = [
+        PolicyResource(
+            resource_type=resource_type,
+            props=props,
+            urn=f"urn:pulumi:stack::vllm-fleet::{resource_type}::{name}",
+            name=name,
+            opts=validation_args(resource_type, props, name=name, additional_secret_outputs=secret_outputs).opts,
+            provider=None,
+            parent=None,
+            dependencies=[],
+            property_dependencies={},
+        )
+        for resource_type, name, props, secret_outputs in resources
+    ]
+    return StackValidationArgs(resources=policy_resources, config=config)
+
+
+def run_policy(policy: Policy, args: ResourceValidationArgs | StackValidationArgs) -> list[str]:
     messages: list[str] = []
 
     def report(message: str, urn: str | None = None) -> None:
         messages.append(message)
 
-    policy.validate(args, report)
+    policy.validate(args, report)  # type: ignore[arg-type]
     return messages
 
 
@@ -445,15 +668,34 @@ def check_resources(
 ) -> list[Violation]:
     """Every policy over (type, name, engine-form props, additionalSecretOutputs) tuples,
     e.g. the offline plan's records; returns the violations (empty: the pack passes)."""
+    resources = list(resources)
     violations: list[Violation] = []
-    for resource_type, name, props, secret_outputs in resources:
-        for policy in POLICIES:
+    for policy in POLICIES:
+        config = (pack_config or {}).get(policy.name)
+        if isinstance(policy, StackValidationPolicy):
+            violations += [
+                Violation(policy.name, "stack", "-", m)
+                for m in run_policy(policy, stack_validation_args(resources, config))
+            ]
+            continue
+        for resource_type, name, props, secret_outputs in resources:
             args = validation_args(
-                resource_type,
-                props,
-                name=name,
-                additional_secret_outputs=secret_outputs,
-                config=(pack_config or {}).get(policy.name),
+                resource_type, props, name=name, additional_secret_outputs=secret_outputs, config=config
             )
             violations += [Violation(policy.name, resource_type, name, m) for m in run_policy(policy, args)]
     return violations
+
+
+def require_pack_passes(records: Iterable[Any], pack_config: Mapping[str, Mapping[str, Any]]) -> None:
+    """The pack over the offline plan's records (infra.offline.ResourceRecord): one FleetError
+    line naming the first violation, as `pulumi preview --policy-pack` would refuse."""
+    violations = check_resources(
+        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in records if r.custom],
+        pack_config,
+    )
+    if violations:
+        first = violations[0]
+        raise FleetError(
+            f"policy {first.policy} fails on {first.resource_type} {first.name}: {first.message}"
+            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else "")
+        )

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,7 +575,10 @@ def test_cloudwatch_panels_name_known_metrics() -> None:
         for _, query in dashboard_queries(dashboard):
             if query["datasource"]["type"] == "cloudwatch":
                 assert query["namespace"] == "AWS/AutoScaling"
-                assert query["dimensions"] == {"AutoScalingGroupName": SPEC.autoscaling_group_name}
+                # AWS suffixes each group's name: the dashboard's variable lists the stack's groups.
+                assert query["dimensions"] == {"AutoScalingGroupName": "$asg"}
+                (variable,) = dashboard["templating"]["list"]
+                assert variable["regex"] == f"/^{re.escape(SPEC.autoscaling_group_name)}/"
                 found.add(query["metricName"])
     assert {"GroupDesiredCapacity", "GroupInServiceInstances"} <= found <= known
 

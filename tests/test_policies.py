@@ -8,6 +8,7 @@ import ast
 import base64
 import gzip
 import inspect
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,7 @@ def test_tagless_types_match_pulumi_aws() -> None:
         "aws:ec2/routeTableAssociation:RouteTableAssociation": aws.ec2.RouteTableAssociation,
         "aws:autoscaling/policy:Policy": aws.autoscaling.Policy,
         "aws:autoscaling/schedule:Schedule": aws.autoscaling.Schedule,
+        "aws:autoscaling/lifecycleHook:LifecycleHook": aws.autoscaling.LifecycleHook,
         "aws:ec2/vpc:Vpc": aws.ec2.Vpc,
         "aws:autoscaling/group:Group": aws.autoscaling.Group,
         "aws:lb/listenerRule:ListenerRule": aws.lb.ListenerRule,
@@ -270,3 +272,213 @@ def test_tagless_types_match_pulumi_aws() -> None:
     for record in records:
         if record.custom and record.type.startswith("aws:") and record.type not in policies.TAGLESS_TYPES:
             assert "tags" in record.engine_inputs, f"{record.type} {record.name} has no tags"
+
+
+# --- rules that relate several resources (stack policies) ------------------------------------------
+def stack_violations(name: str, resources: list[tuple[str, str, dict[str, Any], list[str]]]) -> list[str]:
+    return policies.run_policy(policy(name), policies.stack_validation_args(resources))
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["preview", "update"])
+def test_efa_groups_allow_all_traffic_to_themselves_both_ways(preview: bool) -> None:
+    """EFA matches only rules that name the group itself: the gang stack's node group needs a
+    self-referencing egress rule as well as the ingress one (a 0.0.0.0/0 egress is not enough)."""
+    base = resources(offline.preview_resources(plan("prod-405b"), preview=preview))
+    assert stack_violations("efa-self-traffic", base) == []
+    # The program before the fix: ingress to itself, egress only to 0.0.0.0/0.
+    without_self_egress = [r for r in base if not (r[0] == policies.EGRESS_RULE and r[1] == "fleet-out-gang")]
+    found = stack_violations("efa-self-traffic", without_self_egress)
+    assert found and all("egress rule to the group itself" in m for m in found)
+    without_self_ingress = [r for r in base if not (r[0] == policies.INGRESS_RULE and r[1] == "fleet-in-gang")]
+    assert any("ingress rule" in m for m in stack_violations("efa-self-traffic", without_self_ingress))
+    # A single-node stack has no EFA interfaces and needs no such rule.
+    assert stack_violations("efa-self-traffic", resources(offline.preview_resources(plan("dev-8b"), preview=preview))) == []
+
+
+def test_efa_self_rule_must_name_the_group_not_a_cidr() -> None:
+    template = {"networkInterfaces": [{"interfaceType": "efa-only", "securityGroups": ["sg-1"]}]}
+    self_in = {"ipProtocol": "-1", "securityGroupId": "sg-1", "referencedSecurityGroupId": "sg-1"}
+    world_out = {"ipProtocol": "-1", "securityGroupId": "sg-1", "cidrIpv4": "0.0.0.0/0"}
+    other_out = {"ipProtocol": "-1", "securityGroupId": "sg-1", "referencedSecurityGroupId": "sg-2"}
+    lt = (policies.LAUNCH_TEMPLATE, "lt", template, [])
+    ingress = (policies.INGRESS_RULE, "in", self_in, [])
+    for egress in (world_out, other_out):
+        assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", egress, [])])
+    assert stack_violations("efa-self-traffic", [lt, ingress, (policies.EGRESS_RULE, "out", self_in, [])]) == []
+
+
+def test_group_holds_no_force_new_drain_hook() -> None:
+    """The program before the fix put the drain hook (timeout from shutdownTimeoutS) among the
+    group's ForceNew initial hooks: a new shutdown timeout replaced the group."""
+    name, group = "group-force-new-inputs", policies.AUTOSCALING_GROUP
+    drain = {"name": "drain", "lifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING", "heartbeatTimeout": 660}
+    ready = {"name": "gang-ready", "lifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING", "heartbeatTimeout": 900}
+    assert violations(name, group, {"initialLifecycleHooks": [drain]})
+    assert violations(name, group, {"initialLifecycleHooks": [ready, drain]})
+    assert violations(name, group, {"initialLifecycleHooks": [ready]}) == []
+    assert violations(name, group, {}) == []
+
+
+def test_group_waits_for_healthy_targets() -> None:
+    """Before the fix no group set min_elb_capacity: `pulumi up` returned with no healthy target."""
+    name, group = "group-waits-for-healthy-targets", policies.AUTOSCALING_GROUP
+    attached = {"targetGroupArns": ["arn"], "minSize": 2}
+    assert violations(name, group, attached)
+    assert violations(name, group, {**attached, "minElbCapacity": 1})
+    assert violations(name, group, {**attached, "minElbCapacity": 2}) == []
+    assert violations(name, group, {"targetGroupArns": ["arn"], "minSize": 0}) == []  # scale from zero
+    assert violations(name, group, {"minSize": 2}) == []  # a gang registers its head itself
+
+
+def endpoints_only(stack: str) -> StackPlan:
+    config = plan(stack).config
+    config = config.model_copy(update={
+        "network": config.network.model_copy(update={"egress": "endpoints-only"}),
+        "endpoint": config.endpoint.model_copy(update={"internal": True}),
+        "monitoring": config.monitoring.model_copy(update={"mode": "none"}),
+    })  # fmt: skip
+    return build_stack_plan(config, validate=False)
+
+
+@pytest.mark.parametrize("stack", ["prod-405b", "dev-8b"])
+def test_endpoints_only_network_reaches_every_api_the_nodes_call(stack: str) -> None:
+    """Before the fix the endpoints-only network had no autoscaling, ec2 or
+    elasticloadbalancing endpoint: the drain hook, gang discovery and head registration hung."""
+    stack_plan = endpoints_only(stack)
+    if stack_plan.config.serving.weights_source not in ("s3", "ebs-initialized", "ebs-lazy", "local-nvme"):
+        stack_plan = build_stack_plan(
+            stack_plan.config.model_copy(update={"serving": stack_plan.config.serving.model_copy(update={"weights_source": "s3"})}),
+            validate=False,
+        )
+    base = resources(offline.preview_resources(stack_plan, preview=False))
+    assert stack_violations("endpoints-only-reaches-every-api", base) == []
+    old_services = ("autoscaling", "ec2", "elasticloadbalancing")
+    before_fix = [r for r in base if not (r[0] == policies.VPC_ENDPOINT and r[2]["serviceName"].endswith(old_services))]
+    (found,) = stack_violations("endpoints-only-reaches-every-api", before_fix)
+    gangs = stack_plan.plan.layout.nodes_per_replica > 1
+    assert found.startswith("fleet-node-policy: the role calls ")
+    assert ("ec2" in found and "elasticloadbalancing" in found) == gangs and "autoscaling" in found
+    # With a NAT gateway the same missing endpoints are no violation.
+    with_nat = before_fix + [(policies.NAT_GATEWAY, "nat", {}, [])]
+    assert stack_violations("endpoints-only-reaches-every-api", with_nat) == []
+
+
+def test_capacity_block_is_one_type_in_one_zone() -> None:
+    """Before the fix the block's group spanned every private subnet (several AZs)."""
+    name = "capacity-block-scope"
+    block = {"instanceType": "p5.48xlarge", "instanceMarketOptions": {"marketType": "capacity-block"}}
+    lt = (policies.LAUNCH_TEMPLATE, "lt", block, [])
+    one_zone = (policies.AUTOSCALING_GROUP, "g", {"vpcZoneIdentifiers": ["subnet-a"]}, [])
+    two_zones = (policies.AUTOSCALING_GROUP, "g", {"vpcZoneIdentifiers": ["subnet-a", "subnet-b"]}, [])
+    assert stack_violations(name, [lt, one_zone]) == []
+    assert stack_violations(name, [lt, two_zones])
+    other_type = (policies.LAUNCH_TEMPLATE, "lt2", {**block, "instanceType": "p4de.24xlarge"}, [])
+    assert stack_violations(name, [lt, other_type, one_zone])
+    on_demand = (policies.LAUNCH_TEMPLATE, "lt", {"instanceType": "p5.48xlarge"}, [])
+    assert stack_violations(name, [on_demand, two_zones]) == []
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["preview", "update"])
+def test_pack_passes_on_the_images_stack(preview: bool) -> None:
+    """An image-build stack has no model or plan: with its pack config (stack and image tags)
+    it passes; with the fleet's required tags (the pack before the fix) it did not."""
+    from infra.config import load_any_stack_file
+
+    config = load_any_stack_file("images")
+    found = resources(offline.preview_resources(config, preview=preview))
+    assert policies.check_resources(found, policies.images_policy_config()) == []
+    assert {v.policy for v in policies.check_resources(found)} == {"required-tags"}
+    script = next(r for r in found if r[0] == "aws:s3/bucketObjectv2:BucketObjectv2")
+    assert script[2]["tags"]["vllm-fleet:image"]
+
+
+def test_program_arns_name_the_partition() -> None:
+    """ARNs the program writes name the stack's partition (from aws.get_partition), so a stack
+    in aws-cn or aws-us-gov gets valid policies. Before the fix the image component wrote
+    arn:aws: literals (and the ManagedPolicy enum's aws-partition ARNs)."""
+    root = Path(__file__).resolve().parent.parent / "infra"
+    literal = re.compile(r"""["']arn:aws:|ManagedPolicy\.""")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted([*root.glob("components/*.py"), *root.glob("program/*.py"), root / "monitoring_host.py"])
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert found == []
+
+
+def test_image_policies_follow_the_partition() -> None:
+    from infra.config import load_any_stack_file
+
+    config = load_any_stack_file("images")
+    mocks = offline.OfflineMocks(
+        region="cn-north-1",
+        preview=False,
+        invoke_handlers={"aws:index/getPartition:getPartition": lambda a: {"partition": "aws-cn", "id": "aws-cn"}},
+    )
+    from infra.program.images import deploy_images
+
+    run = offline.run_offline(lambda: deploy_images(config), project="vllm-fleet", stack="images", mocks=mocks, preview=False)
+    attachments = [r.engine_inputs["policyArn"] for r in run.records if r.type == "aws:iam/rolePolicyAttachment:RolePolicyAttachment"]
+    assert attachments and all(arn.startswith("arn:aws-cn:iam::aws:policy/") for arn in attachments)
+
+
+def test_names_stay_within_aws_limits() -> None:
+    """A 40-character image name (the most config allows) made a 57-character bucket prefix
+    (S3 takes 37): the pack catches that, and the image component now fits its prefixes."""
+    from infra.config import load_any_stack_file
+    from infra.names import fit_prefix
+
+    name, bucket = "names-within-limits", "aws:s3/bucket:Bucket"
+    assert violations(name, bucket, {"bucketPrefix": "vllm-fleet-" + "x" * 40 + "-bake-"})
+    assert violations(name, bucket, {"bucketPrefix": "vllm-fleet-short-bake-"}) == []
+    assert violations(name, "aws:iam/role:Role", {"namePrefix": "r" * 39})
+    config = load_any_stack_file("images")
+    longest = config.model_copy(update={"bake": config.bake.model_copy(update={"name": "vllm-0-32-0-" + "x" * 28})})
+    assert len(longest.bake.name) == 40
+    found = resources(offline.preview_resources(longest, preview=True))
+    assert policies.check_resources(found, policies.images_policy_config()) == []
+    (bucket_props,) = [props for rtype, _, props, _ in found if rtype == bucket]
+    prefix = bucket_props["bucketPrefix"]
+    assert len(prefix) <= 37 and prefix.startswith("vllm-fleet-vllm-0-32-0-") and prefix.endswith("-")
+    other = fit_prefix("vllm-fleet-vllm-0-32-0-" + "y" * 28 + "-bake-", bucket, "bucketPrefix")
+    assert other != prefix and len(other) <= 37  # two long names stay distinct
+
+
+def test_retained_objects_live_in_a_retained_bucket() -> None:
+    """The bake scripts are retained (older component versions use them), but their bucket had
+    force_destroy: destroying the stack deleted them anyway. Now the bucket (and its public
+    access block and encryption) is retained and not force-destroyed."""
+    from infra.config import load_any_stack_file
+
+    records = offline.preview_resources(load_any_stack_file("images"), preview=True)
+    retained = [r for r in records if r.options.get("retainOnDelete")]
+    assert any(r.type == "aws:s3/bucketObjectv2:BucketObjectv2" for r in retained)
+    for bucket in [r for r in records if r.type == "aws:s3/bucket:Bucket"]:
+        assert bucket.options.get("retainOnDelete") and not bucket.engine_inputs.get("forceDestroy")
+        guards = [r for r in records if r.type.startswith("aws:s3/bucket") and r.type != bucket.type]
+        assert guards and all(r.options.get("retainOnDelete") for r in guards if "Object" not in r.type)
+
+
+def test_no_deprecated_resource_types() -> None:
+    """pulumi-aws 7 renamed s3.BucketV2 (and its *V2 family) to s3.Bucket …; the old classes
+    still work but warn. No resource the program (fleet or image stack) declares is one."""
+    import importlib
+    import sys as _sys
+
+    from infra.config import load_any_stack_file
+
+    records = offline.preview_resources(plan("prod-405b"), preview=True) + offline.preview_resources(
+        load_any_stack_file("images"), preview=True
+    )
+    types = {r.type for r in records if r.custom and r.type.startswith("aws:")}
+    checked = 0
+    for type_token in types:
+        module, kind = type_token.split(":")[1].split("/")[0], type_token.split(":")[2]
+        cls = getattr(importlib.import_module(f"pulumi_aws.{module}"), kind)
+        source = Path(_sys.modules[cls.__module__].__file__ or "").read_text()
+        assert f"{cls.__name__} has been deprecated" not in source, type_token
+        checked += 1
+    assert checked == len(types) > 20
+    # The check can fail: the deprecated class says so in its module.
+    assert "BucketV2 has been deprecated" in Path(_sys.modules[aws.s3.BucketV2.__module__].__file__ or "").read_text()

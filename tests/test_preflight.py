@@ -487,3 +487,76 @@ def test_preflight_cli_exit_codes_and_table(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     assert run("preflight", "dev-8b", "--stacks-dir", str(stacks)) == 2
     assert capsys.readouterr().err.startswith("vllm-fleet: error: AWS: cannot reach")
+
+
+# ---- managed monitoring's prerequisites, and endpoints in an existing VPC (moto over HTTP) ----
+
+
+def _managed(need: FleetNeed, topic_arn: str | None) -> FleetNeed:
+    return dataclasses.replace(need, monitoring_mode="managed", sns_topic_arn=topic_arn)
+
+
+def _aps_policy(topic_arn: str) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "AmpPublishes", "Effect": "Allow", "Principal": {"Service": "aps.amazonaws.com"},
+        "Action": ["sns:Publish", "sns:GetTopicAttributes"], "Resource": topic_arn,
+    }]})  # fmt: skip
+
+
+def test_managed_monitoring_prerequisites_on_moto(moto_env: dict[str, str]) -> None:
+    """Before the fix nothing checked them: AMG with AWS_SSO sign-in failed to create without
+    IAM Identity Center, and AMP's alerts were dropped by a topic that does not admit it."""
+    from infra.ops.preflight import check_managed_monitoring
+
+    sns = boto3.client("sns", region_name=REGION)
+    topic = sns.create_topic(Name="vllm-fleet-alerts")["TopicArn"]
+    need = _managed(need_for("dev-8b"), topic)
+    quotas = _stubbed_quotas(need, 1000)
+    closed = check_managed_monitoring(need, fetch_facts(need, _factory(quotas)))
+    # moto's account has an Identity Center instance; the new topic's default policy admits
+    # only the account itself.
+    assert [(r.check, r.status) for r in closed] == [
+        ("IAM Identity Center (Managed Grafana sign-in)", "pass"),
+        ("alert topic policy (AMP → SNS)", "fail"),
+    ]
+    assert "aps.amazonaws.com" in closed[1].fix
+    sns.set_topic_attributes(TopicArn=topic, AttributeName="Policy", AttributeValue=_aps_policy(topic))
+    opened = check_managed_monitoring(need, fetch_facts(need, _factory(_stubbed_quotas(need, 1000))))
+    assert [r.status for r in opened] == ["pass", "pass"]
+    gone = _managed(need, topic.replace("vllm-fleet-alerts", "no-such-topic"))
+    missing = check_managed_monitoring(gone, fetch_facts(gone, _factory(_stubbed_quotas(gone, 1000))))
+    assert missing[1].status == "fail" and missing[1].detail.endswith("not found")
+    # An account without Identity Center (moto always has one: botocore's Stubber answers).
+    sso = boto3.client("sso-admin", region_name=REGION)
+    stubber = Stubber(sso)
+    stubber.add_response("list_instances", {"Instances": []}, {})
+    stubber.activate()
+    real = _factory(_stubbed_quotas(need, 1000))
+    facts = fetch_facts(need, lambda service: sso if service == "sso-admin" else real(service))
+    (identity, _) = check_managed_monitoring(need, facts)
+    assert identity.status == "fail" and "enable IAM Identity Center" in identity.fix
+    assert check_managed_monitoring(need_for("dev-8b"), PreflightFacts()) == []  # self-hosted: nothing to check
+
+
+def test_endpoints_only_existing_vpc_needs_every_endpoint_on_moto(moto_env: dict[str, str]) -> None:
+    """The program creates endpoints only in a VPC of its own; in an existing one preflight
+    must find them all, or the drain hook, gang discovery and head registration hang."""
+    from infra.components.facts import aws_fleet_facts
+    from infra.ops.preflight import check_vpc_endpoints
+
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    need = dataclasses.replace(need_for("dev-8b"), egress="endpoints-only", existing_vpc_id=vpc)
+    facts = aws_fleet_facts()
+    old = ["ssm", "ssmmessages", "ec2messages", "secretsmanager", "logs", "ecr.api", "ecr.dkr"]  # before the fix
+    for service in old:
+        ec2.create_vpc_endpoint(VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.{service}", VpcEndpointType="Interface")
+    ec2.create_vpc_endpoint(VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.s3", VpcEndpointType="Gateway")
+    result = check_vpc_endpoints(need, fetch_facts(need, _factory(_stubbed_quotas(need, 1000))))
+    assert result is not None and result.status == "fail"
+    assert "autoscaling, ec2, elasticloadbalancing" in result.detail
+    for service in set(facts.vpc_interface_endpoints.value) - set(old):
+        ec2.create_vpc_endpoint(VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.{service}", VpcEndpointType="Interface")
+    result = check_vpc_endpoints(need, fetch_facts(need, _factory(_stubbed_quotas(need, 1000))))
+    assert result is not None and result.status == "pass"
+    assert check_vpc_endpoints(need_for("dev-8b"), PreflightFacts()) is None  # NAT egress: nothing to check

@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from functools import cache
@@ -22,12 +23,13 @@ from typing import Any
 import pytest
 from pulumi.runtime import settings
 
-from infra import offline
+from infra import offline, policies
 from infra.catalog import default_catalog
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import route_rules
 from infra.components.facts import RuleLimits, aws_fleet_facts
 from infra.components.fleet import (
+    GANG_READY_HEARTBEAT_S,
     PolicyInputs,
     capacity_layout,
     decoded_user_data,
@@ -37,8 +39,10 @@ from infra.components.fleet import (
     node_policy_document,
 )
 from infra.config import StackConfig, load_stack_file, stack_names
+from infra.drain import SLOWEST_STREAM_TOKENS_PER_S
 from infra.errors import FleetError
 from infra.offline import OfflineRun, ResourceRecord
+from infra.program.stack import deploy
 from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
@@ -60,6 +64,7 @@ SECRET_VERSION = "aws:secretsmanager/secretVersion:SecretVersion"
 ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 PLACEMENT = "aws:ec2/placementGroup:PlacementGroup"
 PASSWORD = "random:index/randomPassword:RandomPassword"
+HOOK = "aws:autoscaling/lifecycleHook:LifecycleHook"
 
 
 # --- building plans and runs (cached: each run is a whole program under mocks) ---------------
@@ -192,7 +197,10 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
     assert version.secret_paths == ("secretString",)
     assert version.inputs["secretString"] == offline.SECRET_MASK
     assert "secretString" in version.options["additionalSecretOutputs"]
-    assert run.outputs["apiKey"] == offline.SECRET_MASK
+    # One owner for the key's value: Pulumi writes the first version and never diffs it again
+    # (rotate-key owns the rest), and exports no key that rotation would make stale.
+    assert version.options["ignoreChanges"] == ["secretString"]
+    assert "apiKey" not in run.outputs
     if not preview:
         key = version.engine_inputs["secretString"]
         assert key.startswith("offline-")
@@ -207,6 +215,12 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
     (secret,) = of_type(run, SECRET, "vllm-fleet:api_key:ApiKey")
     assert secret.inputs["name"] == stack_plan(stack).api_key_secret_name
     assert secret.inputs["recoveryWindowInDays"] >= 7
+    assert secret.options["protect"] is True
+    # Stateful: the nodes' logs and the monitoring host (its TSDB) are protected too.
+    (log_group,) = of_type(run, "aws:cloudwatch/logGroup:LogGroup", "vllm-fleet:fleet:Fleet")
+    assert log_group.options["protect"] is True
+    for host in of_type(run, "aws:ec2/instance:Instance"):
+        assert host.options["protect"] is True
 
 
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
@@ -285,6 +299,14 @@ def test_target_groups_drain_and_check_health(stack: str, preview: bool) -> None
     for group in groups:
         props = group.engine_inputs
         assert props["deregistrationDelay"] >= plan.config.serving.shutdown_timeout_s
+        # Scale-in must not cut a stream: before the fix the delay was the shutdown timeout
+        # (120 s), shorter than a maxModelLen-token stream at the slowest planned decode rate.
+        longest = math.ceil(plan.config.serving.max_model_len / SLOWEST_STREAM_TOKENS_PER_S)
+        assert props["deregistrationDelay"] == min(3600, max(longest, plan.config.serving.shutdown_timeout_s))
+        # The node's drain watcher waits for the same delay.
+        for lt in of_type(run, LT):
+            text = decoded_user_data(lt.engine_inputs["userData"])
+            assert f"readonly delay_s={props['deregistrationDelay']}" in text
         assert props["healthCheck"]["path"] == "/health" and props["healthCheck"]["matcher"] == "200"
         assert props["loadBalancingAlgorithmType"] == "least_outstanding_requests"
         assert props["stickiness"]["enabled"] is False
@@ -299,13 +321,25 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
     groups = of_type(run, ASG)
     startup = plan.plan.startup_timeout_s
     shutdown = config.serving.shutdown_timeout_s
+    drains = {h.name: h.engine_inputs for h in of_type(run, HOOK)}
+    assert len(drains) == len(groups)
     for group in groups:
         props = group.engine_inputs
-        hooks = {h["name"]: h for h in props["initialLifecycleHooks"]}
-        drain = hooks["drain"]
+        drain = drains[f"{group.name}-drain"]
+        assert drain["name"] == "drain"
         assert drain["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
         assert drain["defaultResult"] == "CONTINUE"
-        assert drain["heartbeatTimeout"] >= shutdown + shutdown  # deregistration delay + vLLM drain
+        deregistration = of_type(run, TG)[0].engine_inputs["deregistrationDelay"]
+        assert drain["heartbeatTimeout"] >= deregistration + shutdown  # load balancer drain, then vLLM's
+        # Deleting the group waits for every node's drain hook, then for EC2 to terminate it.
+        delete_s = int(group.options["customTimeouts"]["delete"].removesuffix("s"))
+        assert delete_s >= drain["heartbeatTimeout"] + 300 and delete_s > 600  # the provider default: 10 min
+        if not preview:
+            assert drain["autoscalingGroupName"].startswith(props["namePrefix"])
+        # Initial hooks are ForceNew: only the gangs' launch hook, with a constant timeout.
+        initial = props.get("initialLifecycleHooks", [])
+        assert all(h["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING" for h in initial)
+        assert all(h["heartbeatTimeout"] == GANG_READY_HEARTBEAT_S for h in initial)
         assert props["healthCheckGracePeriod"] == startup and props["defaultInstanceWarmup"] == startup
         tags = {t["key"]: t for t in props["tags"]}
         assert all(tags[k]["propagateAtLaunch"] is True for k in REQUIRED_TAG_KEYS)
@@ -314,6 +348,8 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
         (group,) = groups
         props = group.engine_inputs
         assert props["healthCheckType"] == "ELB"
+        # `pulumi up` returns only when the first nodes serve through the load balancer.
+        assert props["minElbCapacity"] == props["minSize"] >= 1
         assert props["minSize"] == instances_for(config.capacity.min_replicas, layout)
         assert props["maxSize"] == instances_for(config.capacity.max_replicas, layout)
         assert props["maxSize"] >= props["minSize"] + 1  # room to surge during a refresh
@@ -325,8 +361,11 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
         if not preview:
             assert all(arn.startswith("arn:aws:lb:") for arn in props["targetGroupArns"])
         ignored = group.options.get("ignoreChanges", [])
-        assert bool(ignored) == (props["maxSize"] > props["minSize"])
-        assert all(change in ("desiredCapacity", "desired_capacity") for change in ignored)
+        assert ("desiredCapacity" in ignored) == (props["maxSize"] > props["minSize"])
+        # The night schedule sets min_size twice a day: Pulumi must not call that drift (before
+        # the fix the nightly drift job failed on dev-8b every night).
+        assert ("minSize" in ignored) == (config.scaling.night_floor is not None)
+        assert set(ignored) <= {"desiredCapacity", "minSize"}
         types = ladder_types(plan)
         if len(types) > 1 or config.capacity.market == "spot":
             mixed = props["mixedInstancesPolicy"]
@@ -360,6 +399,28 @@ def test_autoscaling_groups(stack: str, preview: bool) -> None:
             assert tags["vllm-fleet:gang"] == str(i)
             if not preview:
                 assert tags[TARGET_GROUP_TAG].startswith("arn:aws:lb:")
+
+
+def waits_for(record: ResourceRecord, other: ResourceRecord) -> bool:
+    return other.urn in record.dependencies
+
+
+@pytest.mark.parametrize(("stack", "preview"), RUNS)
+def test_first_create_has_no_races(stack: str, preview: bool) -> None:
+    """What AWS needs created first, though no input says so (before the fix each pair was
+    created in parallel): NAT gateways and their EIPs after the internet gateway, the config
+    bucket's policy after its public access block (else OperationAborted), and every group
+    after its nodes' inline policy."""
+    run = stack_run(deployable(stack), preview)
+    (igw,) = of_type(run, "aws:ec2/internetGateway:InternetGateway")
+    nat_side = of_type(run, "aws:ec2/natGateway:NatGateway") + of_type(run, "aws:ec2/eip:Eip")
+    assert nat_side and all(waits_for(r, igw) for r in nat_side)
+    for bucket_policy in of_type(run, "aws:s3/bucketPolicy:BucketPolicy"):
+        (block,) = [b for b in of_type(run, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
+                    if b.parent_urn == bucket_policy.parent_urn]  # fmt: skip
+        assert waits_for(bucket_policy, block)
+    (node_policy,) = of_type(run, ROLE_POLICY, "vllm-fleet:fleet:Fleet")
+    assert all(waits_for(group, node_policy) for group in of_type(run, ASG))
 
 
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
@@ -431,7 +492,6 @@ def test_stack_outputs(stack: str) -> None:
     layout, cap = plan.plan.layout, plan.config.capacity
     assert outputs["estimatedHourlyUsd"]["minReplicas"] == round(instances_for(cap.min_replicas, layout) * price, 2)
     assert outputs["estimatedHourlyUsd"]["maxReplicas"] == round(instances_for(cap.max_replicas, layout) * price, 2)
-    assert outputs["apiKey"] == offline.SECRET_MASK
     preview_outputs = stack_run(stack, True).outputs
     assert preview_outputs["endpointUrl"] == offline.UNKNOWN_MASK
     assert preview_outputs["planId"] == outputs["planId"]
@@ -550,6 +610,38 @@ def test_capacity_block_pins_one_type_and_the_reservation() -> None:
         "capacityReservationId": "cr-0123456789abcdef0"
     }
     assert "mixedInstancesPolicy" not in of_type(run, ASG)[0].engine_inputs
+    # One zone: the block's (the mocks put it in the region's second zone). Before the fix the
+    # group spanned every private subnet, so most launches missed the block.
+    updated = offline.run_stack(plan_for(config), preview=False)
+    (group,) = of_type(updated, ASG)
+    (subnet_id,) = group.engine_inputs["vpcZoneIdentifiers"]
+    (subnet,) = [s for s in of_type(updated, "aws:ec2/subnet:Subnet") if s.id == subnet_id]
+    assert subnet.name == "network-private-0" and subnet.engine_inputs["availabilityZone"] == "us-east-1b"
+    found = policies.check_resources(
+        [(r.type, r.name, r.engine_inputs, r.options.get("additionalSecretOutputs", [])) for r in updated.records if r.custom],
+        policies.policy_config(ladder_types(plan_for(config))),
+    )
+    assert found == [], found
+    # An existing VPC: the private subnet in the block's zone (the mocks derive it from the id).
+    existing = with_section(
+        config, "network", mode="existing", vpc_id="vpc-0123456789abcdef0",
+        private_subnet_ids=["subnet-0aaa0000", "subnet-0bbb0001"], public_subnet_ids=["subnet-0ccc0002", "subnet-0ddd0003"],
+    )  # fmt: skip
+    (group,) = of_type(offline.run_stack(plan_for(existing), preview=True), ASG)
+    assert group.engine_inputs["vpcZoneIdentifiers"] == ["subnet-0bbb0001"]
+    elsewhere = with_section(existing, "network", private_subnet_ids=["subnet-0aaa0000", "subnet-0bbb0002"])
+    with pytest.raises(FleetError, match="none is in us-east-1b"):
+        offline.run_stack(plan_for(elsewhere), preview=True)
+
+
+def test_capacity_block_of_another_type_is_refused() -> None:
+    config = with_capacity(
+        stack_plan("prod-70b").config, market="capacity-block", capacity_reservation_id="cr-0123456789abcdef0"
+    )
+    plan = plan_for(config)
+    mocks = offline.OfflineMocks(region="us-east-1", preview=True, capacity_block_instance_type="g6e.48xlarge")
+    with pytest.raises(FleetError, match="the block reserves g6e.48xlarge, the plan chose"):
+        offline.run_offline(lambda: deploy(plan), project="vllm-fleet", stack=config.stack, mocks=mocks, preview=True)
 
 
 def test_endpoint_exposure_is_refused_where_unsafe() -> None:
@@ -578,6 +670,11 @@ def test_internal_nlb_forwards_at_l4() -> None:
 def test_endpoints_only_network_has_no_nat_and_every_endpoint() -> None:
     config = with_section(stack_plan("prod-405b").config, "network", egress="endpoints-only")
     config = with_section(config, "endpoint", internal=True)
+    # The self-hosted monitoring host installs its software from the internet: refused.
+    hosted = with_section(config, "monitoring", mode="self-hosted")
+    with pytest.raises(FleetError, match="monitoring.mode = \"self-hosted\".*endpoints-only"):
+        offline.run_stack(plan_for(hosted), preview=True)
+    config = with_section(config, "monitoring", mode="none")
     run = offline.run_stack(plan_for(config), preview=True)
     assert not of_type(run, "aws:ec2/natGateway:NatGateway")
     assert not of_type(run, "aws:ec2/internetGateway:InternetGateway")
@@ -666,3 +763,50 @@ def test_api_key_component_outputs(pulumi_mocks: Callable[..., PulumiHarness]) -
     assert password.inputs["length"] == 48 and password.inputs["special"] is False
     version = harness.record(SECRET_VERSION, "key-version")
     assert version.secret_paths == ("secretString",)
+
+
+@pytest.mark.parametrize("stack", DEPLOYABLE)
+def test_dashboard_group_panels_find_the_groups(stack: str) -> None:
+    """Before the fix the groups published no group metrics, and the panels asked CloudWatch
+    for a group named exactly the prefix (AWS suffixes every name): the panels stayed empty."""
+    from infra.monitoring import render_monitoring
+    from infra.stackplan import monitoring_spec
+
+    plan = stack_plan(stack)
+    run = stack_run(stack, False)
+    files = render_monitoring(monitoring_spec(plan))
+    dashboard = json.loads(next(text for path, text in files.items() if path.endswith("dashboards/fleet.json")))
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "asg"]
+    pattern = re.compile(variable["regex"].strip("/"))
+    names = run.outputs["autoscalingGroupNames"]
+    assert names and all(pattern.match(name) for name in names)
+    assert not pattern.match(f"vllm-fleet.{stack}-2.fleet-abcdef12")  # another stack's group
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", []) if t.get("namespace") == "AWS/AutoScaling"]
+    assert targets
+    for group in of_type(run, ASG):
+        enabled = set(group.engine_inputs["enabledMetrics"])
+        assert group.engine_inputs["metricsGranularity"] == "1Minute"
+        assert {t["metricName"] for t in targets} <= enabled
+    assert all(t["dimensions"] == {"AutoScalingGroupName": "$asg"} for t in targets)
+
+
+@pytest.mark.parametrize("preview", [True, False])
+def test_root_volume_is_never_smaller_than_the_images_snapshot(preview: bool) -> None:
+    """Before the fix the root volume was the planned size alone: an image whose root snapshot
+    is larger (a baked venv, caches, staged weights) could not launch at all."""
+    plan = stack_plan("dev-8b")
+    weights_gib = math.ceil(plan.plan.weights_bytes / 1024**3)
+
+    def big_ami(args: dict[str, Any]) -> dict[str, Any]:
+        answer = offline.OfflineMocks(region="us-east-1", preview=preview)._ami(args)
+        answer["blockDeviceMappings"][0]["ebs"]["volume_size"] = "300"
+        return answer
+
+    mocks = offline.OfflineMocks(region="us-east-1", preview=preview, invoke_handlers={"aws:ec2/getAmi:getAmi": big_ami})
+    run = offline.run_offline(lambda: deploy(plan), project="vllm-fleet", stack="dev-8b", mocks=mocks, preview=preview)
+    (template,) = [r for r in run.records if r.type == LT]
+    (root,) = template.engine_inputs["blockDeviceMappings"]
+    assert root["ebs"]["volumeSize"] == 300 + weights_gib  # huggingface: downloaded onto the root volume
+    normal = stack_run("dev-8b", preview)
+    (template,) = of_type(normal, LT)
+    assert template.engine_inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 100 + weights_gib  # the planned size

@@ -164,3 +164,37 @@ def test_smoke_reads_the_newest_key_from_secrets_manager(
     missing = smoke(public_lb.url, "--secret-id", "vllm-fleet/nope/api-key", "--region", "us-east-1", env=moto_env)
     assert missing.returncode == 2
     assert missing.stderr.startswith("vllm-fleet: error: --secret-id vllm-fleet/nope/api-key: ResourceNotFoundException")
+
+
+def test_smoke_waits_until_a_target_serves() -> None:
+    """Before the fix smoke asked once: right after `pulumi up` the load balancer may still
+    answer 503 (no healthy target). wait_until_serving polls until vLLM answers (401 without
+    a key), and gives up with one line after its budget."""
+    import http.server
+    import threading
+
+    from infra.errors import FleetError
+    from infra.ops.smoke import wait_until_serving
+
+    answers = [503, 503, 502, 401]
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(answers.pop(0) if answers else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert wait_until_serving(url, 60, poll_s=0.01) == 401
+        assert seen == ["/v1/models"] * 4
+        with pytest.raises(FleetError, match="no vLLM answered within 0 s \\(last: 503\\)"):
+            wait_until_serving(url, 0, poll_s=0.01)
+    finally:
+        server.shutdown()

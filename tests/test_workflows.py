@@ -138,3 +138,48 @@ def test_images_workflow_builds_the_images_stack() -> None:
     assert doc["env"]["STACK"] == "images" and job["environment"] == "images"
     commands = [s["with"]["command"] for s in job["steps"] if s.get("uses", "").startswith("pulumi/actions@")]
     assert commands == ["preview", "up"]
+
+
+def test_every_preview_and_up_runs_the_policy_pack() -> None:
+    """Before the fix no workflow passed the pack: the guardrails ran only in the tests."""
+    for name in ("deploy.yml", "images.yml"):
+        doc = load(name)
+        for job in doc["jobs"].values():
+            pulumi_steps = [s for s in job["steps"] if s.get("uses", "").startswith("pulumi/actions@")]
+            for step in pulumi_steps:
+                assert step["with"]["policyPacks"] == "policy", (name, step["with"]["command"])
+                assert step["with"]["policyPackConfigs"] == "build/${{ env.STACK }}/policy-config.json"
+                # The config comes from the offline plan, run in an earlier step of the same job.
+                before = job["steps"][: job["steps"].index(step)]
+                assert any('vllm-fleet plan "$STACK" --out "build/$STACK"' in s.get("run", "") for s in before)
+    drift = "\n".join(step.get("run", "") for step in steps(load("drift.yml")))
+    assert '--policy-pack policy --policy-pack-config "build/${{ matrix.stack }}/policy-config.json"' in drift
+    assert 'vllm-fleet plan "${{ matrix.stack }}" --out "build/${{ matrix.stack }}"' in drift
+    assert (ROOT / "policy" / "PulumiPolicy.yaml").is_file()
+
+
+def _duration_s(text: str) -> int:
+    """A Pulumi custom timeout ("5h", "90m", "300s") in seconds."""
+    value, unit = int(text[:-1]), text[-1]
+    return value * {"h": 3600, "m": 60, "s": 1}[unit]
+
+
+def test_images_job_and_role_outlast_the_image_build() -> None:
+    """Before the fix the job (180 min) and the role session (4 h) ended before the Image's
+    create timeout (6 h): a slow bake was killed mid-update. GitHub-hosted jobs run at most
+    6 h, so the Image waits less than that, with room for setup and the preview."""
+    from infra.components.image import IMAGE_BUILD_TIMEOUT
+
+    (job,) = load("images.yml")["jobs"].values()
+    job_s = int(job["timeout-minutes"]) * 60
+    (creds,) = [s for s in job["steps"] if s.get("uses", "").startswith("aws-actions/configure-aws-credentials@")]
+    session_s = int(creds["with"]["role-duration-seconds"])
+    build_s = _duration_s(IMAGE_BUILD_TIMEOUT)
+    setup_margin_s = 30 * 60  # checkout, virtualenv, plan, preview, the other resources
+    # https://docs.github.com/en/actions/reference/limits ("Job execution time: each job in a
+    # workflow can run for up to 6 hours"); https://docs.aws.amazon.com/STS/latest/APIReference/
+    # API_AssumeRoleWithWebIdentity.html (DurationSeconds up to 43200, within the role's maximum).
+    assert job_s <= 6 * 3600, "GitHub-hosted runners stop a job after 6 hours"
+    assert job_s >= build_s + setup_margin_s
+    assert session_s >= build_s + setup_margin_s
+    assert session_s <= 12 * 3600  # AssumeRoleWithWebIdentity's DurationSeconds maximum

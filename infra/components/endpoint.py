@@ -191,7 +191,8 @@ class Endpoint(pulumi.ComponentResource):
                     target_type="instance",
                     vpc_id=args.vpc_id,
                     health_check=health,
-                    # Covers vLLM's --shutdown-timeout: the node stops vLLM only after this.
+                    # Outlasts the longest stream and vLLM's --shutdown-timeout (infra/drain.py):
+                    # the node stops vLLM only after this, or once nothing is in flight.
                     deregistration_delay=args.deregistration_delay_s,
                     load_balancing_algorithm_type="least_outstanding_requests" if is_alb else None,
                     stickiness=aws.lb.TargetGroupStickinessArgs(type="lb_cookie", enabled=False) if is_alb else None,

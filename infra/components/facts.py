@@ -78,6 +78,20 @@ class ExporterPorts(BaseModel):
     dcgm_exporter: int = Field(ge=1, le=65535)
 
 
+class CapacityBlockScope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instance_types: int = Field(ge=1)
+    availability_zones: int = Field(ge=1)
+
+
+class SnsTopicPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    principal: str
+    actions: list[str]
+
+
 class AwsFleetFacts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -98,6 +112,12 @@ class AwsFleetFacts(BaseModel):
     vpc_gateway_endpoints: Fact[list[str]]
     exporter_ports: Fact[ExporterPorts]
     imds_target_lifecycle_state: Fact[str]
+    initial_lifecycle_hook_force_new: Fact[bool]
+    elb_capacity_wait: Fact[Literal["min_elb_capacity"]]
+    capacity_block_scope: Fact[CapacityBlockScope]
+    asg_group_metrics: Fact[list[str]]
+    amp_sns_topic_policy: Fact[SnsTopicPolicy]
+    name_limits: Fact[dict[str, dict[str, int]]]
 
 
 @cache

@@ -21,7 +21,9 @@ Two shapes, from the plan's layout:
 
 Both shapes have a termination lifecycle hook ("drain") long enough for the load
 balancer's deregistration delay plus vLLM's shutdown drain; the node side of it is
-described in docs of the node units (see the program's report / node templates).
+described in docs of the node units (see the program's report / node templates). It is an
+``aws.autoscaling.LifecycleHook`` of its own: a group's ``initial_lifecycle_hooks`` are
+ForceNew, so nothing a day-2 change moves may live there (docs/day2.md).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from infra.program.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
-from infra.scaling import instances_for, ladder_types, log_group_name
+from infra.scaling import instances_for, ladder_types, log_group_name, scaling_policy_spec
 from infra.stackplan import StackPlan, group_name_prefix
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
@@ -63,6 +65,15 @@ MAX_HEALTHY_PERCENT = 110
 DRAIN_MARGIN_S = 60
 # On top of the planned start-up: time for EC2 to find GPU capacity before Pulumi gives up.
 CAPACITY_SEARCH_S = 600
+# A gang's launch hook ("gang-ready") must exist before the group's first instance, so it is
+# one of the group's initial_lifecycle_hooks, which the provider marks ForceNew
+# (aws_fleet.yaml initial_lifecycle_hook_force_new). Its timeout is therefore a constant, never
+# derived from the plan: the node records a heartbeat every 25 s while its gang starts
+# (infra/node/spec.py heartbeat_interval_s), so this only bounds how long a silent node (dead
+# before its watcher ran) holds capacity before ABANDON gives it back.
+GANG_READY_HEARTBEAT_S = 900
+# After the drain hook: EC2's own shutdown and termination of a GPU node (EFA interfaces, EBS).
+TERMINATION_MARGIN_S = 600
 # No containers on the nodes: the metadata token need not cross a network hop.
 IMDS_HOP_LIMIT = 1
 LOG_RETENTION_DAYS = 30
@@ -74,6 +85,8 @@ ROOT_VOLUME_WITHOUT_WEIGHTS = ("local-nvme",)
 # provisioned volume initialization rate. ebs-initialized (fast snapshot restore, or a volume
 # written at boot) must not set one: a rate on an FSR-enabled snapshot replaces FSR with it.
 PROVISIONED_INITIALIZATION_SOURCES = ("ebs-lazy",)
+# Weights already in the image's root snapshot.
+IMAGE_WEIGHT_SOURCES = ("ebs-lazy", "ebs-initialized")
 MiB = 1024**2
 
 
@@ -152,6 +165,15 @@ def root_volume_gib(stack_plan: StackPlan) -> int:
     return base + math.ceil(stack_plan.plan.weights_bytes / GiB)
 
 
+def root_volume_for_image(stack_plan: StackPlan, snapshot_gib: int) -> int:
+    """The planned root volume, but never smaller than the image's root snapshot plus the
+    weights a node downloads onto it: EC2 refuses a volume smaller than its snapshot, and a
+    baked image (venv, caches, staged weights) can outgrow the planned base."""
+    downloads = stack_plan.config.serving.weights_source not in (*ROOT_VOLUME_WITHOUT_WEIGHTS, *IMAGE_WEIGHT_SOURCES)
+    downloaded_gib = math.ceil(stack_plan.plan.weights_bytes / GiB) if downloads else 0
+    return max(root_volume_gib(stack_plan), snapshot_gib + downloaded_gib)
+
+
 def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
     """The root volume's provisioned initialization rate: the planner's figure for the source
     (infra/data/weight_sources.yaml), or None where EBS must initialize by its own means."""
@@ -202,11 +224,27 @@ def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> i
     return max(heartbeat, bounds.min)
 
 
-def launch_heartbeat_s(stack_plan: StackPlan) -> int:
-    """The gang launch hook's timeout: the planned start-up, capped at the hook maximum
-    (the node records heartbeats if it needs longer)."""
-    bounds = aws_fleet_facts().lifecycle_hook_heartbeat_s.value
-    return max(bounds.min, min(stack_plan.plan.startup_timeout_s, bounds.max))
+def scheduled_min_groups(stack_plan: StackPlan) -> set[str]:
+    """The groups whose min_size the night schedule owns (infra/scaling.py NightFloor): Pulumi
+    must not diff it, or every nightly drift check reports the schedule's value as drift."""
+    night = scaling_policy_spec(stack_plan).night
+    if night is None:
+        return set()
+    if stack_plan.plan.layout.nodes_per_replica > 1:
+        return {f"gang-{k}" for k in night.gang_indices}
+    return {"fleet"}
+
+
+def group_metrics() -> list[aws.autoscaling.Metric]:
+    """The group metrics every group publishes (aws_fleet.yaml asg_group_metrics)."""
+    return [aws.autoscaling.Metric(name) for name in aws_fleet_facts().asg_group_metrics.value]
+
+
+def group_delete_timeout_s(drain_s: int) -> int:
+    """How long Pulumi waits for a group to delete: every node first runs its drain hook
+    (up to ``drain_s``), then EC2 terminates it. The provider's default (10 min, group.go
+    Timeouts.Delete) is shorter than a gang's drain plus termination."""
+    return drain_s + TERMINATION_MARGIN_S
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -392,6 +430,8 @@ class FleetArgs:
     deregistration_delay_s: int
     weights_s3_uri: str | None = None
     api_key_kms_key_arn: str | None = None
+    # The image's root snapshot size (from the AMI); None: the planned size alone.
+    root_snapshot_gib: pulumi.Input[int] | None = None
 
 
 class Fleet(pulumi.ComponentResource):
@@ -401,6 +441,8 @@ class Fleet(pulumi.ComponentResource):
     security_group_id: pulumi.Output[str]
     log_group_name: pulumi.Output[str]
     launch_template_ids: dict[str, pulumi.Output[str]]
+    _node_policy: aws.iam.RolePolicy  # the groups wait for it
+    _scheduled_min: set[str]  # group keys whose min_size the night schedule owns
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:fleet:Fleet", name, None, opts)
@@ -429,7 +471,8 @@ class Fleet(pulumi.ComponentResource):
             name=log_group_name(stack),
             retention_in_days=LOG_RETENTION_DAYS,
             tags={**tags, "Name": f"/vllm-fleet/{stack}"},
-            opts=child,
+            # The nodes' logs are the record of what happened: never deleted by an update.
+            opts=pulumi.ResourceOptions(parent=self, protect=True),
         )
         role = aws.iam.Role(
             f"{name}-role",
@@ -477,7 +520,8 @@ class Fleet(pulumi.ComponentResource):
                 indent=2,
             )
         )
-        aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
+        node_policy = aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
+        self._node_policy = node_policy
         profile = aws.iam.InstanceProfile(
             f"{name}-profile", role=role.name, tags={**tags, "Name": f"{stack}-node"}, opts=child
         )
@@ -510,21 +554,38 @@ class Fleet(pulumi.ComponentResource):
         ingress("node-metrics", args.scraper_security_group_id, exporters.node_exporter, exporters.node_exporter, "node_exporter")
         ingress("gpu-metrics", args.scraper_security_group_id, exporters.dcgm_exporter, exporters.dcgm_exporter, "dcgm-exporter")
         if capacity.gangs:
-            # EFA and Ray/NCCL between the members of a gang: all traffic within the group.
+            # EFA and Ray/NCCL between the members of a gang: all traffic within the group, both
+            # ways. EFA's OS-bypass traffic matches only rules that name the group itself, never
+            # a CIDR rule (aws_fleet.yaml efa_security_group), so the egress below is not enough.
             ingress("gang", sg.id, 0, 0, "gang members (EFA, NCCL, Ray)", protocol="-1")
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-out-gang",
+                security_group_id=sg.id,
+                referenced_security_group_id=sg.id,
+                ip_protocol="-1",
+                description="gang members (EFA, NCCL, Ray)",
+                tags=node_tags,
+                opts=child,
+            )
         aws.vpc.SecurityGroupEgressRule(
             f"{name}-out",
             security_group_id=sg.id,
             ip_protocol="-1",
             cidr_ipv4="0.0.0.0/0",
-            description="AWS APIs, weights, model hub; gang peers",
+            description="AWS APIs, weights, model hub",
             tags=node_tags,
             opts=child,
         )
 
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value
-        volume_gib = root_volume_gib(stack_plan)
+        volume_gib: pulumi.Input[int] = (
+            root_volume_gib(stack_plan)
+            if args.root_snapshot_gib is None
+            else pulumi.Output.from_input(args.root_snapshot_gib).apply(
+                lambda snapshot: root_volume_for_image(stack_plan, int(snapshot))
+            )
+        )
         initialization_rate = volume_initialization_rate_mib_s(config.serving.weights_source)
         root_snapshot_id: pulumi.Output[str] | None = None
         if initialization_rate is not None:
@@ -611,27 +672,33 @@ class Fleet(pulumi.ComponentResource):
 
         # --- the groups ------------------------------------------------------------------
         startup = stack_plan.plan.startup_timeout_s
-        drain_hook = aws.autoscaling.GroupInitialLifecycleHookArgs(
-            name="drain",
-            lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
-            heartbeat_timeout=drain_s,
-            default_result="CONTINUE",
-        )
         group_tags: dict[str, pulumi.Input[str]] = {**node_tags, "Name": f"{stack}-vllm", LOG_GROUP_TAG: log_group.name}
         if args.weights_s3_uri:
             group_tags[WEIGHTS_URI_TAG] = args.weights_s3_uri
         chosen = types[0]
+        self._scheduled_min = scheduled_min_groups(stack_plan)
         self.group_names = []
         self.group_arns = []
         for spec in capacity.groups:
             if spec.gang_index is None:
                 group = self._fleet_group(
-                    name, args, spec, types, templates, group_tags, drain_hook, startup, capacity.replicas_per_node
+                    name, args, spec, types, templates, group_tags, drain_s, startup, capacity.replicas_per_node
                 )
             else:
-                group = self._gang_group(
-                    name, args, spec, templates[chosen], group_tags, drain_hook, startup, launch_heartbeat_s(stack_plan)
-                )
+                group = self._gang_group(name, args, spec, templates[chosen], group_tags, drain_s, startup)
+            # The drain hook is its own resource, not one of the group's initial_lifecycle_hooks:
+            # its timeout follows shutdownTimeoutS, and an initial hook is ForceNew, so a new
+            # timeout would replace the group (and every node in it). A terminating hook need
+            # not exist before the first launch; PutLifecycleHook updates it in place.
+            aws.autoscaling.LifecycleHook(
+                f"{name}-{spec.key}-drain",
+                name="drain",
+                autoscaling_group_name=group.name,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
+                heartbeat_timeout=drain_s,
+                default_result="CONTINUE",
+                opts=pulumi.ResourceOptions(parent=self),
+            )
             self.group_names.append(group.name)
             self.group_arns.append(group.arn)
 
@@ -649,6 +716,14 @@ class Fleet(pulumi.ComponentResource):
             }
         )
 
+    def _ignored_group_changes(self, spec: GroupSpec) -> list[str] | None:
+        """What Pulumi leaves to others: desired capacity to the scaler, min size to the
+        night schedule (scheduled actions set it twice a day)."""
+        ignored = (["desired_capacity"] if spec.scaled else []) + (
+            ["min_size"] if spec.key in self._scheduled_min else []
+        )
+        return ignored or None
+
     def _fleet_group(
         self,
         name: str,
@@ -657,7 +732,7 @@ class Fleet(pulumi.ComponentResource):
         types: list[str],
         templates: dict[str, aws.ec2.LaunchTemplate],
         group_tags: Mapping[str, pulumi.Input[str]],
-        drain_hook: aws.autoscaling.GroupInitialLifecycleHookArgs,
+        drain_s: int,
         startup: int,
         replicas_per_node: int,
     ) -> aws.autoscaling.Group:
@@ -723,10 +798,24 @@ class Fleet(pulumi.ComponentResource):
             instance_maintenance_policy=aws.autoscaling.GroupInstanceMaintenancePolicyArgs(
                 min_healthy_percentage=MIN_HEALTHY_PERCENT, max_healthy_percentage=MAX_HEALTHY_PERCENT
             ),
-            initial_lifecycle_hooks=[drain_hook],
             wait_for_capacity_timeout=startup_wait,
+            # On create, `pulumi up` returns only once this many nodes pass the target groups'
+            # health checks (the deploy's smoke test runs right after). min_elb_capacity, not
+            # wait_for_elb_capacity: the latter also waits on every update, which would hang a
+            # deploy while the night schedule holds the group at zero.
+            min_elb_capacity=spec.min_size or None,
+            # The Fleet dashboard's group panels read these; a group publishes none by default.
+            enabled_metrics=group_metrics(),
+            metrics_granularity="1Minute",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["desired_capacity"] if spec.scaled else None),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # A node that boots before its role's inline policy exists fails its first
+                # calls (the API key, the lifecycle hook): the policy comes first.
+                depends_on=[self._node_policy],
+                ignore_changes=self._ignored_group_changes(spec),
+                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
+            ),
         )
 
     def _gang_group(
@@ -736,9 +825,8 @@ class Fleet(pulumi.ComponentResource):
         spec: GroupSpec,
         template: aws.ec2.LaunchTemplate,
         group_tags: Mapping[str, pulumi.Input[str]],
-        drain_hook: aws.autoscaling.GroupInitialLifecycleHookArgs,
+        drain_s: int,
         startup: int,
-        launch_heartbeat: int,
     ) -> aws.autoscaling.Group:
         assert spec.gang_index is not None
         config = args.stack_plan.config
@@ -754,7 +842,7 @@ class Fleet(pulumi.ComponentResource):
         ready_hook = aws.autoscaling.GroupInitialLifecycleHookArgs(
             name="gang-ready",
             lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
-            heartbeat_timeout=launch_heartbeat,
+            heartbeat_timeout=GANG_READY_HEARTBEAT_S,
             # A gang that never serves is not capacity: give its nodes back.
             default_result="ABANDON",
         )
@@ -775,14 +863,18 @@ class Fleet(pulumi.ComponentResource):
             launch_template=aws.autoscaling.GroupLaunchTemplateArgs(
                 id=template.id, version=template.latest_version.apply(str)
             ),
-            initial_lifecycle_hooks=[ready_hook, drain_hook],
+            initial_lifecycle_hooks=[ready_hook],
+            enabled_metrics=group_metrics(),
+            metrics_granularity="1Minute",
             wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
             tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
+                depends_on=[self._node_policy],
                 # A new template version means a new gang, created before the old one goes.
                 replace_on_changes=["launchTemplate"],
                 delete_before_replace=False,
-                ignore_changes=["desired_capacity"] if spec.scaled else None,
+                ignore_changes=self._ignored_group_changes(spec),
+                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
         )

@@ -42,6 +42,8 @@ from infra.images import (
     plan_image,
     root_volume_gib,
 )
+from infra.names import fit_prefix
+from infra.program.tags import IMAGE_TAG
 
 COMPONENT_TYPE = "vllm-fleet:images:VllmImage"
 # The build instance runs no containers: the metadata token need not cross a network hop.
@@ -50,7 +52,10 @@ IMDS_HOP_LIMIT = 1
 # test phases (vLLM import, serve --help, exporters serving), well under two hours.
 IMAGE_TESTS_TIMEOUT_MINUTES = 120
 # A GPU build with CUDA wheels (and optionally weights and a pre-warm) takes hours, not minutes.
-IMAGE_BUILD_TIMEOUT = "6h"
+# Bounded by the images workflow: its job (6 h, GitHub's maximum for hosted runners) and role
+# session must outlast `pulumi up`'s wait, or the update is killed midway
+# (tests/test_workflows.py checks the three together).
+IMAGE_BUILD_TIMEOUT = "5h"
 SCRIPTS_KEY_PREFIX = "bake-scripts"
 
 
@@ -108,19 +113,25 @@ class VllmImage(pulumi.ComponentResource):
         spec = plan.spec
         child = pulumi.ResourceOptions(parent=self)
         invoke = pulumi.InvokeOutputOptions(parent=self)
-        tags = {**args.tags, "vllm-fleet:image": spec.name}
+        tags = {**args.tags, IMAGE_TAG: spec.name}
         resource_base = f"vllm-fleet-{spec.name}"
 
         region = aws.get_region_output(opts=invoke).region
         account_id = aws.get_caller_identity_output(opts=invoke).account_id
+        # ARNs name the partition the stack runs in (aws, aws-cn, aws-us-gov), never a literal.
+        partition = aws.get_partition_output(opts=invoke).partition
 
         # -- the bake scripts, content-addressed so each component version keeps its scripts --
+        # Older component versions (skip_destroy) keep pointing at their scripts, so the scripts
+        # outlive the stack (retain_on_delete), and so must their bucket and its guards: a
+        # force_destroy bucket would delete the retained objects with it.
+        retained = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
         bucket = aws.s3.Bucket(
             f"{name}-bake-scripts",
-            bucket_prefix=f"{resource_base}-bake-",
-            force_destroy=True,
+            bucket_prefix=fit_prefix(f"{resource_base}-bake-", "aws:s3/bucket:Bucket", "bucketPrefix"),
+            force_destroy=False,
             tags=tags,
-            opts=child,
+            opts=retained,
         )
         aws.s3.BucketPublicAccessBlock(
             f"{name}-bake-scripts",
@@ -129,7 +140,7 @@ class VllmImage(pulumi.ComponentResource):
             block_public_policy=True,
             ignore_public_acls=True,
             restrict_public_buckets=True,
-            opts=child,
+            opts=retained,
         )
         aws.s3.BucketServerSideEncryptionConfiguration(
             f"{name}-bake-scripts",
@@ -143,7 +154,7 @@ class VllmImage(pulumi.ComponentResource):
                     bucket_key_enabled=args.kms_key_arn is not None,
                 )
             ],
-            opts=child,
+            opts=retained,
         )
         scripts_key = f"{SCRIPTS_KEY_PREFIX}/{plan.scripts_sha256[:16]}"
         for script_name, content in plan.scripts.items():
@@ -153,6 +164,7 @@ class VllmImage(pulumi.ComponentResource):
                 key=f"{scripts_key}/{script_name}",
                 content=content.decode("utf-8"),
                 content_type="text/x-shellscript",
+                tags=tags,
                 # Older component versions (skip_destroy) still point at their scripts.
                 opts=pulumi.ResourceOptions(parent=self, retain_on_delete=True),
             )
@@ -161,7 +173,7 @@ class VllmImage(pulumi.ComponentResource):
         # -- the build instance's identity --
         role = aws.iam.Role(
             f"{name}-build",
-            name_prefix=f"{resource_base}-build-"[:38],
+            name_prefix=fit_prefix(f"{resource_base}-build-", "aws:iam/role:Role", "namePrefix"),
             description=f"Image Builder build/test instances for the {spec.name} vLLM image",
             assume_role_policy=_policy(
                 [
@@ -175,18 +187,22 @@ class VllmImage(pulumi.ComponentResource):
             tags=tags,
             opts=child,
         )
-        for short, policy_arn in (
-            ("imagebuilder", aws.iam.ManagedPolicy.EC2_INSTANCE_PROFILE_FOR_IMAGE_BUILDER),
-            ("ssm", aws.iam.ManagedPolicy.AMAZON_SSM_MANAGED_INSTANCE_CORE),
+        # By name in the stack's partition (the ManagedPolicy enum's values are aws-partition ARNs).
+        for short, managed_policy in (
+            ("imagebuilder", "EC2InstanceProfileForImageBuilder"),
+            ("ssm", "AmazonSSMManagedInstanceCore"),
         ):
             aws.iam.RolePolicyAttachment(
-                f"{name}-build-{short}", role=role.name, policy_arn=policy_arn, opts=child
+                f"{name}-build-{short}",
+                role=role.name,
+                policy_arn=pulumi.Output.concat("arn:", partition, f":iam::aws:policy/{managed_policy}"),
+                opts=child,
             )
         aws.iam.RolePolicy(
             f"{name}-build-reads",
             role=role.id,
-            policy=pulumi.Output.all(bucket.arn, region, account_id).apply(
-                lambda values: _policy(self._read_statements(plan, values[0], values[1], values[2]))
+            policy=pulumi.Output.all(bucket.arn, partition, region, account_id).apply(
+                lambda values: _policy(self._read_statements(plan, values[0], values[1], values[2], values[3]))
             ),
             opts=child,
         )
@@ -208,7 +224,11 @@ class VllmImage(pulumi.ComponentResource):
                 opts=child,
             )
         profile = aws.iam.InstanceProfile(
-            f"{name}-build", name_prefix=f"{resource_base}-build-"[:38], role=role.name, tags=tags, opts=child
+            f"{name}-build",
+            name_prefix=fit_prefix(f"{resource_base}-build-", "aws:iam/instanceProfile:InstanceProfile", "namePrefix"),
+            role=role.name,
+            tags=tags,
+            opts=child,
         )
 
         # -- components --
@@ -385,7 +405,7 @@ class VllmImage(pulumi.ComponentResource):
 
     @staticmethod
     def _read_statements(
-        plan: ImagePlan, scripts_bucket_arn: str, region: str, account_id: str
+        plan: ImagePlan, scripts_bucket_arn: str, partition: str, region: str, account_id: str
     ) -> list[dict[str, Any]]:
         """What the build instance may read: its scripts, and the weights source / HF token if any."""
         statements: list[dict[str, Any]] = [
@@ -404,14 +424,14 @@ class VllmImage(pulumi.ComponentResource):
                     "Sid": "WeightsList",
                     "Effect": "Allow",
                     "Action": ["s3:ListBucket"],
-                    "Resource": f"arn:aws:s3:::{bucket}",
+                    "Resource": f"arn:{partition}:s3:::{bucket}",
                     "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
                 },
                 {
                     "Sid": "WeightsRead",
                     "Effect": "Allow",
                     "Action": ["s3:GetObject"],
-                    "Resource": f"arn:aws:s3:::{bucket}/{prefix}*",
+                    "Resource": f"arn:{partition}:s3:::{bucket}/{prefix}*",
                 },
             ]
         if weights is not None and weights.hf_token_secret_id:
@@ -420,7 +440,7 @@ class VllmImage(pulumi.ComponentResource):
             resource = (
                 secret
                 if secret.startswith("arn:")
-                else f"arn:aws:secretsmanager:{region}:{account_id}:secret:{secret}-??????"
+                else f"arn:{partition}:secretsmanager:{region}:{account_id}:secret:{secret}-??????"
             )
             statements.append(
                 {

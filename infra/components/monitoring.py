@@ -238,7 +238,7 @@ class Monitoring(pulumi.ComponentResource):
             tags={**tags, "Name": f"{stack}-monitoring-config"},
             opts=child,
         )
-        aws.s3.BucketPublicAccessBlock(
+        public_access_block = aws.s3.BucketPublicAccessBlock(
             f"{name}-config-private",
             bucket=bucket.id,
             block_public_acls=True,
@@ -263,7 +263,9 @@ class Monitoring(pulumi.ComponentResource):
             f"{name}-config-tls-only",
             bucket=bucket.id,
             policy=bucket.arn.apply(lambda arn: json.dumps(_tls_only_bucket_policy(arn))),
-            opts=child,
+            # S3 answers OperationAborted to a bucket policy written while the bucket's public
+            # access block is still being applied: one after the other.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access_block]),
         )
         prefix = f"{stack}/"
         object_tags = {k: v for k, v in args.tags.items() if k in REQUIRED_TAG_KEYS}
@@ -423,6 +425,10 @@ class Monitoring(pulumi.ComponentResource):
                 # A newer AL2023 image must not replace the host and its metrics history; take
                 # it deliberately (pulumi up --replace) when wanted.
                 ignore_changes=["ami"],
+                # Prometheus's TSDB lives on the host's root volume, which a replacement (new
+                # host software: user_data_replace_on_change) or a deletion wipes: Pulumi refuses
+                # both until someone runs `pulumi state unprotect` (docs/day2.md).
+                protect=True,
             ),
         )
         self.grafana_url = instance.private_ip.apply(lambda ip: f"http://{ip}:{ports.grafana}")

@@ -143,6 +143,7 @@ class Network(pulumi.ComponentResource):
         need_public = args.public_subnets or args.egress == "nat"
         public_ids: list[pulumi.Output[str]] = []
         public_route_table: aws.ec2.RouteTable | None = None
+        igw: aws.ec2.InternetGateway | None = None
         if need_public:
             igw = aws.ec2.InternetGateway(
                 f"{name}-igw", vpc_id=vpc.id, tags={**tags, "Name": f"{args.stack}-igw"}, opts=child
@@ -174,15 +175,20 @@ class Network(pulumi.ComponentResource):
         for i, (az, cidr) in enumerate(zip(azs, private_cidrs, strict=True)):
             routes: list[aws.ec2.RouteTableRouteArgs] = []
             if args.egress == "nat":
+                assert igw is not None
+                # Both need the VPC's internet gateway attached first: nothing in their inputs
+                # says so, and created in parallel they fail (the provider's aws_nat_gateway and
+                # aws_eip docs: "depends_on the Internet Gateway for the VPC").
+                after_igw = pulumi.ResourceOptions(parent=self, depends_on=[igw])
                 eip = aws.ec2.Eip(
-                    f"{name}-nat-{i}-eip", domain="vpc", tags={**tags, "Name": f"{args.stack}-nat-{az}"}, opts=child
+                    f"{name}-nat-{i}-eip", domain="vpc", tags={**tags, "Name": f"{args.stack}-nat-{az}"}, opts=after_igw
                 )
                 nat = aws.ec2.NatGateway(
                     f"{name}-nat-{i}",
                     allocation_id=eip.id,
                     subnet_id=public_ids[i],
                     tags={**tags, "Name": f"{args.stack}-nat-{az}"},
-                    opts=child,
+                    opts=after_igw,
                 )
                 routes.append(aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", nat_gateway_id=nat.id))
             route_table = aws.ec2.RouteTable(

@@ -10,13 +10,14 @@ import math
 
 from infra.catalog import default_catalog
 from infra.config import StackConfig
+from infra.drain import deregistration_delay_s
 from infra.node.serve_args import (
     FETCHED_WEIGHT_SOURCES,
     LOCAL_WEIGHT_SOURCES,
     build_serve_argv,
     fetched_weights_dir,
 )
-from infra.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
+from infra.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
 from infra.planner import Candidate, Plan
 
 
@@ -84,6 +85,8 @@ def node_spec(config: StackConfig, plan: Plan, candidate: Candidate, *, api_key_
         api_key_secret_id=api_key_secret_id,
         start_timeout_s=plan.startup_timeout_s,
         shutdown_timeout_s=config.serving.shutdown_timeout_s,
+        # The target groups' delay (infra/drain.py): the watcher waits for it, not for vLLM's.
+        lifecycle_hooks=LifecycleHooks(deregistration_delay_s=deregistration_delay_s(config)),
         gpus_per_node=gpus_per_node,
         vllm_env=vllm_environment(config, plan),
         nodes=layout.nodes_per_replica,

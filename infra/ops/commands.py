@@ -102,14 +102,20 @@ def smoke(
     ] = True,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per request", metavar="N")] = 32,
     timeout_s: Annotated[float, typer.Option(help="per-request timeout, seconds", metavar="SECONDS")] = 120.0,
+    wait_s: Annotated[
+        float,
+        typer.Option(help="first wait up to this long for vLLM to answer through the load balancer", metavar="SECONDS"),
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Smoke-test a deployed endpoint with the OpenAI client; exit 1 on any failed check."""
-    from infra.ops.smoke import run_smoke
+    from infra.ops.smoke import run_smoke, wait_until_serving
 
     if max_tokens < 2:
         raise FleetError(f"--max-tokens = {max_tokens}: at least 2 (tokens/s needs two tokens)")
     api_key = _key_from(key_env, secret_id, region)
+    if wait_s > 0:
+        wait_until_serving(url, wait_s)
     result = run_smoke(
         url, api_key, model=model, expect_metrics_hidden=expect_metrics_hidden, max_tokens=max_tokens, timeout_s=timeout_s
     )

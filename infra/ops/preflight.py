@@ -11,6 +11,7 @@ A "fail" is a blocker (the command exits 1); a "warn" is something to read befor
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import botocore.exceptions  # type: ignore[import-untyped]
 
 from infra.catalog import default_catalog
+from infra.components.facts import aws_fleet_facts
 from infra.ops.aws import CALL_ERRORS, ClientFactory, credentials_error, error_code, error_text
 from infra.stackplan import StackPlan
 
@@ -26,6 +28,8 @@ Status = Literal["pass", "warn", "fail"]
 EC2_SERVICE_CODE = "ec2"
 # How far back to look for the quota's usage metric (CloudWatch publishes AWS/Usage every minute).
 USAGE_LOOKBACK = dt.timedelta(minutes=15)
+# The service principal Amazon Managed Service for Prometheus publishes alerts to SNS as.
+APS_PRINCIPAL = aws_fleet_facts().amp_sns_topic_policy.value.principal
 # A capacity reservation that ends sooner than this gets a warning.
 RESERVATION_ENDING_SOON = dt.timedelta(hours=24)
 
@@ -67,6 +71,10 @@ class FleetNeed:
     certificate_arn: str | None
     endpoint_internal: bool
     capacity_reservation_id: str | None
+    monitoring_mode: str = "none"
+    sns_topic_arn: str | None = None
+    egress: str = "nat"
+    existing_vpc_id: str | None = None  # network mode existing: the VPC the stack builds in
 
     @property
     def chosen(self) -> Rung:
@@ -113,6 +121,10 @@ def fleet_need(stack_plan: StackPlan) -> FleetNeed:
         certificate_arn=config.endpoint.certificate_arn,
         endpoint_internal=config.endpoint.internal,
         capacity_reservation_id=cap.capacity_reservation_id,
+        monitoring_mode=config.monitoring.mode,
+        sns_topic_arn=config.monitoring.sns_topic_arn,
+        egress=config.network.egress,
+        existing_vpc_id=config.network.vpc_id if config.network.mode == "existing" else None,
     )
 
 
@@ -162,6 +174,22 @@ class ReservationFact:
 
 
 @dataclass(frozen=True)
+class ManagedMonitoringFact:
+    identity_center_instances: int | None = None  # None: could not list them (see error)
+    identity_center_error: str | None = None
+    topic_found: bool | None = None  # None: no topic configured
+    topic_policy: str | None = None  # the topic's access policy (JSON)
+    topic_error: str | None = None
+
+
+@dataclass(frozen=True)
+class VpcEndpointsFact:
+    vpc_id: str
+    services: tuple[str, ...] = ()  # service names, com.amazonaws.<region>.<service>
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class PreflightFacts:
     region_azs: tuple[str, ...] = ()
     offerings: dict[str, tuple[str, ...]] = field(default_factory=dict)  # type → AZs offering it
@@ -170,6 +198,8 @@ class PreflightFacts:
     image: ImageFact | None = None
     certificate: CertificateFact | None = None
     reservation: ReservationFact | None = None
+    managed_monitoring: ManagedMonitoringFact | None = None
+    vpc_endpoints: VpcEndpointsFact | None = None
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
@@ -451,6 +481,96 @@ def check_reservation(need: FleetNeed, facts: PreflightFacts) -> CheckResult | N
     return CheckResult(name, "pass", detail)
 
 
+def topic_allows_aps(policy_json: str | None) -> bool:
+    """Whether a topic policy lets Amazon Managed Service for Prometheus publish (its alert
+    manager's SNS receiver needs sns:Publish and sns:GetTopicAttributes, aws_fleet.yaml
+    amp_sns_topic_policy)."""
+    try:
+        doc = json.loads(policy_json or "{}")
+    except ValueError:
+        return False
+    statements = doc.get("Statement") or []
+    for statement in [statements] if isinstance(statements, dict) else statements:
+        principal = statement.get("Principal") or {}
+        services = principal.get("Service", []) if isinstance(principal, dict) else []
+        services = [services] if isinstance(services, str) else services
+        actions = statement.get("Action") or []
+        actions = [actions] if isinstance(actions, str) else actions
+        if statement.get("Effect") == "Allow" and APS_PRINCIPAL in services and (
+            {"sns:Publish", "sns:*", "*"} & set(actions)
+        ):
+            return True
+    return False
+
+
+def check_managed_monitoring(need: FleetNeed, facts: PreflightFacts) -> list[CheckResult]:
+    """Managed monitoring's prerequisites outside the stack: IAM Identity Center for Amazon
+    Managed Grafana's AWS_SSO sign-in, and an alert topic that lets AMP publish."""
+    if need.monitoring_mode != "managed":
+        return []
+    fact = facts.managed_monitoring
+    assert fact is not None
+    results = []
+    name = "IAM Identity Center (Managed Grafana sign-in)"
+    if fact.identity_center_error:
+        results.append(CheckResult(name, "fail", f"could not list instances: {fact.identity_center_error}", "grant sso:ListInstances"))
+    elif not fact.identity_center_instances:
+        results.append(
+            CheckResult(
+                name,
+                "fail",
+                "no IAM Identity Center instance: the Grafana workspace (authentication AWS_SSO) cannot be created",
+                "enable IAM Identity Center in this account or its organization, then re-run",
+            )
+        )
+    else:
+        results.append(CheckResult(name, "pass", f"{fact.identity_center_instances} instance(s)"))
+    name = "alert topic policy (AMP → SNS)"
+    if need.sns_topic_arn is None:
+        results.append(CheckResult(name, "fail", "no vllm-fleet:monitoring.snsTopicArn", "set the SNS topic alerts go to"))
+    elif fact.topic_error:
+        results.append(CheckResult(name, "fail", f"could not read {need.sns_topic_arn}: {fact.topic_error}", "grant sns:GetTopicAttributes"))
+    elif not fact.topic_found:
+        results.append(CheckResult(name, "fail", f"{need.sns_topic_arn} not found", "create the topic or fix vllm-fleet:monitoring.snsTopicArn"))
+    elif not topic_allows_aps(fact.topic_policy):
+        results.append(
+            CheckResult(
+                name,
+                "fail",
+                f"{need.sns_topic_arn}'s policy does not let {APS_PRINCIPAL} publish: alerts would be dropped",
+                f"add a statement: Allow, Principal Service {APS_PRINCIPAL}, Action sns:Publish and sns:GetTopicAttributes",
+            )
+        )
+    else:
+        results.append(CheckResult(name, "pass", f"{APS_PRINCIPAL} may publish to {need.sns_topic_arn}"))
+    return results
+
+
+def check_vpc_endpoints(need: FleetNeed, facts: PreflightFacts) -> CheckResult | None:
+    """An existing VPC without internet egress must already have every endpoint the nodes use
+    (the program creates them only in a VPC of its own)."""
+    if need.egress != "endpoints-only" or need.existing_vpc_id is None:
+        return None
+    fact = facts.vpc_endpoints
+    assert fact is not None
+    name = f"VPC endpoints in {need.existing_vpc_id}"
+    if fact.error:
+        return CheckResult(name, "fail", f"could not describe them: {fact.error}", "grant ec2:DescribeVpcEndpoints")
+    aws_facts = aws_fleet_facts()
+    wanted = [*aws_facts.vpc_interface_endpoints.value, *aws_facts.vpc_gateway_endpoints.value]
+    have = {service.split(".", 3)[-1] for service in fact.services}
+    missing = [service for service in wanted if service not in have]
+    if missing:
+        return CheckResult(
+            name,
+            "fail",
+            f"network.egress endpoints-only, but the VPC has no endpoint for {', '.join(missing)}: "
+            "the nodes would hang calling them",
+            f"create VPC endpoints com.amazonaws.{need.region}.<service> for {', '.join(missing)}",
+        )
+    return CheckResult(name, "pass", f"all {len(wanted)} endpoints present")
+
+
 def evaluate(need: FleetNeed, facts: PreflightFacts) -> list[CheckResult]:
     results = check_offerings(need, facts) + check_quotas(need, facts)
     results.append(check_image(need, facts))
@@ -458,6 +578,10 @@ def evaluate(need: FleetNeed, facts: PreflightFacts) -> list[CheckResult]:
     reservation = check_reservation(need, facts)
     if reservation is not None:
         results.append(reservation)
+    results += check_managed_monitoring(need, facts)
+    endpoints = check_vpc_endpoints(need, facts)
+    if endpoints is not None:
+        results.append(endpoints)
     return results
 
 
@@ -598,6 +722,35 @@ def _fetch_reservation(ec2: Any, reservation_id: str) -> ReservationFact:
     )
 
 
+def _fetch_managed_monitoring(sso_admin: Any, sns: Any | None, topic_arn: str | None) -> ManagedMonitoringFact:
+    instances: int | None = None
+    instances_error = None
+    try:
+        instances = len(sso_admin.list_instances().get("Instances", []))
+    except CALL_ERRORS as err:
+        instances_error = error_text(err)
+    if sns is None or topic_arn is None:
+        return ManagedMonitoringFact(identity_center_instances=instances, identity_center_error=instances_error)
+    try:
+        attributes = sns.get_topic_attributes(TopicArn=topic_arn)["Attributes"]
+    except CALL_ERRORS as err:
+        if isinstance(err, botocore.exceptions.ClientError) and error_code(err) == "NotFound":
+            return ManagedMonitoringFact(instances, instances_error, topic_found=False)
+        return ManagedMonitoringFact(instances, instances_error, topic_error=error_text(err))
+    return ManagedMonitoringFact(instances, instances_error, topic_found=True, topic_policy=attributes.get("Policy"))
+
+
+def _fetch_vpc_endpoints(ec2: Any, vpc_id: str) -> VpcEndpointsFact:
+    try:
+        pages = ec2.get_paginator("describe_vpc_endpoints").paginate(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])
+        services = tuple(
+            e["ServiceName"] for page in pages for e in page["VpcEndpoints"] if e.get("State", "available") == "available"
+        )
+    except CALL_ERRORS as err:
+        return VpcEndpointsFact(vpc_id=vpc_id, error=error_text(err))
+    return VpcEndpointsFact(vpc_id=vpc_id, services=services)
+
+
 def fetch_facts(need: FleetNeed, clients: ClientFactory, now: dt.datetime | None = None) -> PreflightFacts:
     now = now or dt.datetime.now(dt.UTC)
     try:
@@ -620,6 +773,18 @@ def fetch_facts(need: FleetNeed, clients: ClientFactory, now: dt.datetime | None
         reservation = (
             _fetch_reservation(ec2, need.capacity_reservation_id) if need.capacity_reservation_id else None
         )
+        managed = (
+            _fetch_managed_monitoring(
+                clients("sso-admin"), clients("sns") if need.sns_topic_arn else None, need.sns_topic_arn
+            )
+            if need.monitoring_mode == "managed"
+            else None
+        )
+        endpoints = (
+            _fetch_vpc_endpoints(ec2, need.existing_vpc_id)
+            if need.egress == "endpoints-only" and need.existing_vpc_id
+            else None
+        )
     except botocore.exceptions.BotoCoreError as err:
         fleet_error = credentials_error(err)
         if fleet_error is not None:
@@ -633,5 +798,7 @@ def fetch_facts(need: FleetNeed, clients: ClientFactory, now: dt.datetime | None
         image=image,
         certificate=certificate,
         reservation=reservation,
+        managed_monitoring=managed,
+        vpc_endpoints=endpoints,
         now=now,
     )

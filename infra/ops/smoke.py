@@ -70,6 +70,36 @@ def http_status(url: str, *, headers: dict[str, str] | None = None, timeout_s: f
         return int(err.code)
 
 
+# What a load balancer answers while it has no healthy target (ALB: 503; a gateway error on
+# the way: 502/504); any other status means vLLM itself answered.
+NO_HEALTHY_TARGET = (502, 503, 504)
+
+
+def wait_until_serving(
+    url: str,
+    wait_s: float,
+    *,
+    poll_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Poll GET /v1/models (no key) until vLLM answers through the load balancer (401 or 200),
+    for at most ``wait_s``: right after `pulumi up` the first nodes may still be loading.
+    Returns the status; FleetError with the last one seen when time runs out."""
+    base = api_base(url)
+    deadline = clock() + wait_s
+    while True:
+        try:
+            status: int | str = http_status(f"{base}/v1/models", timeout_s=min(30.0, max(wait_s, 1.0)))
+        except OSError as err:  # DNS not yet propagated, connection refused
+            status = f"{type(err).__name__}: {err}"
+        if isinstance(status, int) and status not in NO_HEALTHY_TARGET:
+            return status
+        if clock() >= deadline:
+            raise FleetError(f"{base}: no vLLM answered within {wait_s:.0f} s (last: {status})")
+        sleep(poll_s)
+
+
 def _run(name: str, result: SmokeResult, body: Callable[[], str]) -> None:
     import openai
 

@@ -28,7 +28,7 @@ from infra.config import PROJECT, ImagesStackConfig, NetworkSection
 from infra.errors import FleetError
 from infra.images import ImagePlan
 from infra.images_plan import image_spec, plan_bake
-from infra.program.tags import STACK_TAG
+from infra.program.tags import IMAGE_TAG, STACK_TAG
 
 # NetworkSection keys that shape a fleet's network and mean nothing for one build instance.
 FLEET_ONLY_NETWORK_KEYS = {"availability_zones": "availabilityZones", "public_subnet_ids": "publicSubnetIds"}
@@ -136,8 +136,9 @@ class BuildNetwork(pulumi.ComponentResource):
 
 
 def images_tags(config: ImagesStackConfig) -> dict[str, str]:
-    """The stack's own tags plus the stack tag (VllmImage adds vllm-fleet:image)."""
-    return {**config.tags, STACK_TAG: config.stack}
+    """The stack's own tags plus the stack and image tags (the policy pack's required tags
+    for an image-build stack, infra.policies.images_policy_config)."""
+    return {**config.tags, STACK_TAG: config.stack, IMAGE_TAG: config.bake.name}
 
 
 def deploy_images(config: ImagesStackConfig) -> dict[str, pulumi.Output[Any]]:

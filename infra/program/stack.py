@@ -28,10 +28,12 @@ from infra.components.fleet import (
     encoded_user_data,
     ladder_types,
 )
+from infra.components.image import root_snapshot_gib
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
-from infra.config import ImageSection
+from infra.config import ImageSection, StackConfig
+from infra.drain import deregistration_delay_s
 from infra.errors import FleetError
 from infra.node.serve_args import served_model_name
 from infra.pricing import instance_price
@@ -49,7 +51,7 @@ def preflight(stack_plan: StackPlan) -> CapacityLayout:
     capacity = capacity_layout(config, layout)
     for instance_type in ladder_types(stack_plan):
         encoded_user_data(stack_plan, instance_type)
-    deregistration_delay = config.serving.shutdown_timeout_s
+    deregistration_delay = deregistration_delay_s(config)
     drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s)
     check_endpoint(
         lb_type=config.endpoint.type,
@@ -63,6 +65,12 @@ def preflight(stack_plan: StackPlan) -> CapacityLayout:
         raise FleetError(
             f"vllm-fleet:serving.weightsSource = {config.serving.weights_source!r}: unreachable with "
             f"network.egress endpoints-only (no internet); use one of {', '.join(SOURCES_WITHOUT_INTERNET)}"
+        )
+    if config.network.egress == "endpoints-only" and config.monitoring.mode == "self-hosted":
+        raise FleetError(
+            "vllm-fleet:monitoring.mode = \"self-hosted\": the monitoring host installs Prometheus, "
+            "Alertmanager and Grafana from the internet, which network.egress endpoints-only does not reach; "
+            "use managed, shared or none"
         )
     if config.network.mode == "new":
         subnet_cidrs(config.network.vpc_cidr, config.network.availability_zones)
@@ -85,8 +93,9 @@ def image_source(image: ImageSection) -> str:
     raise FleetError("vllm-fleet:image: required; give amiId (a pinned image, preferred) or ssmParameter")
 
 
-def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
-    """(image id, its root device name): the root volume must be declared on that device."""
+def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Output[str], pulumi.Output[int]]:
+    """(image id, its root device name, its root snapshot's GiB): the root volume must be
+    declared on that device, at least that large."""
     if image.ami_id:
         image_id = pulumi.Output.from_input(image.ami_id)
     else:
@@ -96,11 +105,34 @@ def resolve_image(image: ImageSection) -> tuple[pulumi.Output[str], pulumi.Outpu
     ami = aws.ec2.get_ami_output(
         filters=image_id.apply(lambda ami_id: [aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami_id])])
     )
-    return image_id, ami.root_device_name
+    snapshot_gib = pulumi.Output.all(ami.root_device_name, ami.block_device_mappings).apply(
+        lambda values: root_snapshot_gib(values[0], values[1])
+    )
+    return image_id, ami.root_device_name, snapshot_gib
 
 
-def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
-    """The first ``count`` default AZs that offer the plan's instance type."""
+def capacity_block_zone(stack_plan: StackPlan) -> str | None:
+    """The one zone a capacity block's instances can launch in (None for other markets). A
+    block reserves one instance type in one AZ (aws_fleet.yaml capacity_block_scope), so the
+    fleet's groups launch in that zone only, and the plan must have chosen the block's type."""
+    config = stack_plan.config
+    if config.capacity.market != "capacity-block":
+        return None
+    reservation_id = config.capacity.capacity_reservation_id
+    block = aws.ec2.get_capacity_block_reservation(id=reservation_id)
+    chosen = stack_plan.plan.layout.instance_type
+    if block.instance_type != chosen:
+        raise FleetError(
+            f"vllm-fleet:capacity.capacityReservationId = {reservation_id!r}: the block reserves "
+            f"{block.instance_type}, the plan chose {chosen}; restrict vllm-fleet:capacity.instanceTypes to "
+            f"{block.instance_type} or use a block of {chosen}"
+        )
+    return str(block.availability_zone)
+
+
+def choose_availability_zones(stack_plan: StackPlan, count: int, first: str | None = None) -> list[str]:
+    """The first ``count`` default AZs that offer the plan's instance type; ``first`` (a
+    capacity block's zone) leads when given."""
     chosen = stack_plan.plan.layout.instance_type
     zones = aws.get_availability_zones(
         state="available", filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"])]
@@ -110,12 +142,37 @@ def choose_availability_zones(stack_plan: StackPlan, count: int) -> list[str]:
         filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=[chosen])],
     )
     usable = [zone for zone in zones.names if zone in set(offered.locations)]
+    if first is not None:
+        if first not in usable:
+            raise FleetError(
+                f"vllm-fleet:capacity.capacityReservationId: the block is in {first}, which is not one of "
+                f"{stack_plan.config.region}'s default zones offering {chosen} ({', '.join(usable) or 'none'})"
+            )
+        usable = [first] + [zone for zone in usable if zone != first]
     if len(usable) < count:
         raise FleetError(
             f"vllm-fleet:network.availabilityZones = {count}: only {len(usable)} zone(s) of "
             f"{stack_plan.config.region} offer {chosen} ({', '.join(usable) or 'none'})"
         )
     return usable[:count]
+
+
+def fleet_subnet_ids(
+    config: StackConfig, private_subnet_ids: list[pulumi.Output[str]], block_zone: str | None
+) -> list[pulumi.Input[str]]:
+    """The subnets the fleet's groups launch in: every private subnet, or for a capacity block
+    only the one in the block's zone (the first, for a new network; looked up, for an existing one)."""
+    if block_zone is None:
+        return list(private_subnet_ids)
+    if config.network.mode == "new":
+        return [private_subnet_ids[0]]
+    for subnet_id in config.network.private_subnet_ids:
+        if aws.ec2.get_subnet(id=subnet_id).availability_zone == block_zone:
+            return [subnet_id]
+    raise FleetError(
+        f"vllm-fleet:network.privateSubnetIds: none is in {block_zone}, where the capacity block "
+        f"{config.capacity.capacity_reservation_id} is; add a private subnet there"
+    )
 
 
 def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str, Any]:
@@ -142,8 +199,9 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
 
     identity = aws.get_caller_identity()
     partition = aws.get_partition().partition
+    block_zone = capacity_block_zone(stack_plan)
     zones = (
-        choose_availability_zones(stack_plan, config.network.availability_zones)
+        choose_availability_zones(stack_plan, config.network.availability_zones, first=block_zone)
         if config.network.mode == "new"
         else []
     )
@@ -185,7 +243,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             nodes_per_replica=layout.nodes_per_replica,
         ),
     )
-    deregistration_delay = config.serving.shutdown_timeout_s
+    deregistration_delay = deregistration_delay_s(config)
     endpoint = Endpoint(
         "endpoint",
         EndpointArgs(
@@ -204,7 +262,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             idle_timeout_s=config.endpoint.idle_timeout_s,
         ),
     )
-    image_id, root_device = resolve_image(config.image)
+    image_id, root_device, snapshot_gib = resolve_image(config.image)
     weights_uri = None
     if config.serving.weights_source == "s3":
         repo = config.model.repo or stack_plan.plan.request.arch.hf_repo
@@ -214,13 +272,14 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         FleetArgs(
             stack_plan=stack_plan,
             vpc_id=network.vpc_id,
-            subnet_ids=network.private_subnet_ids,
+            subnet_ids=fleet_subnet_ids(config, network.private_subnet_ids, block_zone),
             load_balancer_security_group_id=endpoint.security_group_id,
             scraper_security_group_id=network.scraper_security_group_id,
             target_group_arns=endpoint.target_group_arns,
             api_key_secret_arn=api_key.secret_arn,
             image_id=image_id,
             root_device_name=root_device,
+            root_snapshot_gib=snapshot_gib,
             tags=tags,
             partition=partition,
             account_id=identity.account_id,
@@ -234,7 +293,6 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         "servedModelName": pulumi.Output.from_input(served_model_name(config, stack_plan.plan.request.model_name)),
         "apiKeySecretArn": api_key.secret_arn,
         "apiKeySecretName": api_key.secret_name,
-        "apiKey": api_key.api_key,
         "planId": pulumi.Output.from_input(plan_id(stack_plan)),
         "planSummary": pulumi.Output.from_input(stack_plan.plan.summary()),
         "estimatedHourlyUsd": pulumi.Output.from_input(hourly_estimate(stack_plan, capacity)),

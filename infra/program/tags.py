@@ -17,6 +17,9 @@ MODEL_TAG = "vllm-fleet:model"
 QUANTIZATION_TAG = "vllm-fleet:quantization"
 PLAN_ID_TAG = "vllm-fleet:plan-id"
 REQUIRED_TAG_KEYS = (STACK_TAG, MODEL_TAG, QUANTIZATION_TAG, PLAN_ID_TAG)
+# An image-build stack has no model or plan: its resources carry the stack and the image.
+IMAGE_TAG = "vllm-fleet:image"
+IMAGES_REQUIRED_TAG_KEYS = (STACK_TAG, IMAGE_TAG)
 
 # Which part of the fleet a resource is; the policy pack keys its network rules on it.
 ROLE_TAG = "vllm-fleet:role"
