@@ -135,6 +135,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # ---- BEGIN node boot fixtures (owner: node boot tests; tests/support/rootfs.py) ----
 from tests.support.rootfs import MotoServer, ensure_rootfs, free_port
+from tests.support.tiers import FastTier
 
 # Modules that boot nodes running vLLM. Each node takes the machine-wide one-vLLM lock, which
 # the session-wide `vllm_server` fixture holds until the session ends once it has started; so
@@ -172,6 +173,7 @@ class _NodeBootModulesFirst:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_NodeBootModulesFirst(), "vllm-fleet-node-boot-modules-first")
+    config.pluginmanager.register(FastTier(), "vllm-fleet-fast-tier")
 
 
 # ---- END node boot fixtures ----
