@@ -135,3 +135,24 @@ def test_bad_stack_file_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     assert run.stderr.strip().count("\n") == 0
     assert "vllm-fleet:serving.concurency" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_shows_the_workload_slo_and_dollars_per_token(tmp_path: Path) -> None:
+    run = cli("plan", "dev-8b", "--out", str(tmp_path / "dev"))
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.replace("│", " ").split())  # rich wraps table cells
+    assert "Workload and SLO" in text and "(defaults: the stack has no vllm-fleet:workload)" in text
+    assert "TTFT p95 ≤ 1,000 ms, inter-token latency p95 ≤ 50 ms" in text
+    assert "per 1M output tokens at the SLO" in text and "$/1M tok" in text
+    plan = json.loads((tmp_path / "dev" / "plan.json").read_text())
+    perf = plan["performance"]
+    assert perf["predicted"] and perf["max_num_seqs"] == plan["max_num_seqs"]
+    assert f"--max-num-seqs {plan['max_num_seqs']}" in text
+
+    run = cli("plan", "prod-70b", "--out", str(tmp_path / "prod"), "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["workload"]["peak_requests_per_s"] == 40 and doc["workload"]["ttft_p95_ms"] == 1000
+    perf = doc["performance"]
+    assert perf["replicas_at_peak"] * perf["requests_per_s"] >= 40 > (perf["replicas_at_peak"] - 1) * perf["requests_per_s"]
+    assert all(a["why_not_chosen"] for a in doc["alternatives"])

@@ -12,6 +12,7 @@ import pytest
 from infra.catalog import default_catalog
 from infra.errors import FleetError
 from infra.perf import (
+    GpuMeasurements,
     Performance,
     capacity_at_peak,
     gpu_measurements,
@@ -148,6 +149,18 @@ def test_an_slo_no_layout_meets_is_one_line() -> None:
 def test_gpu_measurements_file_validates() -> None:
     for run in gpu_measurements().runs:
         assert run.gpu in CATALOG.gpus and run.model in CATALOG.models
+    # The entry the file's header describes is accepted, so the H200 results can go in as is.
+    entry = {
+        "model": "llama-3.1-8b", "quantization": "bf16", "gpu": "h200", "tensor_parallel_size": 1,
+        "vllm_version": "0.26.0", "weights": "dummy", "server_flags": {"max_num_seqs": 256, "max_num_batched_tokens": 8192},
+        "flags_from": "planner",
+        "workload": {"input_tokens": 1024, "output_tokens": 256, "ttft_p95_ms": 2000, "itl_p95_ms": 40},
+        "predicted": {"output_tokens_per_s": 6414, "ttft_ms": 434, "itl_ms": 38.2},
+        "points": [{"request_rate": "inf", "output_tokens_per_s": 5900, "requests_per_s": 23, "goodput_requests_per_s": 22,
+                    "ttft_p95_ms": 900, "tpot_p95_ms": 35, "itl_p95_ms": 80, "slo_met": True}],
+        "source": "build/bench-8b/bench.json (example)", "read": "2026-12-04",
+    }
+    assert GpuMeasurements.model_validate({"runs": [entry]}).runs[0].points[0].request_rate == "inf"
 
 
 def test_without_aiconfigurator_the_plan_is_memory_only_and_says_so() -> None:

@@ -124,14 +124,16 @@ def test_need_splits_spot_and_on_demand_quota() -> None:
 
 def test_offerings_decisions() -> None:
     need = need_for("prod-70b")
-    chosen, fallback = need.ladder[0].instance_type, need.ladder[1].instance_type
+    ladder = [rung.instance_type for rung in need.ladder]
+    chosen, fallback = ladder[0], ladder[1]
     azs = ("us-east-1a", "us-east-1b", "us-east-1c")
-    good = PreflightFacts(region_azs=azs, offerings={chosen: azs[:2], fallback: azs})
-    assert [r.status for r in check_offerings(need, good)] == ["pass", "pass"]
-    one_az = PreflightFacts(region_azs=azs, offerings={chosen: azs[:1], fallback: azs})
+    rest = {t: azs for t in ladder[1:]}
+    good = PreflightFacts(region_azs=azs, offerings={**rest, chosen: azs[:2]})
+    assert [r.status for r in check_offerings(need, good)] == ["pass"] * len(ladder)
+    one_az = PreflightFacts(region_azs=azs, offerings={**rest, chosen: azs[:1]})
     result = check_offerings(need, one_az)[0]
     assert result.status == "fail" and "at least 2 AZs" in result.detail
-    dead_fallback = PreflightFacts(region_azs=azs, offerings={chosen: azs, fallback: ()})
+    dead_fallback = PreflightFacts(region_azs=azs, offerings={**rest, chosen: azs, fallback: ()})
     result = check_offerings(need, dead_fallback)[1]
     assert result.status == "warn" and f"drop {fallback}" in result.fix
     error = PreflightFacts(offerings_error="UnauthorizedOperation: nope")
@@ -140,23 +142,28 @@ def test_offerings_decisions() -> None:
 
 def test_quota_decisions() -> None:
     need = need_for("prod-70b")
-    code, _, vcpus, _ = quota_needs(need)[0]
-    fallback_vcpus = quota_needs(need)[1][2]
-    enough = PreflightFacts(quotas={code: QuotaFact(code, value=fallback_vcpus, usage=None, usage_note="no data")})
-    assert [r.status for r in check_quotas(need, enough)] == ["pass", "pass"]
+    needs = quota_needs(need)
+    code, _, vcpus, _ = needs[0]
+    assert {n[0] for n in needs} == {code}  # every rung is a P instance: one vCPU quota
+    most = max(n[2] for n in needs)
+    enough = PreflightFacts(quotas={code: QuotaFact(code, value=most, usage=None, usage_note="no data")})
+    assert [r.status for r in check_quotas(need, enough)] == ["pass"] * len(needs)
     assert "current usage not checked (no data)" in check_quotas(need, enough)[0].detail
 
     short = PreflightFacts(quotas={code: QuotaFact(code, value=vcpus - 1)})
-    chosen_row, fallback_row = check_quotas(need, short)
+    chosen_row, *fallback_rows = check_quotas(need, short)
     assert chosen_row.status == "fail"
     assert f"--quota-code {code} --desired-value {vcpus}" in chosen_row.fix
-    assert fallback_row.status == "warn"  # a fallback's shortfall never blocks
+    # A fallback's shortfall never blocks: it warns.
+    assert [r.status for r in fallback_rows] == ["warn" if n[2] > vcpus - 1 else "pass" for n in needs[1:]]
 
-    # Enough quota for the chosen type, but the fallback (bigger instance) would not fit.
+    # Enough quota for the chosen type; a fallback that needs more only warns.
     chosen_only = PreflightFacts(quotas={code: QuotaFact(code, value=vcpus)})
-    assert [r.status for r in check_quotas(need, chosen_only)] == ["pass", "warn"]
+    assert [r.status for r in check_quotas(need, chosen_only)] == ["pass"] + [
+        "warn" if n[2] > vcpus else "pass" for n in needs[1:]
+    ]
 
-    busy = PreflightFacts(quotas={code: QuotaFact(code, value=fallback_vcpus, usage=fallback_vcpus - vcpus + 1)})
+    busy = PreflightFacts(quotas={code: QuotaFact(code, value=most, usage=most - vcpus + 1)})
     row = check_quotas(need, busy)[0]
     assert row.status == "warn" and f"{vcpus - 1:g} free" in row.detail
 
@@ -199,12 +206,13 @@ def test_image_certificate_reservation_decisions(tmp_path: Path) -> None:
                                    "capacityReservationId": "cr-0123456789abcdef0"}},
     )  # fmt: skip
     need = need_for("reserved", reserved)
-    fact = ReservationFact("cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", 3, 3)
+    most = need.max_instances  # the nodes max replicas take on the chosen layout
+    fact = ReservationFact("cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", most, most)
     assert check_reservation(need, PreflightFacts(reservation=fact)).status == "pass"
-    small = ReservationFact("cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", 2, 2)
+    small = ReservationFact("cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", most - 1, most - 1)
     assert check_reservation(need, PreflightFacts(reservation=small)).status == "fail"
     ending = ReservationFact(
-        "cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", 3, 3,
+        "cr-0123456789abcdef0", "active", need.chosen.instance_type, "us-east-1b", most, most,
         end_date=NOW + dt.timedelta(hours=3),
     )  # fmt: skip
     assert check_reservation(need, PreflightFacts(reservation=ending, now=NOW)).status == "warn"

@@ -121,9 +121,12 @@ def test_stack_files_found() -> None:
 
 
 def test_a_group_with_no_room_to_surge_is_refused() -> None:
-    # 4 replicas per p4de node and at most 4 replicas: always exactly one node, so an
-    # instance refresh could only replace it by first dropping all capacity.
-    config = with_section(stack_plan("prod-70b-awq").config, "capacity", max_replicas=4)
+    # At most as many replicas as one node holds: always exactly one node, so an instance
+    # refresh could only replace it by first dropping all capacity.
+    packed = stack_plan("prod-70b-awq")
+    per_node = packed.plan.layout.replicas_per_node
+    assert per_node > 1
+    config = with_section(packed.config, "capacity", min_replicas=1, max_replicas=per_node)
     with pytest.raises(FleetError, match="room for one more node"):
         offline.run_stack(build_stack_plan(config, validate=False), preview=True)
 
