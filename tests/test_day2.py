@@ -58,11 +58,15 @@ def section(config: StackConfig, name: str, **changes: Any) -> StackConfig:
 
 
 def shorter_ladder(config: StackConfig) -> StackConfig:
-    """Drop the plan's last fallback type (or, with one rung, the last listed type)."""
-    rungs = [c.layout.instance_type for c in build_stack_plan(config, validate=False).plan.fallbacks]
+    """Drop the plan's last fallback type (or, with one rung, the last listed type the plan
+    does not run: a gang's ladder is its one type, and dropping that type is a re-plan)."""
+    plan = build_stack_plan(config, validate=False).plan
+    rungs = [c.layout.instance_type for c in plan.fallbacks]
     types = config.capacity.instance_types
     if len(rungs) < 2:
-        return section(config, "capacity", instance_types=types[:-1])
+        chosen = plan.layout.instance_type
+        unused = [t for t in types if t != chosen and not chosen.startswith(f"{t}.")]
+        return section(config, "capacity", instance_types=[t for t in types if t != unused[-1]] if unused else types[:-1])
     last = rungs[-1]
     return section(config, "capacity", instance_types=[t for t in types if t != last and not last.startswith(f"{t}.")])
 
