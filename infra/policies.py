@@ -436,7 +436,9 @@ NAT_GATEWAY = "aws:ec2/natGateway:NatGateway"
 VPC_ENDPOINT = "aws:ec2/vpcEndpoint:VpcEndpoint"
 ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 # An IAM action prefix whose PrivateLink service is named differently.
-ENDPOINT_SERVICE_OF_PREFIX = {"aps": "aps-workspaces"}
+# CloudWatch metrics (cloudwatch:PutMetricData, the nodes' scaling signal) is
+# com.amazonaws.<region>.monitoring (docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/cloudwatch-and-interface-VPC.html).
+ENDPOINT_SERVICE_OF_PREFIX = {"aps": "aps-workspaces", "cloudwatch": "monitoring"}
 
 
 def _called_services(policy_json: Any) -> set[str]:

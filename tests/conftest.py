@@ -141,6 +141,9 @@ from tests.support.tiers import FastTier
 # the session-wide `vllm_server` fixture holds until the session ends once it has started; so
 # they run before any test asks for that fixture.
 NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_s3_boot.py", "test_node_hub_boot.py", "test_node_gang_boot.py")
+# Also first: test_images.py's pre-warm starts a vLLM of its own in this process, which it
+# refuses once the session's `vllm_server` runs (test_bench.py, alphabetically earlier, uses it).
+OWN_VLLM_MODULES = (*NODE_BOOT_MODULES, "test_images.py")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +171,7 @@ class _NodeBootModulesFirst:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        items.sort(key=lambda item: 0 if item.path.name in NODE_BOOT_MODULES else 1)
+        items.sort(key=lambda item: 0 if item.path.name in OWN_VLLM_MODULES else 1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
