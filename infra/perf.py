@@ -14,6 +14,7 @@ to memory alone, and ``reason`` says so.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -48,6 +49,17 @@ class WorkloadDefaults(Cited):
     itl_p95_ms: float = Field(gt=0)
 
 
+class ServedCalibration(Cited):
+    """Measured ÷ predicted for a served replica at saturation, fitted from one recorded run of
+    gpu_measurements.yaml (`fitted_from`); applies to the GPUs listed, for one GEMM mode."""
+
+    gpus: list[str]
+    gemm_mode: str
+    fitted_from: dict[str, Any]
+    output_tokens_per_s: float = Field(gt=0)
+    itl: float = Field(gt=0)
+
+
 class PerfModelFacts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,6 +72,11 @@ class PerfModelFacts(BaseModel):
     proxies: dict[str, str]
     batch_sizes: list[int]
     workload_defaults: WorkloadDefaults
+    served_calibrations: list[ServedCalibration]
+
+    def served_calibration(self, gpu_key: str, quantization: str) -> ServedCalibration | None:
+        mode = self.gemm_quant_modes.get(quantization)
+        return next((c for c in self.served_calibrations if gpu_key in c.gpus and c.gemm_mode == mode), None)
 
 
 class ServerDefaultTier(BaseModel):
@@ -315,6 +332,26 @@ def predict(
         raise LookupError(_NO_DATA[engine_key]) from None
 
 
+def predict_served(
+    arch: ModelArch, quantization: str, gpu_key: str, tp: int, pp: int, workload: Workload,
+    batched_tokens: int, batch: int,
+) -> Performance:
+    """A served replica: AIConfigurator's steady state with the measured calibration for this GPU
+    and GEMM mode applied (tokens/s and requests/s scaled, inter-token time mapped to the
+    measured p95), or the raw prediction where nothing was measured. TTFT stays raw: the runs
+    met it with room, and uncalibrated it errs high (perf_model.yaml)."""
+    raw = predict(arch, quantization, gpu_key, tp, pp, workload, batched_tokens, batch)
+    cal = perf_facts().served_calibration(gpu_key, quantization)
+    if cal is None:
+        return raw
+    return dataclasses.replace(
+        raw,
+        itl_ms=raw.itl_ms * cal.itl,
+        output_tokens_per_s=raw.output_tokens_per_s * cal.output_tokens_per_s,
+        requests_per_s=raw.requests_per_s * cal.output_tokens_per_s,
+    )
+
+
 def serving_point(
     arch: ModelArch, quantization: str, gpu_key: str, gpu: Gpu, tp: int, pp: int,
     kv_cache_tokens: int, workload: Workload, *, predict_performance: bool = True,
@@ -336,7 +373,7 @@ def serving_point(
     try:
         if not predict_performance:
             raise LookupError("memory-only sizing requested")
-        first = predict(arch, quantization, gpu_key, tp, pp, workload, batched, sizes[0])
+        first = predict_served(arch, quantization, gpu_key, tp, pp, workload, batched, sizes[0])
     except LookupError as err:
         return ServingPoint(
             cap, batched, None, None,
@@ -352,14 +389,25 @@ def serving_point(
     lo, hi, best = 0, len(sizes) - 1, first
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        perf = predict(arch, quantization, gpu_key, tp, pp, workload, batched, sizes[mid])
+        perf = predict_served(arch, quantization, gpu_key, tp, pp, workload, batched, sizes[mid])
         if perf.meets(workload):
             lo, best = mid, perf
         else:
             hi = mid - 1
     limit = "the SLO" if best.batch < cap else cap_reason
     proxy = perf_facts().proxies.get(quantization)
-    return ServingPoint(best.batch, batched, best, True, f"largest batch within {limit}" + (f"; {quantization} {proxy}" if proxy else ""))
+    return ServingPoint(
+        best.batch, batched, best, True,
+        f"largest batch within {limit}" + (f"; {quantization} {proxy}" if proxy else "") + _calibration_note(gpu_key, quantization),
+    )
+
+
+def _calibration_note(gpu_key: str, quantization: str) -> str:
+    cal = perf_facts().served_calibration(gpu_key, quantization)
+    if cal is None:
+        return "; not calibrated by a served measurement on this GPU"
+    return (f"; calibrated by the served {cal.fitted_from['model']} run on {cal.fitted_from['gpu']} "
+            f"(tok/s ×{cal.output_tokens_per_s:.2f}, ITL ×{cal.itl:.2f})")
 
 
 @dataclass(frozen=True)

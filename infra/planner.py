@@ -439,7 +439,8 @@ def dominated_by(cand: Candidate, fitting: list[Candidate]) -> str | None:
     """Why a layout that fits is not worth predicting, or None.
 
     * PP inside one node: TP over the same GPUs serves the same batch with lower latency
-      (pipeline stages only add bubbles); PP stays where TP's divisibility rules forbid it.
+      (pipeline stages only add bubbles), and so do several smaller PP-free replicas on those
+      GPUs; PP stays where TP's divisibility rules forbid it and nothing smaller fits.
     * Several nodes per replica: when one node of the type holds a replica, N single-node
       replicas cost the same per hour and serve at least as much, with no stage on the network.
     """
@@ -452,6 +453,15 @@ def dominated_by(cand: Candidate, fitting: list[Candidate]) -> str | None:
                    and c.layout.pipeline_parallel_size == 1]
         if tp_only:
             return f"TP {lay.gpus_per_replica} on the same GPUs fits, with lower latency than pipeline stages"
+        # Without the TP form (e.g. `size --tensor-parallel-size 1`), a smaller PP-free replica
+        # that fits still beats the stages: that many of them run on the same GPUs, bubble-free.
+        smaller = [c for c in same_type if c.layout.pipeline_parallel_size == 1
+                   and lay.gpus_per_replica % c.layout.gpus_per_replica == 0]
+        if smaller:
+            best = min(smaller, key=lambda c: c.layout.gpus_per_replica)
+            n = lay.gpus_per_replica // best.layout.gpus_per_replica
+            return (f"{n} replicas of TP {best.layout.tensor_parallel_size} fit on the same GPUs, "
+                    "without pipeline bubbles")
     return None
 
 
