@@ -18,6 +18,7 @@ from infra.perf import (
     gpu_measurements,
     perf_facts,
     predict,
+    predict_served,
     serving_point,
     vllm_server_defaults,
 )
@@ -64,6 +65,42 @@ def test_prediction_within_15_percent_of_the_h200_measurements(isl: int, osl: in
     assert perf.output_tokens_per_s == pytest.approx(measured, rel=0.15)
 
 
+def test_served_calibrations_are_the_recorded_runs_ratios() -> None:
+    """Each factor in perf_model.yaml is measured ÷ predicted at saturation (rate inf) of the run
+    it names in gpu_measurements.yaml: output tok/s, and TPOT p95 over the predicted ITL."""
+    facts = perf_facts()
+    assert facts.served_calibrations
+    for cal in facts.served_calibrations:
+        fit = cal.fitted_from
+        runs = [r for r in gpu_measurements().runs
+                if (r.model, r.quantization, r.gpu) == (fit["model"], fit["quantization"], fit["gpu"])
+                and r.server_flags == {"max_num_seqs": fit["max_num_seqs"], "max_num_batched_tokens": fit["max_num_batched_tokens"]}
+                and r.predicted]
+        assert len(runs) == 1, fit
+        run = runs[0]
+        assert run.predicted is not None
+        saturated = next(p for p in run.points if p.request_rate == "inf")
+        assert facts.gemm_quant_modes[run.quantization] == cal.gemm_mode
+        assert cal.output_tokens_per_s == pytest.approx(saturated.output_tokens_per_s / run.predicted["output_tokens_per_s"], abs=1e-4)
+        assert cal.itl == pytest.approx(saturated.tpot_p95_ms / run.predicted["itl_ms"], abs=1e-4)
+        # The served prediction for that run's layout reproduces its measured saturated point.
+        arch = CATALOG.models[run.model]
+        work = Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
+        served = predict_served(arch, run.quantization, run.gpu, 1, 1, work, fit["max_num_batched_tokens"], fit["max_num_seqs"])
+        assert served.output_tokens_per_s == pytest.approx(saturated.output_tokens_per_s, rel=1e-3)
+        assert served.itl_ms == pytest.approx(saturated.tpot_p95_ms, rel=1e-3)
+
+
+def test_uncalibrated_gpus_keep_the_raw_prediction_and_say_so() -> None:
+    work = Workload(1024, 256, ttft_p95_ms=2000, itl_p95_ms=100)
+    l40s = CATALOG.gpus["l40s"]
+    raw = predict(LLAMA_8B, "bf16", "l40s", 1, 1, work, 2048, 16)
+    assert predict_served(LLAMA_8B, "bf16", "l40s", 1, 1, work, 2048, 16) == raw
+    point = serving_point(LLAMA_8B, "bf16", "l40s", l40s, 1, 1, 200_000, work)
+    assert "not calibrated" in point.reason
+    assert "calibrated by the served llama-3.1-8b run" in serving_point(LLAMA_8B, "bf16", "h200", H200, 1, 1, 900_000, work).reason
+
+
 def test_a_bigger_batch_buys_throughput_with_latency() -> None:
     work = Workload(1024, 256, 1e9, 1e9)
     small, big = (predict(LLAMA_8B, "bf16", "h200", 1, 1, work, 8192, b) for b in (32, 256))
@@ -79,7 +116,7 @@ def test_max_num_seqs_is_the_largest_batch_meeting_the_slo() -> None:
     # The next size the search could have taken misses the SLO.
     sizes = perf_facts().batch_sizes
     bigger = sizes[sizes.index(point.max_num_seqs) + 1]
-    assert not predict(LLAMA_8B, "bf16", "h200", 1, 1, work, 8192, bigger).meets(work)
+    assert not predict_served(LLAMA_8B, "bf16", "h200", 1, 1, work, 8192, bigger).meets(work)
     assert point.max_num_batched_tokens == vllm_server_defaults(H200)[1] == 8192
 
 
@@ -138,12 +175,12 @@ def test_memory_only_mode_ranks_by_the_hour() -> None:
 
 
 def test_an_slo_no_layout_meets_is_one_line() -> None:
-    work = Workload(1024, 256, ttft_p95_ms=1000, itl_p95_ms=2)
+    work = Workload(1024, 256, ttft_p95_ms=1000, itl_p95_ms=1)
     with pytest.raises(FleetError) as err:
         make_plan(_request(("p5en.48xlarge",), work))
     message = str(err.value)
     assert "\n" not in message and message.startswith("workload: no allowed layout meets")
-    assert "ITL p95 ≤ 2 ms" in message and "vllm-fleet:workload.itlP95Ms" in message
+    assert "ITL p95 ≤ 1 ms" in message and "vllm-fleet:workload.itlP95Ms" in message
 
 
 def test_gpu_measurements_file_validates() -> None:
