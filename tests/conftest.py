@@ -1,16 +1,23 @@
-"""Shared pytest fixtures. Each owner keeps their fixtures in their own marked block."""
+"""Shared pytest fixtures and hooks, by concept: the tiny model and the one vLLM server; AWS
+(one moto server); the node rootfs; the order tests run in and the fast tier."""
 
 from __future__ import annotations
 
-# ---- BEGIN vLLM server fixtures (owner: vLLM CLI / test-server work; tests/support/vllm_server.py) ----
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.dev_argv import cpu_dev_8b_argv
+from tests.support.moto import CREDENTIALS, REGION, MotoServer
+from tests.support.ports import free_port
+from tests.support.rootfs import ensure_rootfs
+from tests.support.tiers import FastTier
 from tests.support.tiny_model import write_tiny_llama
 from tests.support.vllm_server import VllmServer, run_vllm_server
+
+# --- the tiny model and the one vLLM server --------------------------------------------------
 
 VLLM_TEST_API_KEY = "fleet-test-key-5f2c9a"
 
@@ -43,73 +50,47 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         yield server
 
 
-# ---- END vLLM server fixtures ----
-
-
-# ---- BEGIN moto server fixtures (owner: operations; infra/ops/, tests/test_preflight.py, test_smoke.py, test_rotate_key.py) ----
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
-MOTO_REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# --- AWS: one moto server for the session -----------------------------------------------------
+# Tests take it through one of three fixtures, each of which empties it first:
+#   moto_env       per test: the environment that points boto3 and the AWS CLI at it;
+#   moto_endpoint  per test: its URL only, for code that is handed an endpoint;
+#   moto           per module: for modules whose booted nodes keep AWS state across their tests
+#                  (a module takes either `moto` or the per-test ones, never both).
+# A test that needs a server of its own (one that goes down and comes back, one inside a
+# network namespace) makes a MotoServer (tests/support/moto.py).
 
 
 @pytest.fixture(scope="session")
-def moto_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """A real moto server (``moto_server``) on 127.0.0.1, spoken to over HTTP, for the session."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
-    binary = Path(sys.executable).with_name("moto_server")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server not answering on {url} after 60 s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto_server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(moto_server: MotoServer) -> MotoServer:
+    """The moto server, empty at the module's start (the boot tests' nodes reach it over the
+    shared host network)."""
+    moto_server.reset()
+    return moto_server
 
 
 @pytest.fixture
-def moto_env(moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def moto_endpoint(moto_server: MotoServer) -> str:
+    """The moto server's URL, empty for this test."""
+    moto_server.reset()
+    return moto_server.endpoint
+
+
+@pytest.fixture
+def moto_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Fresh moto state, and the environment that points boto3 (and the aws CLI) at it.
 
     botocore reads AWS_ENDPOINT_URL itself, so code under test runs unchanged.
     """
-    request = urllib.request.Request(f"{moto_server_url}/moto-api/reset", method="POST")
-    with urllib.request.urlopen(request, timeout=10):
-        pass
-    env = {
-        "AWS_ENDPOINT_URL": moto_server_url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": MOTO_REGION,
-    }
+    env = {"AWS_ENDPOINT_URL": moto_endpoint, **CREDENTIALS, "AWS_DEFAULT_REGION": REGION}
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -120,39 +101,7 @@ def moto_env(moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     return env
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the key-rotation test first.
-
-    It runs two vLLM servers of its own while holding the one-vLLM-at-a-time lock
-    (tests/support/vllm_server.py); the session-scoped ``vllm_server`` fixture holds that
-    same lock until the session ends, so the rotation test must run before anything starts it.
-    """
-    items.sort(key=lambda item: 0 if item.path.name == "test_rotate_key.py" else 1)
-
-
-# ---- END moto server fixtures ----
-
-
-# ---- BEGIN node boot fixtures (owner: node boot tests; tests/support/rootfs.py) ----
-from tests.support.rootfs import MotoServer, ensure_rootfs, free_port
-from tests.support.tiers import FastTier
-
-# Modules that boot nodes running vLLM. Each node takes the machine-wide one-vLLM lock, which
-# the session-wide `vllm_server` fixture holds until the session ends once it has started; so
-# they run before any test asks for that fixture.
-NODE_BOOT_MODULES = ("test_node_boot.py", "test_node_s3_boot.py", "test_node_hub_boot.py", "test_node_gang_boot.py")
-# Also first: test_images.py's pre-warm starts a vLLM of its own in this process, which it
-# refuses once the session's `vllm_server` runs (test_bench.py, alphabetically earlier, uses it).
-OWN_VLLM_MODULES = (*NODE_BOOT_MODULES, "test_images.py")
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """A moto server for one boot-test module (the nodes reach it over the shared network)."""
-    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
+# --- the node rootfs --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -165,18 +114,32 @@ def node_rootfs() -> Path:
     return built.path
 
 
-class _NodeBootModulesFirst:
-    """A plugin, not a conftest hook: this file already has a pytest_collection_modifyitems.
-    trylast, and a stable sort, so the order other hooks chose is kept within each group."""
+# --- the order tests run in, and the fast tier --------------------------------------------------
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        items.sort(key=lambda item: 0 if item.path.name in OWN_VLLM_MODULES else 1)
+# Modules that run vLLM themselves. The session-wide `vllm_server` fixture holds the
+# machine-wide one-vLLM lock (tests/support/vllm_server.py) from its start to the session's
+# end, so these run before any test asks for it: the node boot modules (each node takes the
+# lock) and test_images.py (its pre-warm starts a vLLM in this process, which it refuses once
+# the session's `vllm_server` runs; test_bench.py, alphabetically earlier, uses it).
+OWN_VLLM_MODULES = (
+    "test_node_boot.py",
+    "test_node_s3_boot.py",
+    "test_node_hub_boot.py",
+    "test_node_gang_boot.py",
+    "test_images.py",
+)
+# Next, the key rotation: it runs two vLLM servers while holding the same lock.
+ROTATION_MODULE = "test_rotate_key.py"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """OWN_VLLM_MODULES, then ROTATION_MODULE, then the rest; a stable sort keeps the
+    collection order within each group."""
+    def group(item: pytest.Item) -> int:
+        return 0 if item.path.name in OWN_VLLM_MODULES else 1 if item.path.name == ROTATION_MODULE else 2
+
+    items.sort(key=group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(_NodeBootModulesFirst(), "vllm-fleet-node-boot-modules-first")
     config.pluginmanager.register(FastTier(), "vllm-fleet-fast-tier")
-
-
-# ---- END node boot fixtures ----

@@ -44,6 +44,7 @@ from infra.images import (
     validate_document,
 )
 from infra.node.vllm_pin import vllm_facts
+from tests.support.ports import free_port
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 from tests.support.tiny_model import write_tiny_llama
 from tests.support.vllm_server import LOCK_PATH, _running_here
@@ -811,7 +812,7 @@ def test_prewarm_serves_once_with_the_fleet_flags_and_stops(baked_vllm: Path, tm
         "PREFIX": str(baked_vllm),
         "CACHE_DIR": str(cache),
         "VLLM_USER": "",
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "TIMEOUT_S": "600",
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -844,14 +845,6 @@ def test_prewarm_serves_once_with_the_fleet_flags_and_stops(baked_vllm: Path, tm
         ["pgrep", "-f", f"{baked_vllm}/venv/bin/python -m"], capture_output=True, text=True, check=False
     )
     assert leftover.stdout == "", leftover.stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from infra.monitoring import (
     render_monitoring,
     rule_groups,
 )
-from tests.support.vllm_server import VllmServer, free_loopback_port
+from tests.support.ports import free_port
+from tests.support.vllm_server import VllmServer
 
 INSTANCE_ID = "i-0contract"
 # Stands in for Grafana's $__rate_interval: the queries run at a fixed moment just after the
@@ -88,7 +89,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def node_exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = free_loopback_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("node-exporter") / "node_exporter.log"
     process = start(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{port}"], log)
     try:
@@ -167,7 +168,7 @@ def monitoring(
     vllm_server: VllmServer, node_exporter: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[MonitoringSpec, dict[str, str], PrometheusApi]]:
     directory = tmp_path_factory.mktemp("prometheus")
-    spec = contract_spec(vllm_server, node_exporter, dcgm_port=free_loopback_port())
+    spec = contract_spec(vllm_server, node_exporter, dcgm_port=free_port())
     files = render_monitoring(spec)
     for relative, text in files.items():
         path = directory / relative
@@ -181,7 +182,7 @@ def monitoring(
         text=True,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    port = free_loopback_port()
+    port = free_port()
     log = directory / "prometheus.log"
     process = start(
         [

@@ -27,16 +27,16 @@ import pytest
 
 from infra.node.render import render_user_data
 from infra.node.spec import NodeSpec, ReplicaSpec
+from tests.support.moto import MotoServer
+from tests.support.ports import free_port
 from tests.support.rootfs import (
     AWS_TEST_CREDENTIALS_DROPIN,
     CPU_NODE_ENV,
     FETCH_KEY_DROPIN_PATH,
     TINY_MODEL_IN_NODE,
     TINY_MODEL_MAX_LEN,
-    MotoServer,
     NodeContainer,
     argv_diff,
-    free_port,
     install_tiny_model,
     node_health,
     prepare_node,

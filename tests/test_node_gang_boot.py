@@ -37,6 +37,8 @@ import pytest
 
 from infra.node.render import render_user_data, systemd_argv
 from infra.node.spec import NodeSpec, ReplicaSpec
+from tests.support.moto import MotoServer
+from tests.support.ports import free_port
 from tests.support.rootfs import (
     AWS_TEST_CREDENTIALS_DROPIN,
     CPU_NODE_ENV,
@@ -44,10 +46,8 @@ from tests.support.rootfs import (
     TINY_MODEL_IN_NODE,
     TINY_MODEL_MAX_LEN,
     GangNetwork,
-    MotoServer,
     NodeContainer,
     argv_diff,
-    free_port,
     install_tiny_model,
     prepare_node,
     production_node_spec,

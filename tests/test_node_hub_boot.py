@@ -26,15 +26,15 @@ import pytest
 from infra.node.spec import NodeSpec
 from tests.support.hub import HubStandIn
 from tests.support.imds import FakeImds
+from tests.support.moto import MotoServer
+from tests.support.ports import free_port
 from tests.support.rootfs import (
     CPU_NODE_ENV,
     TINY_MODEL_MAX_LEN,
-    MotoServer,
     NodeContainer,
     aws_unit_dropins,
     boot_stack_node,
     cpu_variant,
-    free_port,
     moto_group,
     node_health,
     production_node_spec,

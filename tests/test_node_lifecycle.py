@@ -56,12 +56,12 @@ from infra.node.render import (
 )
 from infra.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
 from infra.program import tags as program_tags
+from tests.support.ports import free_port
 from tests.test_node_render import (
     MAX_EXPOSURE,
     REGION,
     VENV_BIN,
     exposure,
-    free_port,
     multi_spec,
     serve_argv,
     single_spec,

@@ -31,14 +31,14 @@ from infra.node.spec import NodeSpec
 from infra.scaling import scaling_policy_spec
 from infra.stackplan import build_stack_plan
 from tests.support.imds import FakeImds
+from tests.support.moto import MotoServer
+from tests.support.ports import free_port
 from tests.support.rootfs import (
     TINY_MODEL_MAX_LEN,
-    MotoServer,
     NodeContainer,
     aws_unit_dropins,
     boot_stack_node,
     cpu_variant,
-    free_port,
     moto_group,
     node_health,
     production_node_spec,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from infra.node.vllm_pin import vllm_facts
+from tests.support.ports import free_port
 from tests.support.vllm_server import (
     VllmServerError,
     api_server_command,
-    free_loopback_port,
     replace_flags,
     wait_until_healthy,
 )
@@ -80,7 +80,7 @@ def test_wait_reports_a_dead_process_with_its_log(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
         with pytest.raises(VllmServerError, match=r"(?s)code 3.*engine failed: out of memory"):
-            wait_until_healthy(process, f"http://127.0.0.1:{free_loopback_port()}/health", log_path, 30)
+            wait_until_healthy(process, f"http://127.0.0.1:{free_port()}/health", log_path, 30)
 
 
 def test_wait_times_out_when_nothing_listens(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_wait_times_out_when_nothing_listens(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         with pytest.raises(VllmServerError, match=r"(?s)not healthy after 2 s.*still loading"):
-            wait_until_healthy(process, f"http://127.0.0.1:{free_loopback_port()}/health", log_path, 2)
+            wait_until_healthy(process, f"http://127.0.0.1:{free_port()}/health", log_path, 2)
     finally:
         process.kill()
         process.wait()
@@ -97,7 +97,7 @@ def test_wait_times_out_when_nothing_listens(tmp_path: Path) -> None:
 
 def test_wait_returns_once_health_is_200(tmp_path: Path) -> None:
     (tmp_path / "health").write_text("ok")
-    port = free_loopback_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
         stdout=subprocess.DEVNULL,

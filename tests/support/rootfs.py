@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from infra.images import SCRIPTS_DIR, default_facts, default_pin
 from infra.node.spec import NodeSpec
+from tests.support.moto import MotoServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / "build" / "rootfs"
@@ -722,71 +722,6 @@ def production_node_spec(stack: str) -> NodeSpec:
 
     stack_plan = build_stack_plan(load_stack_file(stack))
     return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
-
-
-class MotoServer:
-    """A real moto server (Secrets Manager's HTTP API) on host:port; stop/start keep the port,
-    so a node's endpoint can go down and come back. With ``netns`` it runs inside that network
-    namespace (a gang's private network), and so do its readiness check and put_secret."""
-
-    def __init__(self, port: int, log_path: Path, host: str = "127.0.0.1", netns: str | None = None) -> None:
-        self.port = port
-        self.host = host
-        self.netns = netns
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _in_netns(self, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
-
-    def start(self, timeout_s: float = 30) -> None:
-        moto = Path(sys.executable).parent / "moto_server"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self._in_netns([str(moto), "-H", self.host, "-p", str(self.port)]),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        probe = f"import socket; socket.create_connection(({self.host!r}, {self.port}), timeout=1).close()"
-        deadline = time.monotonic() + timeout_s
-        probe_argv = self._in_netns([sys.executable, "-c", probe])
-        while subprocess.run(probe_argv, check=False, capture_output=True).returncode != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server on {self.endpoint} did not listen; log {self.log_path}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=15)
-        self.process = None
-
-    def put_secret(self, secret_id: str, value: str, region: str) -> None:
-        """Create (or update) the secret; the value goes over stdin, never into an argv."""
-        script = (
-            "import sys, boto3\n"
-            "endpoint, region, secret_id = sys.argv[1:4]\n"
-            "client = boto3.client('secretsmanager', endpoint_url=endpoint, region_name=region,\n"
-            "                      aws_access_key_id='testing', aws_secret_access_key='testing')\n"
-            "value = sys.stdin.read()\n"
-            "try:\n"
-            "    client.create_secret(Name=secret_id, SecretString=value)\n"
-            "except client.exceptions.ResourceExistsException:\n"
-            "    client.put_secret_value(SecretId=secret_id, SecretString=value)\n"
-        )
-        subprocess.run(
-            self._in_netns([sys.executable, "-c", script, self.endpoint, region, secret_id]),
-            input=value, text=True, check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def replace_serve_flags(argv: Sequence[str], model: str, replacements: dict[str, str | None],

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.node.vllm_pin import vllm_facts
+from tests.support.ports import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 # Flags the helper owns: the server listens on loopback at a port picked here.
 _OWNED_FLAGS = ("--host", "--port")
 LOCK_PATH = Path(tempfile.gettempdir()) / "vllm-fleet-tests-vllm-server.lock"
@@ -100,12 +99,6 @@ class VllmServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_path, lines)
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _without_owned_flags(flags: Sequence[str]) -> list[str]:
@@ -257,7 +250,7 @@ def run_vllm_server(
             f"a vLLM server is already running in this process ({_running_here[0].command}); "
             "only one may run at a time on this machine: reuse it"
         )
-    port = free_loopback_port()
+    port = free_port()
     command = api_server_command(argv, host=LOOPBACK, port=port)
     helper_env = {
         "HF_HUB_OFFLINE": "1",  # never reach the Hub: the model is a local directory
