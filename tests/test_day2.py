@@ -6,14 +6,13 @@ unless the change truly requires it: a gang runs one launch-template version on 
 so a new version is a new gang (created before the old one goes).
 
 The table of results is docs/day2.md (between the markers); regenerate it deliberately with
-UPDATE_SNAPSHOTS=1 and review the diff.
+`pytest --snapshot-update` and review the diff.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import subprocess
 import sys
@@ -198,15 +197,15 @@ def day2_table() -> str:
     return "\n".join(lines)
 
 
-def test_day2_table_in_docs_is_current() -> None:
+def test_day2_table_in_docs_is_current(pytestconfig: pytest.Config) -> None:
     text = DOC.read_text(encoding="utf-8")
     assert BEGIN in text and END in text, f"{DOC} lacks the table markers"
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     current = f"{head}{BEGIN}\n{day2_table()}\n{END}{tail}"
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+    if pytestconfig.getoption("--snapshot-update"):
         DOC.write_text(current, encoding="utf-8")
-    assert text == current, "docs/day2.md: the day-2 table changed; review, then UPDATE_SNAPSHOTS=1"
+    assert text == current, "docs/day2.md: the day-2 table changed; review, then --snapshot-update"
 
 
 def test_plan_says_loudly_what_must_be_replaced(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
 from infra.monitoring import (
@@ -32,8 +32,7 @@ from infra.monitoring import (
     render_monitoring,
     rule_groups,
 )
-
-SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "monitoring"
+from tests.support.snapshots import text_file
 
 # A representative fleet: 70B on p5.48xlarge, both receivers, defaults elsewhere.
 SPEC = MonitoringSpec(
@@ -689,19 +688,11 @@ def test_dashboards_use_the_provisioned_datasources() -> None:
 # Snapshots
 
 
-@pytest.mark.parametrize("relative", sorted(FILES))
-def test_rendered_file_matches_snapshot(relative: str) -> None:
-    snapshot = SNAPSHOT_DIR / relative
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(FILES[relative], encoding="utf-8")
-    assert snapshot.exists(), f"no snapshot {snapshot}; run with UPDATE_SNAPSHOTS=1 and review the diff"
-    assert FILES[relative] == snapshot.read_text(encoding="utf-8")
-
-
-def test_no_stale_snapshots() -> None:
-    on_disk = {str(path.relative_to(SNAPSHOT_DIR)) for path in SNAPSHOT_DIR.rglob("*") if path.is_file()}
-    assert on_disk == set(FILES)
+def test_rendered_files_match_snapshots(snapshot: SnapshotAssertion) -> None:
+    """tests/__snapshots__/test_monitoring/, one file each; regenerate deliberately with
+    --snapshot-update (which also deletes the snapshot of a file no longer rendered)."""
+    for relative, text in sorted(FILES.items()):
+        assert text == text_file(snapshot, relative)
 
 
 def test_rendering_is_deterministic() -> None:

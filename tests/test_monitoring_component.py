@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import boto3
 import pulumi_aws as aws
 import pytest
 import yaml
+from syrupy.assertion import SnapshotAssertion
 
 from infra.components.facts import aws_fleet_facts
 from infra.components.monitoring import (
@@ -71,10 +71,10 @@ from infra.offline import MOCK_ACCOUNT_ID
 from infra.policies import check_resources
 from infra.program.tags import stack_tags
 from infra.stackplan import StackPlan, build_stack_plan, monitoring_spec
+from tests.support.ports import free_port
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
+from tests.support.snapshots import text_file
 
-SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "monitoring-host"
-UPDATE_SNAPSHOTS = os.environ.get("UPDATE_SNAPSHOTS") == "1"
 VENV_BIN = Path(sys.executable).parent
 
 INSTANCE = "aws:ec2/instance:Instance"
@@ -556,12 +556,6 @@ def test_amp_alertmanager_definition_keeps_only_sns_and_amtool_accepts_it(stack:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RemoteWriteSink:
     """A local HTTP endpoint that records what a Prometheus remote-writes to it."""
 
@@ -919,8 +913,8 @@ def test_install_script_verifies_every_download_against_its_pinned_checksum(host
     )
 
 
-def test_snapshot_of_the_rendered_host_user_data() -> None:
-    """tests/snapshots/monitoring-host/: regenerate deliberately with UPDATE_SNAPSHOTS=1."""
+def test_snapshot_of_the_rendered_host_user_data(snapshot: SnapshotAssertion) -> None:
+    """tests/__snapshots__/test_monitoring_component/: regenerate deliberately with --snapshot-update."""
     stack = "dev-8b" if "dev-8b" in STACKS else STACKS[0]
     rendered = {
         f"{stack}.user-data.yaml": render_host_user_data(host_spec(spec_of(stack))),
@@ -929,14 +923,7 @@ def test_snapshot_of_the_rendered_host_user_data() -> None:
         )[AGENT_CONFIG],
     }
     for name, content in rendered.items():
-        path = SNAPSHOT_DIR / name
-        if UPDATE_SNAPSHOTS:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-        assert path.is_file(), f"{path} missing; run with UPDATE_SNAPSHOTS=1"
-        assert content == path.read_text(), (
-            f"{name} differs from its snapshot; regenerate with UPDATE_SNAPSHOTS=1"
-        )
+        assert content == text_file(snapshot, name)
 
 
 # --- pin-gpg-key with real gpg --------------------------------------------------------------

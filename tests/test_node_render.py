@@ -20,19 +20,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
 from infra.node.render import (
@@ -45,8 +43,9 @@ from infra.node.render import (
 )
 from infra.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
 from infra.scaling import node_scaling_environment
+from tests.support.ports import free_port
+from tests.support.snapshots import text_file
 
-SNAPSHOTS = Path(__file__).parent / "snapshots" / "node"
 VENV_BIN = Path(sys.executable).parent
 REGION = "us-east-1"
 # vllm.service's exposure must stay at or below this (`systemd-analyze security`, 0-10).
@@ -482,20 +481,12 @@ def test_python_helpers_pass_ruff(name: str, rendered_roots: dict) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_snapshots(name: str) -> None:
-    """Rendered bytes are reviewed in git; regenerate deliberately with UPDATE_SNAPSHOTS=1."""
+def test_snapshots(name: str, snapshot: SnapshotAssertion) -> None:
+    """Rendered bytes are reviewed in git (tests/__snapshots__/test_node_render/), one file each;
+    regenerate deliberately with --snapshot-update."""
     spec = SPECS[name]()
-    expected = {**render_node(spec), "user-data": render_user_data(spec)}
-    directory = SNAPSHOTS / name
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        shutil.rmtree(directory, ignore_errors=True)
-        for rel, content in expected.items():
-            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-            (directory / rel).write_text(content)
-    on_disk = {str(p.relative_to(directory)): p.read_text() for p in directory.rglob("*") if p.is_file()}
-    assert sorted(on_disk) == sorted(expected), "snapshot files differ; UPDATE_SNAPSHOTS=1 to regenerate"
-    for rel, content in expected.items():
-        assert on_disk[rel] == content, f"{name}/{rel} changed; UPDATE_SNAPSHOTS=1 to accept"
+    for rel, content in {**render_node(spec), "user-data": render_user_data(spec)}.items():
+        assert content == text_file(snapshot, rel)
     assert render_node(spec) == render_node(SPECS[name]())  # deterministic
 
 
@@ -596,43 +587,12 @@ def test_rendered_files_hold_no_key(name: str) -> None:
 # --- fetch-api-key against moto -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": REGION,
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """A local moto server (the real HTTP API of Secrets Manager, Auto Scaling and EC2)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, "moto_server exited"
-                assert time.monotonic() < deadline, "moto_server did not listen"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def aws_client(service: str, endpoint: str):  # boto3 clients are untyped

@@ -2,8 +2,8 @@
 reliability properties of what it declares. Runs in-process (infra/offline.py): each run gets
 its own event loop and isolated Pulumi settings; no CLI, no cloud.
 
-Snapshots of each stack's resource graph: tests/snapshots/resources/<stack>.json (preview
-mode; user-data bodies normalised). Regenerate deliberately with UPDATE_SNAPSHOTS=1.
+Snapshots of each stack's resource graph: tests/__snapshots__/test_program/ (preview
+mode; user-data bodies normalised). Regenerate deliberately with --snapshot-update.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import re
 import subprocess
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pulumi.runtime import settings
+from syrupy.assertion import SnapshotAssertion
 
 from infra import offline, policies
 from infra.catalog import default_catalog
@@ -46,8 +46,8 @@ from infra.program.stack import deploy
 from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
+from tests.support.snapshots import text_extension
 
-SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 # Stacks the program refuses as written, with the reason. A stack leaves this list when its
 # file is fixed (the test below then fails until the entry is removed).
@@ -514,14 +514,10 @@ def _normalised(run: OfflineRun) -> Any:
 
 
 @pytest.mark.parametrize("stack", DEPLOYABLE)
-def test_resource_graph_snapshot(stack: str) -> None:
+def test_resource_graph_snapshot(stack: str, snapshot: SnapshotAssertion) -> None:
+    """tests/__snapshots__/test_program/: review the diff, then --snapshot-update."""
     current = json.dumps(_normalised(stack_run(stack, True)), indent=2, sort_keys=True) + "\n"
-    path = SNAPSHOT_DIR / f"{stack}.json"
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(current, encoding="utf-8")
-    assert path.is_file(), f"no snapshot {path}; create it with UPDATE_SNAPSHOTS=1"
-    assert current == path.read_text(encoding="utf-8"), f"{stack}: resource graph changed; review, then UPDATE_SNAPSHOTS=1"
+    assert current == snapshot.use_extension(text_extension("json"))
 
 
 # --- offline engine --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any
 import boto3
 import openai
 import pytest
+from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
 from infra.node.render import LIBEXEC, render_node
@@ -57,19 +58,19 @@ from infra.ops.rotate import (
     ssm_commands,
 )
 from infra.ops.smoke import http_status
+from tests.support.ports import free_port
+from tests.support.snapshots import text_file
 from tests.support.vllm_server import (
     CPU_TWO_SERVERS_ENV,
     CPU_WARMUP_FLAGS,
     LOCK_PATH,
     api_server_command,
-    free_loopback_port,
     wait_until_healthy,
 )
 
 REGION = "us-east-1"
 OLD_KEY = "old-fleet-key-0123456789abcdef"
 NEW_KEY = "new-fleet-key-fedcba9876543210"
-SNAPSHOTS = Path(__file__).parent / "snapshots" / "ops"
 
 
 # ---- orchestration rules, with in-memory parts ----
@@ -165,14 +166,9 @@ def test_rotation_phases_and_key_rules() -> None:
     assert store.keys == [NEW_KEY]
 
 
-def test_restart_script_snapshot_shellcheck_and_ssm_encoding(tmp_path: Path) -> None:
+def test_restart_script_snapshot_shellcheck_and_ssm_encoding(tmp_path: Path, snapshot: SnapshotAssertion) -> None:
     script = render_restart_script((8000, 8001), health_timeout_s=1200)
-    snapshot = SNAPSHOTS / "restart-vllm.sh"
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(script, encoding="utf-8")
-    assert snapshot.exists(), f"no snapshot {snapshot}; run with UPDATE_SNAPSHOTS=1 and review the diff"
-    assert script == snapshot.read_text(encoding="utf-8")
+    assert script == text_file(snapshot, "restart-vllm.sh")  # reviewed in git; --snapshot-update
     (tmp_path / "restart-vllm.sh").write_text(script)
     lint = subprocess.run(["shellcheck", str(tmp_path / "restart-vllm.sh")], capture_output=True, text=True, check=False)
     assert lint.returncode == 0, lint.stdout
@@ -468,7 +464,7 @@ def test_rotation_under_load_drops_no_request(
         (libexec / name).chmod(0o755)
     aws_env = {k: moto_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     nodes = {
-        name: LocalNode(name, free_loopback_port(), argv, tmp_path / name / "run", libexec, aws_env)
+        name: LocalNode(name, free_port(), argv, tmp_path / name / "run", libexec, aws_env)
         for name in ("node0", "node1")
     }
     progress: list[tuple[float, str]] = []
@@ -480,7 +476,7 @@ def test_rotation_under_load_drops_no_request(
             # Generous: a vLLM start is ~40 s alone but several minutes on a busy 2-core box.
             node.start(timeout_s=900)
         backends = [Backend(n.name, f"127.0.0.1:{n.port}") for n in nodes.values()]
-        lb = stack.enter_context(run_local_lb(backends, tmp_path / "lb", port=free_loopback_port()))
+        lb = stack.enter_context(run_local_lb(backends, tmp_path / "lb", port=free_port()))
         pool = HaproxyTargetPool(lb)
         for node in pool.nodes():
             pool.wait_healthy(node, 30)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import boto3
 import pulumi
 import pulumi_aws as aws
 import pytest
+from syrupy.assertion import SnapshotAssertion
 
 from infra.catalog import default_catalog
 from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_args
@@ -38,11 +38,10 @@ from infra.scaling import (
 from infra.stackplan import StackPlan, build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
+from tests.support.snapshots import text_file
 
 CATALOG = default_catalog()
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
-SNAPSHOTS = Path(__file__).parent / "snapshots" / "scaling"
-UPDATE = os.environ.get("UPDATE_SNAPSHOTS") == "1"
 POLICY = "aws:autoscaling/policy:Policy"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
 SCHEDULE = "aws:autoscaling/schedule:Schedule"
@@ -312,12 +311,6 @@ def rendered(name: str) -> dict[str, str]:
     return {k: v for k, v in files.items() if "scaling-signal" in k}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def vllm_exposition(running: float, waiting: float, kv: float) -> str:
     """vLLM 0.32.0's /metrics lines for the three gauges (names from the catalog), plus a histogram
     and a counter that the scrape config must drop."""
@@ -548,16 +541,12 @@ def test_the_policies_query_the_dimensions_the_node_publishes() -> None:
 
 
 @pytest.mark.parametrize("name", ["dev-8b", "prod-405b"])
-def test_rendered_files_match_snapshots(name: str) -> None:
+def test_rendered_files_match_snapshots(name: str, snapshot: SnapshotAssertion) -> None:
+    """tests/__snapshots__/test_scaling/, one file each; regenerate deliberately with --snapshot-update."""
     files = rendered(name)
     files["describe.txt"] = "\n".join(describe_scaling(stack_plan(name))) + "\n"
     for rel, content in files.items():
-        snapshot = SNAPSHOTS / name / rel
-        if UPDATE:
-            snapshot.parent.mkdir(parents=True, exist_ok=True)
-            snapshot.write_text(content)
-        assert snapshot.is_file(), f"no snapshot {snapshot}; regenerate with UPDATE_SNAPSHOTS=1"
-        assert snapshot.read_text() == content, f"{rel} differs from {snapshot} (UPDATE_SNAPSHOTS=1 to accept)"
+        assert content == text_file(snapshot, rel)
 
 
 def test_pulumi_is_not_imported_by_the_pure_module() -> None:

@@ -6,13 +6,12 @@ scale-out after 3 above the set point to ceil(capacity × metric / set point) wi
 instances left out of the capacity, the burst step after 1, scale-in only after 15 datapoints
 below 90 % of the set point; new instances serve after the plan's time to ready; nodes picked for
 scale-in leave only when idle (scale-in protection). It writes the queue and latency curve to
-build/artifacts/scaling-simulation.png; with UPDATE_SNAPSHOTS=1 also to docs/scaling-simulation.png.
+build/artifacts/scaling-simulation.png; with --snapshot-update also to docs/scaling-simulation.png.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -146,7 +145,7 @@ def test_only_target_tracking_is_simulated() -> None:
         simulate(gangs, [1.0], WORKLOAD)
 
 
-def test_plot(spec: ScalingPolicySpec, day: SimulationResult) -> None:
+def test_plot(spec: ScalingPolicySpec, day: SimulationResult, pytestconfig: pytest.Config) -> None:
     hours = [t / 3600 for t in day.t_s]
     per_instance = spec.batch_per_instance / WORKLOAD.service_time_s
     fig, (load_ax, queue_ax, ttft_ax) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
@@ -177,6 +176,6 @@ def test_plot(spec: ScalingPolicySpec, day: SimulationResult) -> None:
     fig.savefig(ARTIFACT, dpi=90, metadata={"Software": None})
     plt.close(fig)
     assert ARTIFACT.stat().st_size > 10_000
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+    if pytestconfig.getoption("--snapshot-update"):
         shutil.copyfile(ARTIFACT, DOCS_COPY)
-    assert DOCS_COPY.is_file(), f"no {DOCS_COPY}; regenerate with UPDATE_SNAPSHOTS=1"
+    assert DOCS_COPY.is_file(), f"no {DOCS_COPY}; regenerate with --snapshot-update"

@@ -15,24 +15,16 @@ from pathlib import Path
 
 import boto3
 import pytest
+from syrupy.assertion import SnapshotAssertion
 
 from infra.ops.local_lb import Backend, LocalLoadBalancer, render_haproxy_config, run_local_lb
 from infra.ops.public_api import NOT_FOUND_BODY, api_routes, is_public
 from infra.ops.smoke import http_status
-from tests.support.vllm_server import VllmServer, free_loopback_port
+from tests.support.ports import free_port
+from tests.support.snapshots import text_file
+from tests.support.vllm_server import VllmServer
 
-SNAPSHOTS = Path(__file__).parent / "snapshots" / "ops"
 MAX_TOKENS = 16
-
-
-def check_snapshot(name: str, text: str) -> None:
-    """Rendered bytes are reviewed in git; regenerate deliberately with UPDATE_SNAPSHOTS=1."""
-    snapshot = SNAPSHOTS / name
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(text, encoding="utf-8")
-    assert snapshot.exists(), f"no snapshot {snapshot}; run with UPDATE_SNAPSHOTS=1 and review the diff"
-    assert text == snapshot.read_text(encoding="utf-8")
 
 
 def wait_up(lb: LocalLoadBalancer, timeout_s: float = 30) -> None:
@@ -45,7 +37,7 @@ def wait_up(lb: LocalLoadBalancer, timeout_s: float = 30) -> None:
 @pytest.fixture(scope="module")
 def public_lb(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalLoadBalancer]:
     backend = Backend("node0", f"127.0.0.1:{vllm_server.port}")
-    with run_local_lb([backend], tmp_path_factory.mktemp("lb"), port=free_loopback_port()) as lb:
+    with run_local_lb([backend], tmp_path_factory.mktemp("lb"), port=free_port()) as lb:
         wait_up(lb)
         yield lb
 
@@ -72,13 +64,14 @@ def test_mirror_uses_the_listener_rules_source() -> None:
         assert not is_public("GET", hidden) and not is_public("POST", hidden), hidden
 
 
-def test_haproxy_config_snapshot(tmp_path: Path) -> None:
+def test_haproxy_config_snapshot(tmp_path: Path, snapshot: SnapshotAssertion) -> None:
+    """The rendered config is reviewed in git (tests/__snapshots__/test_smoke/); --snapshot-update."""
     config = render_haproxy_config(
         [Backend("node0", "127.0.0.1:18000"), Backend("node1", "127.0.0.1:18001")],
         port=18080,
         admin_socket=Path("/run/vllm-fleet-test/haproxy.sock"),
     )
-    check_snapshot("haproxy.cfg", config)
+    assert config == text_file(snapshot, "haproxy.cfg")
     (tmp_path / "haproxy.cfg").write_text(config.replace("/run/vllm-fleet-test", str(tmp_path)))
     checked = subprocess.run(
         ["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True, check=False
