@@ -50,12 +50,13 @@ class WorkloadDefaults(Cited):
 
 
 class ServedCalibration(Cited):
-    """Measured ÷ predicted for a served replica at saturation, fitted from one recorded run of
-    gpu_measurements.yaml (`fitted_from`); applies to the GPUs listed, for one GEMM mode."""
+    """Measured ÷ predicted for a served replica at saturation, the geometric mean over the
+    recorded runs of gpu_measurements.yaml that `fitted_from` names (each by its flags and its
+    `source`); applies to the GPUs listed, for one GEMM mode."""
 
     gpus: list[str]
     gemm_mode: str
-    fitted_from: dict[str, Any]
+    fitted_from: list[dict[str, Any]] = Field(min_length=1)
     output_tokens_per_s: float = Field(gt=0)
     itl: float = Field(gt=0)
 
@@ -93,16 +94,18 @@ class ServerDefaults(Cited):
 
 
 class MeasuredPoint(BaseModel):
+    """One rate of a sweep; None where the run's record did not keep the value."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_rate: float | Literal["inf"]
-    output_tokens_per_s: float = Field(ge=0)
-    requests_per_s: float = Field(ge=0)
-    goodput_requests_per_s: float = Field(ge=0)
-    ttft_p95_ms: float = Field(ge=0)
-    tpot_p95_ms: float = Field(ge=0)
-    itl_p95_ms: float = Field(ge=0)
-    slo_met: bool
+    output_tokens_per_s: float | None = Field(default=None, ge=0)
+    requests_per_s: float | None = Field(default=None, ge=0)
+    goodput_requests_per_s: float | None = Field(default=None, ge=0)
+    ttft_p95_ms: float | None = Field(default=None, ge=0)
+    tpot_p95_ms: float | None = Field(default=None, ge=0)
+    itl_p95_ms: float | None = Field(default=None, ge=0)
+    slo_met: bool | None = None
 
 
 class GpuMeasurement(Cited):
@@ -406,8 +409,9 @@ def _calibration_note(gpu_key: str, quantization: str) -> str:
     cal = perf_facts().served_calibration(gpu_key, quantization)
     if cal is None:
         return "; not calibrated by a served measurement on this GPU"
-    return (f"; calibrated by the served {cal.fitted_from['model']} run on {cal.fitted_from['gpu']} "
-            f"(tok/s ×{cal.output_tokens_per_s:.2f}, ITL ×{cal.itl:.2f})")
+    runs = cal.fitted_from
+    return (f"; calibrated by {len(runs)} served {runs[0]['model']} run{'s' if len(runs) > 1 else ''} on "
+            f"{runs[0]['gpu']} (tok/s ×{cal.output_tokens_per_s:.2f}, ITL ×{cal.itl:.2f})")
 
 
 @dataclass(frozen=True)
