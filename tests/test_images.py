@@ -27,10 +27,11 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import images
 from infra.components.image import COMPONENT_TYPE, VllmImage, VllmImageArgs, root_snapshot_gib
 from infra.errors import FleetError
-from infra.images import (
+from infra.facts.vllm_pin import vllm_facts
+from infra.plan import images
+from infra.plan.images import (
     COMPONENTS_DIR,
     SCRIPTS_DIR,
     ImageSpec,
@@ -43,7 +44,6 @@ from infra.images import (
     script_references,
     validate_document,
 )
-from infra.node.vllm_pin import vllm_facts
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 from tests.support.tiny_model import write_tiny_llama
 from tests.support.vllm_server import LOCK_PATH, _running_here

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from infra.errors import FleetError
-from infra.monitoring import (
+from infra.render.monitoring import (
     CLOUDWATCH_DATASOURCE_UID,
     DASHBOARDS,
     PROMETHEUS_DATASOURCE_UID,

@@ -30,7 +30,7 @@ import openai
 import pytest
 import yaml
 
-from infra.monitoring import (
+from infra.render.monitoring import (
     DASHBOARDS,
     RULES_FILE,
     MonitoringSpec,

@@ -1,6 +1,6 @@
 """What the public listener forwards, for the local haproxy that mirrors the ALB.
 
-The single source is ``vllm_api_routes`` in infra/data/aws_fleet.yaml (cited there), the
+The single source is ``vllm_api_routes`` in infra/facts/data/aws_fleet.yaml (cited there), the
 same list infra/components/endpoint.py turns into the ALB's listener rules (a method
 condition plus a path-pattern condition each); every other request gets the listener's
 fixed-response 404. The routes are exact paths (ALB path patterns without wildcards are
@@ -10,7 +10,7 @@ Pure: no Pulumi, so tests and CI smoke runs can use it without the engine.
 
 from __future__ import annotations
 
-from infra.components.facts import aws_fleet_facts
+from infra.facts.aws import aws_fleet_facts
 
 # The listener's default action (infra/components/endpoint.py: fixed-response, status
 # "404", NOT_FOUND_BODY); tests/test_smoke.py checks the two stay equal.
