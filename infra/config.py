@@ -24,9 +24,9 @@ from pydantic.alias_generators import to_camel
 
 from infra.errors import FleetError
 from infra.facts.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
+from infra.facts.perf import perf_facts
 from infra.facts.workload import Workload
 from infra.plan.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
-from infra.plan.perf import perf_facts
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
@@ -580,7 +580,7 @@ def validate_workload(config: StackConfig) -> None:
         )
     if work.ttft_p95_ms is not None and config.monitoring.mode != "none":
         # The alert measures p95 from vLLM's TTFT histogram: the SLO must be one of its bounds.
-        from infra.render.monitoring import default_metric_catalog
+        from infra.facts.vllm_metrics import default_metric_catalog
 
         bounds = default_metric_catalog().bucket_bounds("vllm:time_to_first_token_seconds")
         if work.ttft_p95_ms / 1000 not in bounds:

@@ -44,8 +44,8 @@ import boto3
 import pytest
 
 from infra.errors import FleetError
-from infra.plan.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
 from infra.plan import tags as program_tags
+from infra.plan.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
 from infra.render.node import (
     ASG_NAME_TAG,
     LIBEXEC,

@@ -11,21 +11,17 @@ import pytest
 
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
-from infra.facts.workload import Workload
-from infra.plan.perf import (
+from infra.facts.perf import (
     GpuMeasurement,
     GpuMeasurements,
     MeasuredPoint,
-    Performance,
     ServedCalibration,
-    capacity_at_peak,
     gpu_measurements,
     perf_facts,
-    predict,
-    predict_served,
-    serving_point,
     vllm_server_defaults,
 )
+from infra.facts.workload import Workload
+from infra.plan.perf import Performance, capacity_at_peak, predict, predict_served, serving_point
 from infra.plan.planner import SizingRequest, make_plan
 
 CATALOG = default_catalog()

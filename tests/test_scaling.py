@@ -26,11 +26,11 @@ from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_a
 from infra.config import ScalingSection, StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
+from infra.facts.scaling import scaling_facts
 from infra.plan.perf import predict
 from infra.plan.scaling import (
     describe_scaling,
     instances_for,
-    scaling_facts,
     scaling_policy_spec,
     warm_pool_mode,
 )

@@ -1,4 +1,4 @@
-"""A day of load through the fleet's target tracking policy (infra/plan/scaling.py ``simulate``): a
+"""A day of load through the fleet's target tracking policy (tests/support/scaling_sim.py ``simulate``): a
 diurnal ramp plus a burst above the fleet's maximum, for the prod-70b stack's plan.
 
 The replay follows AWS's documented behaviour (infra/facts/data/scaling.yaml): 1-minute datapoints,
@@ -25,16 +25,10 @@ import pytest
 
 from infra.config import load_stack_file
 from infra.errors import FleetError
-from infra.plan.scaling import (
-    ScalingPolicySpec,
-    SimulationResult,
-    Workload,
-    diurnal_trace,
-    scaling_facts,
-    scaling_policy_spec,
-    simulate,
-)
+from infra.facts.scaling import scaling_facts
+from infra.plan.scaling import ScalingPolicySpec, scaling_policy_spec
 from infra.plan.stack import build_stack_plan
+from tests.support.scaling_sim import SimulationResult, Workload, diurnal_trace, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "build" / "artifacts" / "scaling-simulation.png"

@@ -34,9 +34,9 @@ from infra.config import (
 )
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
+from infra.facts.perf import default_workload
 from infra.facts.workload import Workload
 from infra.ops.commands import register as register_ops_commands
-from infra.plan.perf import default_workload
 from infra.plan.planner import (
     GB,
     Candidate,

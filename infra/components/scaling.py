@@ -22,10 +22,10 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
+from infra.facts.scaling import scaling_facts
 from infra.plan.scaling import (
     ScalingPolicySpec,
     SignalRole,
-    scaling_facts,
     scaling_policy_spec,
     warm_pool_settings,
 )

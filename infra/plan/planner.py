@@ -31,15 +31,9 @@ from pydantic import BaseModel, ConfigDict
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog, read_yaml
+from infra.facts.perf import default_workload, vllm_server_defaults
 from infra.facts.workload import Workload
-from infra.plan.perf import (
-    Capacity,
-    ServingPoint,
-    capacity_at_peak,
-    default_workload,
-    serving_point,
-    vllm_server_defaults,
-)
+from infra.plan.perf import Capacity, ServingPoint, capacity_at_peak, serving_point
 from infra.plan.pricing import instance_price
 from infra.plan.sizing import kv_cache_bytes_per_token, kv_heads_per_gpu, weights_bytes
 

@@ -12,7 +12,6 @@ test runs the rendered config in a real Prometheus against a real vLLM server.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import re
@@ -20,17 +19,16 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.errors import FleetError
+from infra.facts.vllm_metrics import default_metric_catalog
 
 TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring"))
 DASHBOARD_SPEC_DIR = TEMPLATE_DIR / "dashboards"
-METRICS_FILE = Path(str(resources.files("infra.facts") / "data" / "vllm_metrics.yaml"))
 
 RULES_FILE = "rules/vllm-fleet.rules.yml"
 PROMETHEUS_DATASOURCE_UID = "vllm-fleet-prometheus"
@@ -41,109 +39,6 @@ DASHBOARDS = ("vllm-serving", "gpu", "fleet", "cost")
 
 # Scrape jobs, their exporters in vllm_metrics.yaml, and the MonitoringSpec field with the port.
 SCRAPE_JOBS = (("vllm", "vllm_port"), ("node", "node_exporter_port"), ("dcgm", "dcgm_port"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The metric catalog (infra/facts/data/vllm_metrics.yaml)
-
-
-class ExportedMetric(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[A-Za-z_:][A-Za-z0-9_:]*$")
-    type: Literal["counter", "gauge", "histogram", "summary"]
-    labels: list[str]
-    source: str | None = None
-    buckets: str | None = Field(default=None, description="histogram bucket family")
-    default_enabled: bool = True
-
-    @property
-    def series_names(self) -> set[str]:
-        """Every name PromQL may use for this metric's samples."""
-        if self.type == "histogram":
-            return {f"{self.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
-        if self.type == "summary":
-            return {f"{self.name}_{suffix}" for suffix in ("sum", "count")}
-        return {self.name}
-
-
-class Exporter(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    description: str
-    version: str
-    source: str = Field(min_length=8)
-    read: dt.date
-    namespace: str | None = Field(default=None, description="set for CloudWatch namespaces, not PromQL")
-    metrics: list[ExportedMetric]
-
-
-class BucketFamily(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    constant: str
-    bounds: list[float] | None
-
-
-class HistogramBuckets(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(min_length=8)
-    read: dt.date
-    families: dict[str, BucketFamily]
-
-
-class MetricCatalog(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    exporters: dict[str, Exporter]
-    histogram_buckets: HistogramBuckets
-
-    @model_validator(mode="after")
-    def _histograms_name_known_families(self) -> MetricCatalog:
-        for exporter in self.exporters.values():
-            for metric in exporter.metrics:
-                if metric.buckets is not None and metric.buckets not in self.histogram_buckets.families:
-                    raise ValueError(f"{metric.name} names unknown bucket family {metric.buckets!r}")
-        return self
-
-    def promql_series_names(self) -> set[str]:
-        """Names a PromQL expression may select: every Prometheus exporter's series."""
-        return {
-            series
-            for exporter in self.exporters.values()
-            if exporter.namespace is None
-            for metric in exporter.metrics
-            for series in metric.series_names
-        }
-
-    def cloudwatch_metrics(self, namespace: str) -> set[str]:
-        return {
-            metric.name
-            for exporter in self.exporters.values()
-            if exporter.namespace == namespace
-            for metric in exporter.metrics
-        }
-
-    def bucket_bounds(self, metric_name: str) -> list[float]:
-        for exporter in self.exporters.values():
-            for metric in exporter.metrics:
-                if metric.name == metric_name and metric.buckets is not None:
-                    bounds = self.histogram_buckets.families[metric.buckets].bounds
-                    if bounds is None:
-                        raise ValueError(f"{metric_name} has bounds that depend on the server's config")
-                    return bounds
-        raise KeyError(metric_name)
-
-
-def load_metric_catalog(path: Path = METRICS_FILE) -> MetricCatalog:
-    with path.open(encoding="utf-8") as fh:
-        return MetricCatalog.model_validate(yaml.safe_load(fh))
-
-
-@cache
-def default_metric_catalog() -> MetricCatalog:
-    return load_metric_catalog()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,58 +429,3 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, An
         if panel["type"] != "row"
         for target in panel["targets"]
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# PromQL helpers shared by the tests
-
-
-_PROMQL_STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`")
-_PROMQL_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_PROMQL_NUMBER = re.compile(
-    r"(?<![A-Za-z0-9_:])(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?![A-Za-z0-9_:])"
-)
-_PROMQL_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_PROMQL_WORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "bool", "offset", "inf", "nan",
-}  # fmt: skip
-
-
-def metric_names_in(expr: str) -> set[str]:
-    """Metric names an expression selects (``name{...}`` or bare ``name``).
-
-    It strips strings, label matchers, range and subquery brackets, grouping clauses and number
-    literals, then keeps identifiers that are neither keywords nor function calls. Selectors
-    written as ``{__name__="..."}`` are not recognised; the fleet's expressions do not use them.
-    """
-    text = _PROMQL_STRING.sub(" ", expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\boffset\s+-?\w+", " ", text)
-    text = _PROMQL_GROUPING.sub(" ", text)
-    text = _PROMQL_NUMBER.sub(" ", text)
-    names = set()
-    for match in _PROMQL_IDENTIFIER.finditer(text):
-        word = match.group(0)
-        if word.lower() in _PROMQL_WORDS or text[match.end() :].lstrip().startswith("("):
-            continue
-        names.add(word)
-    return names
-
-
-def rule_groups(rules_yaml: str) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = yaml.safe_load(rules_yaml)["groups"]
-    return groups
-
-
-def recording_rule_names(rules_yaml: str) -> set[str]:
-    return {
-        rule["record"] for group in rule_groups(rules_yaml) for rule in group["rules"] if "record" in rule
-    }
-
-
-def alert_rules(rules_yaml: str) -> dict[str, dict[str, Any]]:
-    return {
-        rule["alert"]: rule for group in rule_groups(rules_yaml) for rule in group["rules"] if "alert" in rule
-    }
