@@ -24,9 +24,9 @@ from pydantic.alias_generators import to_camel
 
 from infra.errors import FleetError
 from infra.facts.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
+from infra.facts.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
 from infra.facts.perf import perf_facts
 from infra.facts.workload import Workload
-from infra.plan.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"

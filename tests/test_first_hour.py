@@ -24,7 +24,8 @@ from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.plan.node.serve_args import build_serve_argv
 from infra.plan.planner import Layout, SizingRequest, ladder_explanation, make_plan
-from infra.plan.stack import build_stack_plan, sizing_request
+from infra.plan.stack import sizing_request
+from infra.render.stack import build_stack_plan
 from tests.support.cli_inprocess import assert_refused, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

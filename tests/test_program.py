@@ -40,11 +40,12 @@ from infra.errors import FleetError
 from infra.facts.aws import RuleLimits, aws_fleet_facts
 from infra.facts.catalog import default_catalog
 from infra.plan.drain import SLOWEST_STREAM_TOKENS_PER_S
-from infra.plan.stack import StackPlan, build_stack_plan
+from infra.plan.stack import StackPlan
 from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.preview import offline, policies
 from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
+from infra.render.stack import build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"
@@ -772,8 +773,8 @@ def test_api_key_component_outputs(pulumi_mocks: Callable[..., PulumiHarness]) -
 def test_dashboard_group_panels_find_the_groups(stack: str) -> None:
     """Before the fix the groups published no group metrics, and the panels asked CloudWatch
     for a group named exactly the prefix (AWS suffixes every name): the panels stayed empty."""
-    from infra.plan.stack import monitoring_spec
     from infra.render.monitoring import render_monitoring
+    from infra.render.stack import monitoring_spec
 
     plan = stack_plan(stack)
     run = stack_run(stack, False)

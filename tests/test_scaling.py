@@ -34,8 +34,9 @@ from infra.plan.scaling import (
     scaling_policy_spec,
     warm_pool_mode,
 )
-from infra.plan.stack import StackPlan, build_stack_plan
+from infra.plan.stack import StackPlan
 from infra.render.node import UNIT_DIR, render_node
+from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 

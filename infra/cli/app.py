@@ -48,7 +48,8 @@ from infra.plan.planner import (
     performance_json,
     serving_facts,
 )
-from infra.plan.stack import StackPlan, build_stack_plan, write_artifacts
+from infra.plan.stack import StackPlan
+from infra.render.stack import build_stack_plan, write_artifacts
 
 app = typer.Typer(
     name=PROJECT,

@@ -1,121 +1,18 @@
-"""An image-build stack's offline plan: ``vllm-fleet:bake`` → :class:`ImageSpec` → :class:`ImagePlan`,
-and ``vllm-fleet plan <images stack>``.
-
-The spec and plan are pure (no Pulumi); the Pulumi program (infra/program/images.py) and the
-CLI both start from :func:`plan_bake`, so they can never disagree. Errors from
-``infra.plan.images.plan_image`` name its own fields (``image.base_image``); here they are renamed to
-the stack-file key (``vllm-fleet:bake.baseImage``) so the user sees what to edit.
+"""``vllm-fleet plan <images stack>``: the image plan (infra/plan/images.py ``plan_bake``), the
+mocked resource tree checked by the policy pack, and the artifacts.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
-from typing import Any
 
-from pydantic.alias_generators import to_camel
 from rich.console import Console
 from rich.table import Table
 
-from infra.config import PROJECT, ImagesStackConfig
-from infra.errors import FleetError
-from infra.plan.images import ImagePlan, ImageSpec, PrewarmSpec, WeightsSpec, default_facts, plan_image
-
-_PLAN_KEY = re.compile(r"^image\.([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
-
-
-def image_spec(config: ImagesStackConfig) -> ImageSpec:
-    """The stack file's bake section as the image planner's spec."""
-    bake = config.bake
-    weights = None
-    if bake.weights is not None:
-        staged = bake.weights
-        source = staged.uri if staged.source == "s3" else f"hf://{staged.repo}"
-        weights = WeightsSpec(
-            model_name=staged.model_name,
-            source=str(source),
-            revision=staged.revision or "",
-            hf_token_secret_id=staged.hf_token_secret_id or "",
-            expected_manifest_sha256=staged.expected_manifest_sha256 or "",
-            size_gib=staged.size_gib,
-        )
-    prewarm = None
-    if bake.prewarm.enabled:
-        prewarm = PrewarmSpec(
-            serve_args=list(bake.prewarm.serve_args),
-            model_path=bake.prewarm.model_path,
-            timeout_s=bake.prewarm.timeout_s,
-        )
-    return ImageSpec(
-        name=bake.name,
-        base_image=bake.base_image,
-        multi_node=bake.multi_node,
-        build_instance_type=bake.build_instance_type,
-        weights=weights,
-        prewarm=prewarm,
-    )
-
-
-def stack_key(message: str) -> str:
-    """``image.prewarm.serve_args[0]: …`` → ``vllm-fleet:bake.prewarm.serveArgs[0]: …``."""
-    match = _PLAN_KEY.match(message)
-    if match is None:
-        return message
-    path = ".".join(to_camel(part) for part in match.group(1).split("."))
-    return f"{PROJECT}:bake.{path}: {message[match.end():]}"
-
-
-def plan_bake(config: ImagesStackConfig) -> ImagePlan:
-    """Validate the bake against images/facts.yaml and the vLLM pin; FleetError names the stack key."""
-    try:
-        return plan_image(image_spec(config))
-    except FleetError as err:
-        raise FleetError(stack_key(str(err))) from None
-
-
-def image_plan_summary(plan: ImagePlan) -> dict[str, Any]:
-    """What the recipe installs and what the pipeline publishes, for humans and --json."""
-    facts = default_facts()
-    base = facts.base_images[plan.spec.base_image]
-    weights = plan.spec.weights
-    return {
-        "image": plan.spec.name,
-        "vllm": {"version": plan.pin.version, "package": plan.pin.gpu_package},
-        "base_image": {
-            "name": plan.spec.base_image,
-            "description": base.description,
-            "ssm_parameter": plan.base_image_ssm_parameter,
-            "parent_image": plan.parent_image,
-        },
-        "build_instance_type": plan.spec.build_instance_type,
-        "multi_node": plan.spec.multi_node,
-        "components": [
-            {
-                "key": c.key,
-                "version": c.version,
-                "installs": c.source.document.description or "",
-                "scripts": list(c.source.scripts),
-                "parameters": c.parameters,
-            }
-            for c in plan.components
-        ],
-        "weights": (
-            {"model_name": weights.model_name, "source": weights.source, "revision": weights.revision or None,
-             "size_gib": weights.size_gib}
-            if weights is not None
-            else None
-        ),
-        "prewarm": plan.spec.prewarm is not None,
-        "extra_root_gib": plan.extra_root_gib,
-        "publishes_ssm_parameter": plan.ami_ssm_parameter_name,
-    }
-
-
-def component_documents(plan: ImagePlan) -> dict[str, str]:
-    """The exact AWSTOE document each Image Builder component gets, by artifact path."""
-    return {f"components/{c.key}.yaml": c.source.text for c in plan.components}
+from infra.config import ImagesStackConfig
+from infra.plan.images import component_documents, image_plan_summary, plan_bake
 
 
 def run_plan(config: ImagesStackConfig, out_dir: Path | None, as_json: bool) -> None:

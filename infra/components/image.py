@@ -33,15 +33,8 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
-from infra.plan.images import (
-    SCRIPTS_PREFIX_PARAMETER,
-    ImageFacts,
-    ImagePlan,
-    ImageSpec,
-    default_facts,
-    plan_image,
-    root_volume_gib,
-)
+from infra.facts.images import ImageFacts, default_facts
+from infra.plan.images import SCRIPTS_PREFIX_PARAMETER, ImagePlan, ImageSpec, plan_image, root_volume_gib
 from infra.plan.names import fit_prefix
 from infra.plan.tags import IMAGE_TAG
 

@@ -531,7 +531,7 @@ class Monitoring(pulumi.ComponentResource):
 def _require_spec(args: MonitoringArgs) -> MonitoringSpec:
     if args.spec is None:
         raise FleetError(
-            f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.plan.stack.monitoring_spec)"
+            f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.render.stack.monitoring_spec)"
         )
     return args.spec
 

@@ -21,9 +21,8 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -35,23 +34,28 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.alias_generators import to_camel
 
+from infra.config import PROJECT, ImagesStackConfig
 from infra.errors import FleetError
-from infra.facts.catalog import Cited
-from infra.facts.vllm_pin import VllmFacts, vllm_facts
+from infra.facts.images import (
+    DEFAULT_BASE_IMAGE,
+    DEFAULT_BUILD_INSTANCE_TYPE,
+    IMAGES_DIR,
+    AwstoeFacts,
+    ImageFacts,
+    PinnedVllm,
+    default_facts,
+    default_pin,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGES_DIR = REPO_ROOT / "images"
 COMPONENTS_DIR = IMAGES_DIR / "components"
 SCRIPTS_DIR = IMAGES_DIR / "scripts"
-FACTS_FILE = IMAGES_DIR / "facts.yaml"
 
 SCRIPTS_PREFIX_PARAMETER = "ScriptsS3Prefix"
 # Where the fleet's launch templates find the newest baked AMI (Image Builder's distribution
 # writes it there, data type aws:ec2:image).
 AMI_SSM_PARAMETER_TEMPLATE = "/vllm-fleet/images/{name}/ami-id"
-DEFAULT_BASE_IMAGE = "ubuntu-24.04"
-DEFAULT_BUILD_INSTANCE_TYPE = "g6e.xlarge"
 # Components in recipe order: the runtime first, weights before the pre-warm that serves them.
 COMPONENT_ORDER = ("vllm-runtime", "exporters", "efa", "weights", "prewarm")
 
@@ -65,137 +69,8 @@ _SERVE_FLAG = re.compile(r"^--[a-z0-9][a-z0-9-]*(=[A-Za-z0-9._:/,+-]+)?$")
 _SERVE_VALUE = re.compile(r"^[A-Za-z0-9._:/,+-]+$")
 
 
-# --------------------------------------------------------------------------------------------
-# Facts (images/facts.yaml) and the vLLM pin (infra/facts/data/vllm.yaml)
-
-
-class StrFact(Cited):
-    value: str
-
-
-class IntFact(Cited):
-    value: int
-
-
-class BoolFact(Cited):
-    value: bool
-
-
-class StrListFact(Cited):
-    value: list[str]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class VllmWheelFacts(_Strict):
-    torch: StrFact
-    requires_python: StrFact
-    cuda_major: IntFact
-    cpu_torch_local_version: StrFact
-    ray: StrFact
-
-
-class BaseImageFacts(_Strict):
-    description: str
-    ssm_parameter: StrFact
-    python: StrFact
-    nvidia_driver_major: IntFact
-    ships_efa_and_ofi_nccl: BoolFact
-    ships_dcgm: BoolFact
-    supported_instance_families: StrListFact
-
-
-class ExporterFacts(Cited):
-    package: str
-    service: str
-    port: int
-
-
-class ExportersFacts(_Strict):
-    node_exporter: ExporterFacts
-    dcgm_exporter: ExporterFacts
-
-
-class EfaFacts(Cited):
-    fi_info: str
-    libfabric_lib_dir: str
-    ofi_nccl_search_root: str
-
-
-class ActionInputs(_Strict):
-    shape: Literal["mapping", "list"]
-    required: list[str]
-    optional: list[str]
-
-
-class AwstoeFacts(Cited):
-    schema_versions: list[str]
-    phases: list[str]
-    on_failure: list[str]
-    parameter_types: list[str]
-    variable_name_pattern: str
-    actions: list[str]
-    max_document_chars: int
-    action_inputs: dict[str, ActionInputs]
-
-
-class ImageBuilderFacts(Cited):
-    semantic_version_node_max: int
-    component_name_pattern: str
-    ssm_parameter_name_pattern: str
-    ssm_parameter_data_type: str
-    parent_image_ssm_prefix: str
-
-
-class SizingFacts(_Strict):
-    vllm_venv_gib: IntFact
-    compile_cache_gib: IntFact
-
-
-class ImageFacts(_Strict):
-    vllm_wheels: dict[str, VllmWheelFacts]
-    nvidia_min_driver_major: dict[str, IntFact]
-    base_images: dict[str, BaseImageFacts]
-    exporters: ExportersFacts
-    efa: EfaFacts
-    awstoe: AwstoeFacts
-    image_builder: ImageBuilderFacts
-    sizing: SizingFacts
-
-
-@dataclass(frozen=True)
-class PinnedVllm:
-    """The fleet's vLLM pin as infra/facts/data/vllm.yaml states it (read there, never restated)."""
-
-    version: str
-    gpu_package: str
-    cpu_package: str
-    api_server_module: str
-
-    @classmethod
-    def from_facts(cls, facts: VllmFacts) -> PinnedVllm:
-        return cls(
-            version=facts.pin.version.value,
-            gpu_package=facts.pin.gpu_package.value,
-            cpu_package=facts.pin.cpu_package.value,
-            api_server_module=facts.parser.api_server_module.value,
-        )
-
-
-def load_image_facts(path: Path = FACTS_FILE) -> ImageFacts:
-    with path.open(encoding="utf-8") as fh:
-        return ImageFacts.model_validate(yaml.safe_load(fh))
-
-
-@cache
-def default_facts() -> ImageFacts:
-    return load_image_facts()
-
-
-def default_pin() -> PinnedVllm:
-    return PinnedVllm.from_facts(vllm_facts())
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,3 +680,104 @@ def _version_at_least(have: str, want: str) -> bool:
 
 def component_resource_name(image_name: str, key: str) -> str:
     return f"vllm-fleet-{image_name}-{key}"
+
+
+# --------------------------------------------------------------------------------------------
+# An image-build stack's bake: ``vllm-fleet:bake`` → ImageSpec → ImagePlan. The Pulumi program
+# (infra/program/images.py) and the CLI both start from plan_bake, so they can never disagree.
+# Errors from plan_image name its own fields (``image.base_image``); plan_bake renames them to the
+# stack-file key (``vllm-fleet:bake.baseImage``) so the user sees what to edit.
+
+_PLAN_KEY = re.compile(r"^image\.([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
+
+
+def image_spec(config: ImagesStackConfig) -> ImageSpec:
+    """The stack file's bake section as the image planner's spec."""
+    bake = config.bake
+    weights = None
+    if bake.weights is not None:
+        staged = bake.weights
+        source = staged.uri if staged.source == "s3" else f"hf://{staged.repo}"
+        weights = WeightsSpec(
+            model_name=staged.model_name,
+            source=str(source),
+            revision=staged.revision or "",
+            hf_token_secret_id=staged.hf_token_secret_id or "",
+            expected_manifest_sha256=staged.expected_manifest_sha256 or "",
+            size_gib=staged.size_gib,
+        )
+    prewarm = None
+    if bake.prewarm.enabled:
+        prewarm = PrewarmSpec(
+            serve_args=list(bake.prewarm.serve_args),
+            model_path=bake.prewarm.model_path,
+            timeout_s=bake.prewarm.timeout_s,
+        )
+    return ImageSpec(
+        name=bake.name,
+        base_image=bake.base_image,
+        multi_node=bake.multi_node,
+        build_instance_type=bake.build_instance_type,
+        weights=weights,
+        prewarm=prewarm,
+    )
+
+
+def stack_key(message: str) -> str:
+    """``image.prewarm.serve_args[0]: …`` → ``vllm-fleet:bake.prewarm.serveArgs[0]: …``."""
+    match = _PLAN_KEY.match(message)
+    if match is None:
+        return message
+    path = ".".join(to_camel(part) for part in match.group(1).split("."))
+    return f"{PROJECT}:bake.{path}: {message[match.end():]}"
+
+
+def plan_bake(config: ImagesStackConfig) -> ImagePlan:
+    """Validate the bake against images/facts.yaml and the vLLM pin; FleetError names the stack key."""
+    try:
+        return plan_image(image_spec(config))
+    except FleetError as err:
+        raise FleetError(stack_key(str(err))) from None
+
+
+def image_plan_summary(plan: ImagePlan) -> dict[str, Any]:
+    """What the recipe installs and what the pipeline publishes, for humans and --json."""
+    facts = default_facts()
+    base = facts.base_images[plan.spec.base_image]
+    weights = plan.spec.weights
+    return {
+        "image": plan.spec.name,
+        "vllm": {"version": plan.pin.version, "package": plan.pin.gpu_package},
+        "base_image": {
+            "name": plan.spec.base_image,
+            "description": base.description,
+            "ssm_parameter": plan.base_image_ssm_parameter,
+            "parent_image": plan.parent_image,
+        },
+        "build_instance_type": plan.spec.build_instance_type,
+        "multi_node": plan.spec.multi_node,
+        "components": [
+            {
+                "key": c.key,
+                "version": c.version,
+                "installs": c.source.document.description or "",
+                "scripts": list(c.source.scripts),
+                "parameters": c.parameters,
+            }
+            for c in plan.components
+        ],
+        "weights": (
+            {"model_name": weights.model_name, "source": weights.source, "revision": weights.revision or None,
+             "size_gib": weights.size_gib}
+            if weights is not None
+            else None
+        ),
+        "prewarm": plan.spec.prewarm is not None,
+        "extra_root_gib": plan.extra_root_gib,
+        "publishes_ssm_parameter": plan.ami_ssm_parameter_name,
+    }
+
+
+def component_documents(plan: ImagePlan) -> dict[str, str]:
+    """The exact AWSTOE document each Image Builder component gets, by artifact path."""
+    return {f"components/{c.key}.yaml": c.source.text for c in plan.components}

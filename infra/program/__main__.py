@@ -4,9 +4,9 @@ import pulumi
 
 from infra.config import ImagesStackConfig, load_from_pulumi
 from infra.errors import FleetError
-from infra.plan.stack import build_stack_plan
 from infra.program.images import deploy_images
 from infra.program.stack import deploy
+from infra.render.stack import build_stack_plan
 
 try:
     config = load_from_pulumi()

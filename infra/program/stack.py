@@ -37,8 +37,9 @@ from infra.facts.catalog import default_catalog
 from infra.plan.drain import deregistration_delay_s
 from infra.plan.node.serve_args import served_model_name
 from infra.plan.pricing import instance_price
-from infra.plan.stack import StackPlan, monitoring_spec
+from infra.plan.stack import StackPlan
 from infra.plan.tags import plan_id, stack_tags
+from infra.render.stack import monitoring_spec
 
 # Weight sources a node can reach without internet egress (endpoints-only networks).
 SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")

@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.plan.images import SCRIPTS_DIR, default_facts, default_pin
+from infra.facts.images import default_facts, default_pin
+from infra.plan.images import SCRIPTS_DIR
 from infra.plan.node.spec import NodeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -718,7 +719,7 @@ def cpu_variant(
 def production_node_spec(stack: str) -> NodeSpec:
     """The NodeSpec that ``stack`` deploys on its chosen instance type."""
     from infra.config import load_stack_file
-    from infra.plan.stack import build_stack_plan
+    from infra.render.stack import build_stack_plan
 
     stack_plan = build_stack_plan(load_stack_file(stack))
     return stack_plan.node_specs[stack_plan.plan.layout.instance_type]

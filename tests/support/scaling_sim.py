@@ -15,6 +15,7 @@ from infra.facts.scaling import scaling_facts
 from infra.plan.scaling import ScalingPolicySpec
 
 
+@dataclass(frozen=True)
 class Workload:
     """How long one request holds a batch slot, and the first-token time of an idle replica."""
 
