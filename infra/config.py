@@ -3,7 +3,7 @@
 A stack file ``stacks/Pulumi.<stack>.yaml`` holds ``config:`` keys in the project's
 namespace (``vllm-fleet:model``, ``vllm-fleet:serving`` …) plus provider keys such as
 ``aws:region``. The same pydantic model reads them from the file directly (offline
-``plan``/``size``) or through ``pulumi.Config`` (a real ``pulumi up``), so both paths
+``plan``/``size``) or through ``pulumi.Config`` (a real ``pulumi up``, infra/program/config.py), so both paths
 validate identically. Unknown keys are errors: a typo must never be silently ignored.
 Every error becomes one line naming the key, the value and what is allowed.
 """
@@ -713,23 +713,6 @@ def _stack_file_values(stack: str, stacks_dir: Path) -> dict[str, Any]:
         raise FleetError(f"{path}: unknown top-level key {min(unknown_top)!r} (allowed: config)")
     config: dict[str, Any] = doc["config"]
     return config
-
-
-def load_from_pulumi() -> StackConfig | ImagesStackConfig:
-    """Read the same keys through ``pulumi.Config`` during a real ``pulumi up``."""
-    import pulumi  # imported here: config parsing must not need Pulumi when no engine runs
-    from pulumi.runtime import config as runtime_config
-
-    values: dict[str, Any] = {}
-    for key, raw in runtime_config.get_config_env().items():
-        try:
-            values[key] = json.loads(raw)
-        except (TypeError, json.JSONDecodeError):
-            values[key] = raw
-    aws_region = pulumi.Config("aws").get("region")
-    if aws_region:
-        values["aws:region"] = aws_region
-    return parse_any_stack_config(pulumi.get_stack(), values)
 
 
 def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[str, ModelArch]:
