@@ -23,8 +23,7 @@ import pulumi_aws as aws
 
 from infra.errors import FleetError
 from infra.facts.aws import ApiRoute, RuleLimits, aws_fleet_facts
-
-NOT_FOUND_BODY = '{"error": {"message": "not found", "code": 404}}'
+from infra.plan.public_api import NOT_FOUND_BODY
 
 
 @dataclass(frozen=True)

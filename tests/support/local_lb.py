@@ -26,8 +26,8 @@ from pathlib import Path
 import jinja2
 
 from infra.errors import FleetError
-from infra.ops.public_api import DENIED_STATUS, NOT_FOUND_BODY, routes_by_method
 from infra.ops.rotate import Node
+from infra.plan.public_api import DENIED_STATUS, NOT_FOUND_BODY, routes_by_method
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 BACKEND = "vllm"

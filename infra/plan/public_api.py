@@ -1,4 +1,5 @@
-"""What the public listener forwards, for the local haproxy that mirrors the ALB.
+"""What the public listener forwards and what it answers otherwise: the ALB's rules
+(infra/components/endpoint.py) and the tests' local haproxy that mirrors them.
 
 The single source is ``vllm_api_routes`` in infra/facts/data/aws_fleet.yaml (cited there), the
 same list infra/components/endpoint.py turns into the ALB's listener rules (a method
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 from infra.facts.aws import aws_fleet_facts
 
-# The listener's default action (infra/components/endpoint.py: fixed-response, status
-# "404", NOT_FOUND_BODY); tests/test_smoke.py checks the two stay equal.
+# The listener's default action (infra/components/endpoint.py: fixed-response, status "404").
 DENIED_STATUS = 404
 NOT_FOUND_BODY = '{"error": {"message": "not found", "code": 404}}'
 
