@@ -233,8 +233,7 @@ def plan(
         return
     stack_plan = build_stack_plan(config)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
-    from infra.components.fleet import ladder_types
-    from infra.plan.scaling import describe_scaling
+    from infra.plan.scaling import describe_scaling, ladder_types
     from infra.preview.offline import preview_resources, resource_tree_text, resources_json
     from infra.preview.policies import policy_config, require_pack_passes
 
