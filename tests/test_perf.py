@@ -1,4 +1,4 @@
-"""The performance model (infra/perf.py): vLLM's own batch defaults, predictions against the
+"""The performance model (infra/plan/perf.py): vLLM's own batch defaults, predictions against the
 H200 measurements, the SLO batch search, the fallback without data, and the planner's
 ranking by $ per 1M output tokens."""
 
@@ -9,24 +9,20 @@ import math
 
 import pytest
 
-from infra.catalog import default_catalog
 from infra.errors import FleetError
-from infra.perf import (
+from infra.facts.catalog import default_catalog
+from infra.facts.perf import (
     GpuMeasurement,
     GpuMeasurements,
     MeasuredPoint,
-    Performance,
-    capacity_at_peak,
+    ServedCalibration,
     gpu_measurements,
     perf_facts,
-    predict,
-    predict_served,
-    ServedCalibration,
-    serving_point,
     vllm_server_defaults,
 )
-from infra.planner import SizingRequest, make_plan
-from infra.workload import Workload
+from infra.facts.workload import Workload
+from infra.plan.perf import Performance, capacity_at_peak, predict, predict_served, serving_point
+from infra.plan.planner import SizingRequest, make_plan
 
 CATALOG = default_catalog()
 GiB = 1 << 30
@@ -243,8 +239,8 @@ def test_without_aiconfigurator_the_plan_is_memory_only_and_says_so() -> None:
     code = (
         "import sys; sys.modules['aiconfigurator_core'] = None\n"
         "from infra.config import load_stack_file\n"
-        "from infra.planner import make_plan\n"
-        "from infra.stackplan import sizing_request\n"
+        "from infra.plan.planner import make_plan\n"
+        "from infra.plan.stack import sizing_request\n"
         "plan = make_plan(sizing_request(load_stack_file('dev-8b')))\n"
         "print(plan.layout.instance_type, plan.max_num_seqs, plan.chosen.serving.performance, plan.chosen.serving.reason)\n"
     )

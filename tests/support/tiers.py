@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 FAST_MODULES = frozenset({
+    "test_architecture.py",
     "test_catalog.py",
     "test_config.py",
     "test_docs.py",
