@@ -3,7 +3,7 @@
 A stack file ``stacks/Pulumi.<stack>.yaml`` holds ``config:`` keys in the project's
 namespace (``vllm-fleet:model``, ``vllm-fleet:serving`` …) plus provider keys such as
 ``aws:region``. The same pydantic model reads them from the file directly (offline
-``plan``/``size``) or through ``pulumi.Config`` (a real ``pulumi up``), so both paths
+``plan``/``size``) or through ``pulumi.Config`` (a real ``pulumi up``, infra/program/config.py), so both paths
 validate identically. Unknown keys are errors: a typo must never be silently ignored.
 Every error becomes one line naming the key, the value and what is allowed.
 """
@@ -22,11 +22,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from infra.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
 from infra.errors import FleetError
-from infra.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
-from infra.perf import perf_facts
-from infra.workload import Workload
+from infra.facts.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
+from infra.facts.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
+from infra.facts.perf import perf_facts
+from infra.facts.workload import Workload
 
 PROJECT = "vllm-fleet"
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
@@ -48,7 +48,7 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which model: a catalog name, or a Hugging Face repo plus its architecture."""
 
-    catalog: str | None = Field(default=None, description="a name from infra/data/models.yaml")
+    catalog: str | None = Field(default=None, description="a name from infra/facts/data/models.yaml")
     repo: str | None = Field(default=None, description="Hugging Face repo id, e.g. org/name")
     revision: str = Field(
         default="main", description="commit sha to pin; 'main' is allowed only for dev stacks"
@@ -74,7 +74,7 @@ class ModelSection(Section):
         return self
 
 
-# Flags of `vllm serve` that the planner writes (infra/node/serve_args.py) or the node owns, and
+# Flags of `vllm serve` that the planner writes (infra/plan/node/serve_args.py) or the node owns, and
 # the stack key that sets each instead. extraArgs may only add flags: argparse keeps the last
 # of two values, so a repeated --tensor-parallel-size would silently undo the plan.
 # tests/test_config.py checks that every flag build_serve_argv writes is listed here.
@@ -86,8 +86,8 @@ PLANNER_OWNED_FLAGS: dict[str, str] = {
     "--distributed-executor-backend": "the planner sets ray for multi-node replicas: change capacity.maxNodesPerReplica",
     "--max-model-len": "set serving.maxModelLen",
     "--max-num-seqs": "set serving.concurrency",
-    "--max-num-batched-tokens": "the planner sizes memory with it (infra/data/serving_overheads.yaml)",
-    "--gpu-memory-utilization": "the planner sizes memory with it (infra/data/serving_overheads.yaml)",
+    "--max-num-batched-tokens": "the planner sizes memory with it (infra/facts/data/serving_overheads.yaml)",
+    "--gpu-memory-utilization": "the planner sizes memory with it (infra/facts/data/serving_overheads.yaml)",
     "--quantization": "set serving.quantization",
     "-q": "set serving.quantization",
     "--dtype": "set serving.quantization (it implies the dtype)",
@@ -275,7 +275,7 @@ class ImageSection(Section):
 
 class WorkloadSection(Section):
     """What requests look like and what users must get; the planner sizes batches and
-    replicas for it. Unset keys take infra/data/perf_model.yaml's workload_defaults."""
+    replicas for it. Unset keys take infra/facts/data/perf_model.yaml's workload_defaults."""
 
     input_tokens: int | None = Field(default=None, ge=1, description="typical prompt tokens")
     output_tokens: int | None = Field(default=None, ge=1, description="typical output tokens")
@@ -400,7 +400,7 @@ class PrewarmSection(Section):
 
 
 class BakeSection(Section):
-    """What the image bakes; infra/images.py checks it against images/facts.yaml and the vLLM pin."""
+    """What the image bakes; infra/plan/images.py checks it against images/facts.yaml and the vLLM pin."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="e.g. vllm-0-32-0")
     base_image: str = Field(default=DEFAULT_BASE_IMAGE, description="a key of images/facts.yaml base_images")
@@ -580,7 +580,7 @@ def validate_workload(config: StackConfig) -> None:
         )
     if work.ttft_p95_ms is not None and config.monitoring.mode != "none":
         # The alert measures p95 from vLLM's TTFT histogram: the SLO must be one of its bounds.
-        from infra.monitoring import default_metric_catalog
+        from infra.facts.vllm_metrics import default_metric_catalog
 
         bounds = default_metric_catalog().bucket_bounds("vllm:time_to_first_token_seconds")
         if work.ttft_p95_ms / 1000 not in bounds:
@@ -600,7 +600,7 @@ def validate_workload(config: StackConfig) -> None:
 
 
 def check_region(region: str, key: str) -> None:
-    """A Region the pinned SDK knows (infra/data/regions.yaml), or one line with the closest."""
+    """A Region the pinned SDK knows (infra/facts/data/regions.yaml), or one line with the closest."""
     regions = known_regions()
     if region not in regions:
         close = difflib.get_close_matches(region, list(regions), n=1)
@@ -713,23 +713,6 @@ def _stack_file_values(stack: str, stacks_dir: Path) -> dict[str, Any]:
         raise FleetError(f"{path}: unknown top-level key {min(unknown_top)!r} (allowed: config)")
     config: dict[str, Any] = doc["config"]
     return config
-
-
-def load_from_pulumi() -> StackConfig | ImagesStackConfig:
-    """Read the same keys through ``pulumi.Config`` during a real ``pulumi up``."""
-    import pulumi  # imported here: config parsing must not need Pulumi when no engine runs
-    from pulumi.runtime import config as runtime_config
-
-    values: dict[str, Any] = {}
-    for key, raw in runtime_config.get_config_env().items():
-        try:
-            values[key] = json.loads(raw)
-        except (TypeError, json.JSONDecodeError):
-            values[key] = raw
-    aws_region = pulumi.Config("aws").get("region")
-    if aws_region:
-        values["aws:region"] = aws_region
-    return parse_any_stack_config(pulumi.get_stack(), values)
 
 
 def resolve_model(config: StackConfig, stacks_dir: Path = STACKS_DIR) -> tuple[str, ModelArch]:

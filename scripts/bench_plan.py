@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infra.catalog import default_catalog
 from infra.config import load_stack_file, stack_names
 from infra.errors import FleetError
-from infra.planner import SizingRequest, make_plan
-from infra.stackplan import sizing_request
+from infra.facts.catalog import default_catalog
+from infra.plan.planner import SizingRequest, make_plan
+from infra.plan.stack import sizing_request
 
 CONTEXTS = (2048, 8192, 32768)
 CONCURRENCY = 16

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.facts.workload import Workload
 from infra.ops.bench import (
     Prediction,
     parse_rates,
@@ -19,7 +20,6 @@ from infra.ops.bench import (
     table_text,
     write_outputs,
 )
-from infra.workload import Workload
 from tests.support.vllm_server import VllmServer
 
 REPO = Path(__file__).resolve().parent.parent

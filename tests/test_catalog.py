@@ -1,4 +1,4 @@
-"""The fact catalogs in infra/data/ load, cite their sources, and agree with each other,
+"""The fact catalogs in infra/facts/data/ load, cite their sources, and agree with each other,
 with the models' own arithmetic and with what vLLM measured on this project's H200."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from infra.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, load_catalog, read_yaml
+from infra.facts.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, load_catalog, read_yaml
 
 GIB = 1024**3
 

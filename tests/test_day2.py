@@ -1,7 +1,7 @@
 """Day-2 changes under the mocks: change each stack input a platform engineer routinely
 changes, run the program before and after, and list what `pulumi up` would replace, from the
-provider's replace-on-change properties (infra/data/provider_replacements.yaml,
-infra/replacement.py). None may replace the groups, the API key's secret or the load balancer
+provider's replace-on-change properties (infra/facts/data/provider_replacements.yaml,
+infra/preview/replacement.py). None may replace the groups, the API key's secret or the load balancer
 unless the change truly requires it: a gang runs one launch-template version on all its nodes,
 so a new version is a new gang (created before the old one goes).
 
@@ -26,12 +26,12 @@ import pulumi_aws as aws
 import pulumi_random as random
 import pytest
 
-from infra import offline
 from infra.config import StackConfig, load_stack_file
-from infra.offline import ResourceRecord
+from infra.preview import offline
+from infra.preview.offline import ResourceRecord
+from infra.preview.replacement import Day2Diff, day2_diff, replacement_table
 from infra.program.stack import deploy
-from infra.replacement import Day2Diff, day2_diff, replacement_table
-from infra.stackplan import build_stack_plan
+from infra.render.stack import build_stack_plan
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "day2.md"
 BEGIN, END = "<!-- day2-table:begin -->", "<!-- day2-table:end -->"

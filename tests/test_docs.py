@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.cli.stack_reference import render_stack_reference
 from infra.config import parse_stack_config
-from infra.stack_reference import render_stack_reference
-from infra.stackplan import build_stack_plan
+from infra.render.stack import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -25,7 +25,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 def test_stack_key_reference_is_generated_from_the_models() -> None:
     current = (ROOT / "docs" / "stack-keys.md").read_text(encoding="utf-8")
     assert current == render_stack_reference(), (
-        "docs/stack-keys.md is stale: run `python -m infra.stack_reference > docs/stack-keys.md`"
+        "docs/stack-keys.md is stale: run `python -m infra.cli.stack_reference > docs/stack-keys.md`"
     )
 
 

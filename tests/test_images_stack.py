@@ -1,5 +1,5 @@
 """The image-build stack (stacks/Pulumi.images.yaml): its config kind, its Pulumi program under
-mocks in both preview modes (infra/offline.py: a fresh event loop and isolated Pulumi settings per
+mocks in both preview modes (infra/preview/offline.py: a fresh event loop and isolated Pulumi settings per
 run), `vllm-fleet plan images` as a subprocess, how fleets consume what it publishes, and the
 EBS volume initialization rate of fleets whose weights come lazily from the image's snapshot.
 """
@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import offline
-from infra.catalog import default_catalog
 from infra.components.fleet import volume_initialization_rate_mib_s
 from infra.config import (
     PROJECT,
@@ -33,12 +31,14 @@ from infra.config import (
     stack_names,
 )
 from infra.errors import FleetError
-from infra.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, default_pin
-from infra.images_plan import plan_bake
-from infra.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline
+from infra.facts.catalog import default_catalog
+from infra.facts.images import default_pin
+from infra.plan.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, plan_bake
+from infra.preview import offline
+from infra.preview.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline
 from infra.program.images import BUILD_EGRESS_PORTS, preflight_images
 from infra.program.stack import deploy
-from infra.stackplan import build_stack_plan
+from infra.render.stack import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = "images"
@@ -318,7 +318,7 @@ def test_images_stack_declares_the_image_builder_pipeline(preview: bool) -> None
 
 def mock_id(record: ResourceRecord) -> str:
     """The id OfflineMocks gives a created resource: <kind's first 3 letters>-<digest of type, name>."""
-    from infra.offline import _digest
+    from infra.preview.offline import _digest
 
     kind = record.type.split(":")[2]
     return f"{kind[:3].lower()}-{_digest(record.type, record.name)}"

@@ -18,20 +18,17 @@ import yaml
 from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
-from infra.monitoring import (
+from infra.facts.vllm_metrics import default_metric_catalog
+from infra.render.monitoring import (
     CLOUDWATCH_DATASOURCE_UID,
     DASHBOARDS,
     PROMETHEUS_DATASOURCE_UID,
     RULES_FILE,
     MonitoringSpec,
-    alert_rules,
     dashboard_queries,
-    default_metric_catalog,
-    metric_names_in,
-    recording_rule_names,
     render_monitoring,
-    rule_groups,
 )
+from tests.support.promql import alert_rules, metric_names_in, recording_rule_names, rule_groups
 from tests.support.snapshots import text_file
 
 # A representative fleet: 70B on p5.48xlarge, both receivers, defaults elsewhere.

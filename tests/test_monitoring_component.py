@@ -34,7 +34,6 @@ import pytest
 import yaml
 from syrupy.assertion import SnapshotAssertion
 
-from infra.components.facts import aws_fleet_facts
 from infra.components.monitoring import (
     OUTPUT_GRAFANA_SECRET_ARN,
     OUTPUT_GRAFANA_URL,
@@ -47,8 +46,13 @@ from infra.components.monitoring import (
 )
 from infra.config import STACKS_DIR, load_stack_file
 from infra.errors import FleetError
-from infra.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
-from infra.monitoring_host import (
+from infra.facts.aws import aws_fleet_facts
+from infra.plan.stack import StackPlan
+from infra.plan.tags import stack_tags
+from infra.preview.offline import MOCK_ACCOUNT_ID
+from infra.preview.policies import check_resources
+from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
+from infra.render.monitoring_host import (
     AGENT_CONFIG,
     AGENT_LABELS_SCRIPT,
     AGENT_UNIT,
@@ -67,10 +71,7 @@ from infra.monitoring_host import (
     render_host_user_data,
     render_node_agent,
 )
-from infra.offline import MOCK_ACCOUNT_ID
-from infra.policies import check_resources
-from infra.program.tags import stack_tags
-from infra.stackplan import StackPlan, build_stack_plan, monitoring_spec
+from infra.render.stack import build_stack_plan, monitoring_spec
 from tests.support.ports import free_port
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 from tests.support.snapshots import text_file
@@ -464,7 +465,7 @@ def test_policy_pack_passes_on_the_monitoring_resources(
     )
     assert violations == [], "\n".join(map(repr, violations))
     for v_type in {r.type for r in harness.records() if r.type.startswith("aws:")}:
-        from infra.policies import TAGLESS_TYPES
+        from infra.preview.policies import TAGLESS_TYPES
 
         assert (v_type in TAGLESS_TYPES) == (not accepts_tags(v_type)), v_type
 

@@ -30,17 +30,16 @@ import openai
 import pytest
 import yaml
 
-from infra.monitoring import (
+from infra.facts.vllm_metrics import default_metric_catalog
+from infra.render.monitoring import (
     DASHBOARDS,
     RULES_FILE,
     MonitoringSpec,
     dashboard_queries,
-    default_metric_catalog,
-    metric_names_in,
     render_monitoring,
-    rule_groups,
 )
 from tests.support.ports import free_port
+from tests.support.promql import metric_names_in, rule_groups
 from tests.support.vllm_server import VllmServer
 
 INSTANCE_ID = "i-0contract"

@@ -25,8 +25,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from infra.node.render import render_user_data
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.render.node import render_user_data
 from tests.support.moto import MotoServer
 from tests.support.ports import free_port
 from tests.support.rootfs import (

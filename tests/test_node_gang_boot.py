@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.node.render import render_user_data, systemd_argv
-from infra.node.spec import NodeSpec, ReplicaSpec
+from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.render.node import render_user_data, systemd_argv
 from tests.support.moto import MotoServer
 from tests.support.ports import free_port
 from tests.support.rootfs import (

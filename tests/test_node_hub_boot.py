@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.node.spec import NodeSpec
+from infra.plan.node.spec import NodeSpec
 from tests.support.hub import HubStandIn
 from tests.support.imds import FakeImds
 from tests.support.moto import MotoServer

@@ -44,7 +44,9 @@ import boto3
 import pytest
 
 from infra.errors import FleetError
-from infra.node.render import (
+from infra.plan import tags as program_tags
+from infra.plan.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
+from infra.render.node import (
     ASG_NAME_TAG,
     LIBEXEC,
     TARGET_GROUP_TAG,
@@ -54,8 +56,6 @@ from infra.node.render import (
     render_user_data,
     serving_units,
 )
-from infra.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
-from infra.program import tags as program_tags
 from tests.support.ports import free_port
 from tests.test_node_render import (
     MAX_EXPOSURE,
@@ -97,7 +97,7 @@ def test_lifecycle_hooks_can_be_left_out_for_nodes_without_a_group() -> None:
 
 
 def test_tags_and_stop_list_agree_with_the_fleet() -> None:
-    # The Fleet tags gangs with the target group under this key (infra/program/tags.py).
+    # The Fleet tags gangs with the target group under this key (infra/plan/tags.py).
     assert TARGET_GROUP_TAG == program_tags.TARGET_GROUP_TAG
     assert ASG_NAME_TAG == "aws:autoscaling:groupName"
     gang = render_node(multi_spec())[SCRIPT]

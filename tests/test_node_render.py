@@ -1,7 +1,7 @@
 """The node artifacts, checked with the real tools that will read them.
 
 systemd-analyze (verify, security, and its unit dump for quoting), cloud-init schema,
-shellcheck and ruff check what infra/node/render.py writes; the helper scripts run for
+shellcheck and ruff check what infra/render/node.py writes; the helper scripts run for
 real: fetch-api-key against a local moto server through the AWS CLI (traced with strace so
 the key provably never reaches argv or the environment of any process), its YAML through
 the pinned vLLM's own parser, gang-discover against moto's Auto Scaling and EC2 APIs, and
@@ -33,7 +33,9 @@ import yaml
 from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
-from infra.node.render import (
+from infra.plan.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
+from infra.plan.scaling import node_scaling_environment
+from infra.render.node import (
     LIBEXEC,
     UNIT_DIR,
     file_mode,
@@ -41,8 +43,6 @@ from infra.node.render import (
     render_user_data,
     user_data_gzip_base64,
 )
-from infra.node.spec import GangDiscovery, NodeSpec, ReplicaSpec
-from infra.scaling import node_scaling_environment
 from tests.support.ports import free_port
 from tests.support.snapshots import text_file
 
@@ -57,7 +57,7 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def serve_argv(port: int = 8000, *extra: str) -> tuple[str, ...]:
-    """A production-shaped argv, as infra/node/serve_args.py builds it."""
+    """A production-shaped argv, as infra/plan/node/serve_args.py builds it."""
     return (
         "vllm", "serve", MODEL, "--revision", "0e9e39f249a16976918f6564b8830bc894c89659",
         "--served-model-name", "llama-3.1-8b",
@@ -677,7 +677,7 @@ def test_fetch_takes_both_keys_during_a_rotation_and_vllm_parses_them(
 
     # The rendered ExecStart, as systemd parsed it, with the credential where systemd puts it:
     # the pinned vLLM's parser reads --config and ends up with both keys.
-    from infra.node.vllm_cli import serve_parser
+    from infra.plan.node.vllm_cli import serve_parser
 
     root, _ = rendered_roots["single"]
     (argv,) = parsed_commands(dump_lines(root, "vllm.service"), "ExecStart")

@@ -27,9 +27,9 @@ import pytest
 
 from infra.components.fleet import default_weights_s3_uri, parse_s3_uri
 from infra.config import load_stack_file
-from infra.node.spec import NodeSpec
-from infra.scaling import scaling_policy_spec
-from infra.stackplan import build_stack_plan
+from infra.plan.node.spec import NodeSpec
+from infra.plan.scaling import scaling_policy_spec
+from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.moto import MotoServer
 from tests.support.ports import free_port

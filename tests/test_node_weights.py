@@ -21,9 +21,10 @@ import pytest
 
 from infra.components.fleet import PolicyInputs, node_policy_document
 from infra.config import load_stack_file, stack_names
-from infra.node.from_plan import KEEP_ALIVE_MARGIN_S
-from infra.node.render import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names
-from infra.stackplan import StackPlan, build_stack_plan
+from infra.plan.node.from_plan import KEEP_ALIVE_MARGIN_S
+from infra.plan.stack import StackPlan
+from infra.render.node import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names
+from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "images" / "scripts"
@@ -32,7 +33,7 @@ FETCH_TOKEN = SCRIPTS / "node-fetch-hf-token.sh"
 BUCKET = "vllm-fleet-weights-123456789012-us-east-1"
 PREFIX = "meta-llama/Llama-3.1-70B-Instruct/main/"
 URI = f"s3://{BUCKET}/{PREFIX}"
-# EC2's user-data limit (RequestLaunchTemplateData.UserData; infra/data/aws_fleet.yaml).
+# EC2's user-data limit (RequestLaunchTemplateData.UserData; infra/facts/data/aws_fleet.yaml).
 USER_DATA_LIMIT = 16 * 1024
 
 _PLANS: dict[str, StackPlan] = {}

@@ -20,12 +20,12 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from infra.catalog import default_catalog
-from infra.cli import main
+from infra.cli.app import main
 from infra.config import load_stack_file
 from infra.errors import FleetError
-from infra.planner import make_plan
-from infra.stackplan import VALIDATED, sizing_request
+from infra.facts.catalog import default_catalog
+from infra.plan.planner import make_plan
+from infra.plan.stack import VALIDATED, sizing_request
 
 CATALOG = default_catalog()
 FAMILIES = sorted({it.family for it in CATALOG.instances.values()})

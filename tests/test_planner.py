@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.catalog import default_catalog
 from infra.errors import FleetError
-from infra.planner import GiB, SizingRequest, make_plan, plan_candidates, serving_facts
-from infra.sizing import kv_cache_bytes_per_token, weights_bytes
+from infra.facts.catalog import default_catalog
+from infra.plan.planner import GiB, SizingRequest, make_plan, plan_candidates, serving_facts
+from infra.plan.sizing import kv_cache_bytes_per_token, weights_bytes
 
 CATALOG = default_catalog()
 # The seed table is stated for 80 GB GPUs: A100 80GB and H100 nodes.
@@ -93,7 +93,7 @@ def test_multi_node_replica_keeps_tp_inside_the_node() -> None:
 
 def test_tp_rule_rejects_heads_not_divisible() -> None:
     # Llama-2-13B has 40 heads: TP 16 never, TP 8 yes (40 = 8 × 5).
-    from infra.planner import tp_rule_violation
+    from infra.plan.planner import tp_rule_violation
 
     arch = CATALOG.models["llama-2-13b"]
     assert tp_rule_violation(arch, 8) is None

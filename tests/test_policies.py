@@ -17,12 +17,13 @@ import pulumi_aws as aws
 import pytest
 import yaml
 
-from infra import offline, policies
 from infra.components.fleet import ladder_types
 from infra.config import StackConfig, load_stack_file
-from infra.offline import ResourceRecord
-from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
-from infra.stackplan import StackPlan, build_stack_plan
+from infra.plan.stack import StackPlan
+from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.preview import offline, policies
+from infra.preview.offline import ResourceRecord
+from infra.render.stack import build_stack_plan
 from tests.test_program import REFUSED, STACKS
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
@@ -67,7 +68,7 @@ def test_pack_is_mandatory_and_named() -> None:
 
 def test_policy_entry_point_only_builds_the_pack() -> None:
     """Building a PolicyPack starts a gRPC server that never returns, so the entry point must
-    hold nothing else: one PolicyPack(...) statement over infra.policies.POLICIES."""
+    hold nothing else: one PolicyPack(...) statement over infra.preview.policies.POLICIES."""
     tree = ast.parse((POLICY_DIR / "__main__.py").read_text())
     statements = [s for s in tree.body if not isinstance(s, (ast.Import, ast.ImportFrom)) and not (
         isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
@@ -400,7 +401,7 @@ def test_program_arns_name_the_partition() -> None:
     literal = re.compile(r"""["']arn:aws:|ManagedPolicy\.""")
     found = [
         f"{path.relative_to(root)}:{number}"
-        for path in sorted([*root.glob("components/*.py"), *root.glob("program/*.py"), root / "monitoring_host.py"])
+        for path in sorted([*root.glob("components/*.py"), *root.glob("program/*.py"), root / "render" / "monitoring_host.py"])
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if literal.search(line)
     ]
@@ -427,7 +428,7 @@ def test_names_stay_within_aws_limits() -> None:
     """A 40-character image name (the most config allows) made a 57-character bucket prefix
     (S3 takes 37): the pack catches that, and the image component now fits its prefixes."""
     from infra.config import load_any_stack_file
-    from infra.names import fit_prefix
+    from infra.plan.names import fit_prefix
 
     name, bucket = "names-within-limits", "aws:s3/bucket:Bucket"
     assert violations(name, bucket, {"bucketPrefix": "vllm-fleet-" + "x" * 40 + "-bake-"})

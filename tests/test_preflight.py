@@ -54,7 +54,7 @@ from infra.ops.preflight import (
     has_blocker,
     quota_needs,
 )
-from infra.stackplan import build_stack_plan
+from infra.render.stack import build_stack_plan
 
 REGION = "us-east-1"
 P_QUOTA = "L-417A185B"  # Running On-Demand P instances (catalog quota_code of p4de/p5)
@@ -549,7 +549,7 @@ def test_managed_monitoring_prerequisites_on_moto(moto_env: dict[str, str]) -> N
 def test_endpoints_only_existing_vpc_needs_every_endpoint_on_moto(moto_env: dict[str, str]) -> None:
     """The program creates endpoints only in a VPC of its own; in an existing one preflight
     must find them all, or the drain hook, gang discovery and head registration hang."""
-    from infra.components.facts import aws_fleet_facts
+    from infra.facts.aws import aws_fleet_facts
     from infra.ops.preflight import check_vpc_endpoints
 
     ec2 = boto3.client("ec2", region_name=REGION)

@@ -1,5 +1,5 @@
 """The Pulumi program under mocks, for every stack file: what it declares, and the security and
-reliability properties of what it declares. Runs in-process (infra/offline.py): each run gets
+reliability properties of what it declares. Runs in-process (infra/preview/offline.py): each run gets
 its own event loop and isolated Pulumi settings; no CLI, no cloud.
 
 Snapshots of each stack's resource graph: tests/__snapshots__/test_program/ (preview
@@ -23,11 +23,8 @@ import pytest
 from pulumi.runtime import settings
 from syrupy.assertion import SnapshotAssertion
 
-from infra import offline, policies
-from infra.catalog import default_catalog
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import route_rules
-from infra.components.facts import RuleLimits, aws_fleet_facts
 from infra.components.fleet import (
     GANG_READY_HEARTBEAT_S,
     PolicyInputs,
@@ -39,12 +36,16 @@ from infra.components.fleet import (
     node_policy_document,
 )
 from infra.config import StackConfig, load_stack_file, stack_names
-from infra.drain import SLOWEST_STREAM_TOKENS_PER_S
 from infra.errors import FleetError
-from infra.offline import OfflineRun, ResourceRecord
+from infra.facts.aws import RuleLimits, aws_fleet_facts
+from infra.facts.catalog import default_catalog
+from infra.plan.drain import SLOWEST_STREAM_TOKENS_PER_S
+from infra.plan.stack import StackPlan
+from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
+from infra.preview import offline, policies
+from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
-from infra.program.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
-from infra.stackplan import StackPlan, build_stack_plan
+from infra.render.stack import build_stack_plan
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 from tests.support.snapshots import text_extension
 
@@ -730,7 +731,7 @@ def test_missing_or_oversized_user_data_is_refused() -> None:
 
 
 def test_route_rules_respect_alb_limits() -> None:
-    from infra.components.facts import ApiRoute
+    from infra.facts.aws import ApiRoute
 
     routes = [ApiRoute(method="POST", path=f"/v1/r{i}") for i in range(7)] + [ApiRoute(method="GET", path="/v1/models")]
     rules = route_rules(routes, RuleLimits(values_per_condition=3, values_per_rule=5))
@@ -768,8 +769,8 @@ def test_api_key_component_outputs(pulumi_mocks: Callable[..., PulumiHarness]) -
 def test_dashboard_group_panels_find_the_groups(stack: str) -> None:
     """Before the fix the groups published no group metrics, and the panels asked CloudWatch
     for a group named exactly the prefix (AWS suffixes every name): the panels stayed empty."""
-    from infra.monitoring import render_monitoring
-    from infra.stackplan import monitoring_spec
+    from infra.render.monitoring import render_monitoring
+    from infra.render.stack import monitoring_spec
 
     plan = stack_plan(stack)
     run = stack_run(stack, False)

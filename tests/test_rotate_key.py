@@ -42,10 +42,7 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 
 from infra.errors import FleetError
-from infra.node.render import LIBEXEC, render_node
-from infra.node.spec import NodeSpec, ReplicaSpec
 from infra.ops.api_keys import parse_secret_value
-from infra.ops.local_lb import Backend, HaproxyTargetPool, run_local_lb
 from infra.ops.rotate import (
     Elbv2TargetPool,
     Node,
@@ -58,6 +55,9 @@ from infra.ops.rotate import (
     ssm_commands,
 )
 from infra.ops.smoke import http_status
+from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.render.node import LIBEXEC, render_node
+from tests.support.local_lb import Backend, HaproxyTargetPool, run_local_lb
 from tests.support.ports import free_port
 from tests.support.snapshots import text_file
 from tests.support.vllm_server import (

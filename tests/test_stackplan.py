@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from infra.config import load_stack_file, stack_names
-from infra.node import vllm_cli
-from infra.stackplan import VALIDATED, build_stack_plan, validate_argv, write_artifacts
+from infra.plan.node import vllm_cli
+from infra.plan.stack import VALIDATED, validate_argv
+from infra.render.stack import build_stack_plan, write_artifacts
 
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 

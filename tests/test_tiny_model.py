@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.catalog import arch_from_hf_config
+from infra.facts.catalog import arch_from_hf_config
 from tests.support.tiny_model import EOS, TINY_LLAMA_CONFIG, write_tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""infra.node.vllm_cli checks production argv with the pinned vLLM's own `vllm serve` parser."""
+"""infra.plan.node.vllm_cli checks production argv with the pinned vLLM's own `vllm serve` parser."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 
 from infra.errors import FleetError
-from infra.node import vllm_cli
-from infra.node.vllm_pin import vllm_facts
+from infra.facts.vllm_pin import vllm_facts
+from infra.plan.node import vllm_cli
 
 PRODUCTION_ARGV = [
     "vllm", "serve", "/opt/models/meta-llama/Llama-3.1-70B-Instruct",
@@ -55,7 +55,7 @@ def test_vllm_is_importable() -> None:
 
 
 def test_parser_is_the_one_vllm_serve_builds(serve_parser: vllm_cli.ServeParser) -> None:
-    # The import paths in infra/data/vllm.yaml are the objects `vllm serve` itself uses.
+    # The import paths in infra/facts/data/vllm.yaml are the objects `vllm serve` itself uses.
     import vllm.entrypoints.cli.serve as serve_module
 
     location = vllm_facts().parser
@@ -175,7 +175,7 @@ def test_serve_flag_names(serve_parser: vllm_cli.ServeParser) -> None:
 
 def test_the_flag_table_in_data_is_what_the_pinned_parser_defines(serve_parser: vllm_cli.ServeParser) -> None:
     """Regenerated from the real parser and compared: a vLLM bump that changes a flag fails here
-    until `python -m infra.node.vllm_cli --write-flag-table` is run."""
+    until `python -m infra.plan.node.vllm_cli --write-flag-table` is run."""
     assert vllm_cli.pinned_flag_table() == serve_parser.table
     assert serve_parser.table.version == vllm_facts().pin.version.value
 
@@ -193,7 +193,7 @@ def test_the_light_plan_refuses_an_unknown_extra_arg(monkeypatch: pytest.MonkeyP
     """`vllm-fleet plan` where vLLM is not installed: an unknown flag in extraArgs is a FleetError
     (exit 2 at the CLI), not a warning."""
     from infra.config import load_stack_file
-    from infra.stackplan import build_stack_plan
+    from infra.render.stack import build_stack_plan
 
     monkeypatch.setattr(vllm_cli, "vllm_importable", lambda: False)
     config = load_stack_file("dev-8b")

@@ -1,4 +1,4 @@
-"""The vLLM pin in infra/data/vllm.yaml is the version installed and the one pyproject pins."""
+"""The vLLM pin in infra/facts/data/vllm.yaml is the version installed and the one pyproject pins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from infra.node.vllm_pin import load_vllm_facts, vllm_facts
+from infra.facts.vllm_pin import load_vllm_facts, vllm_facts
 
 REPO = Path(__file__).resolve().parents[1]
 

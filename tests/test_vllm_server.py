@@ -14,8 +14,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.catalog import arch_from_hf_config
-from infra.sizing import kv_cache_bytes_per_token
+from infra.facts.catalog import arch_from_hf_config
+from infra.plan.sizing import kv_cache_bytes_per_token
 from tests.support.vllm_server import VllmServer, VllmServerError, run_vllm_server
 
 GIB = 1 << 30  # vLLM's GiB_bytes
@@ -166,7 +166,7 @@ def test_kv_cache_size_matches_the_planners_bytes_per_token(vllm_server: VllmSer
 
 def test_server_runs_the_dev_8b_rendered_argv_with_only_cpu_changes(vllm_server: VllmServer) -> None:
     from infra.config import load_stack_file
-    from infra.stackplan import build_stack_plan
+    from infra.render.stack import build_stack_plan
     from tests.support.dev_argv import CPU_CHANGES, argv_diff
 
     stack_plan = build_stack_plan(load_stack_file("dev-8b"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.node.vllm_pin import vllm_facts
+from infra.facts.vllm_pin import vllm_facts
 from tests.support.ports import free_port
 from tests.support.vllm_server import (
     VllmServerError,

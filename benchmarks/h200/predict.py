@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import sys
 
-from infra.catalog import default_catalog
-from infra.planner import Layout, SizingRequest, evaluate, performance_json, with_serving
-from infra.workload import Workload
+from infra.facts.catalog import default_catalog
+from infra.facts.workload import Workload
+from infra.plan.planner import Layout, SizingRequest, evaluate, performance_json, with_serving
 
 INSTANCE = "p5en.48xlarge"  # 8 × H200; the proof replica is one of its GPUs
 

@@ -105,7 +105,7 @@ def run_config(args: argparse.Namespace, config: dict, out: Path) -> dict:
         *VLLM, "serve", args.model_dir, "--served-model-name", args.served_name,
         "--load-format", "dummy", "--max-model-len", str(args.max_model_len),
         "--gpu-memory-utilization", "0.9", "--port", str(PORT), "--host", "127.0.0.1",
-        # What the fleet's rendered argv also passes (infra/node/serve_args.py).
+        # What the fleet's rendered argv also passes (infra/plan/node/serve_args.py).
         "--enable-prefix-caching", "--dtype", "bfloat16",
     ]
     if args.quantization:

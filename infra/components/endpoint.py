@@ -1,7 +1,7 @@
 """The fleet's front door: a load balancer that exposes only the OpenAI API.
 
 An ALB terminates TLS (a modern TLS 1.3 policy) and forwards exactly the API routes the
-fleet serves (infra/data/aws_fleet.yaml ``vllm_api_routes``); everything else — /metrics,
+fleet serves (infra/facts/data/aws_fleet.yaml ``vllm_api_routes``); everything else — /metrics,
 /tokenize, /scale_elastic_ep, /docs … which vLLM serves without the API key — gets a 404
 from the listener itself. One target group per vLLM server slot on a node (a node runs
 ``replicas_per_node`` servers on consecutive ports), least-outstanding-requests balancing,
@@ -21,10 +21,9 @@ from typing import Literal
 import pulumi
 import pulumi_aws as aws
 
-from infra.components.facts import ApiRoute, RuleLimits, aws_fleet_facts
 from infra.errors import FleetError
-
-NOT_FOUND_BODY = '{"error": {"message": "not found", "code": 404}}'
+from infra.facts.aws import ApiRoute, RuleLimits, aws_fleet_facts
+from infra.plan.public_api import NOT_FOUND_BODY
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,7 @@ class Endpoint(pulumi.ComponentResource):
                     target_type="instance",
                     vpc_id=args.vpc_id,
                     health_check=health,
-                    # Outlasts the longest stream and vLLM's --shutdown-timeout (infra/drain.py):
+                    # Outlasts the longest stream and vLLM's --shutdown-timeout (infra/plan/drain.py):
                     # the node stops vLLM only after this, or once nothing is in flight.
                     deregistration_delay=args.deregistration_delay_s,
                     load_balancing_algorithm_type="least_outstanding_requests" if is_alb else None,

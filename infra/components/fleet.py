@@ -40,12 +40,14 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.catalog import default_catalog
-from infra.components.facts import aws_fleet_facts
 from infra.config import StackConfig
 from infra.errors import FleetError
-from infra.planner import GiB, Layout, serving_facts
-from infra.program.tags import (
+from infra.facts.aws import aws_fleet_facts
+from infra.facts.catalog import default_catalog
+from infra.plan.planner import GiB, Layout, serving_facts
+from infra.plan.scaling import instances_for, ladder_types, log_group_name, scaling_policy_spec
+from infra.plan.stack import StackPlan, group_name_prefix
+from infra.plan.tags import (
     GANG_TAG,
     INSTANCE_TYPE_TAG,
     LOG_GROUP_TAG,
@@ -54,8 +56,6 @@ from infra.program.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
-from infra.scaling import instances_for, ladder_types, log_group_name, scaling_policy_spec
-from infra.stackplan import StackPlan, group_name_prefix
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
 # at most 10 % (at least one node) above it while a replacement warms up.
@@ -69,7 +69,7 @@ CAPACITY_SEARCH_S = 600
 # one of the group's initial_lifecycle_hooks, which the provider marks ForceNew
 # (aws_fleet.yaml initial_lifecycle_hook_force_new). Its timeout is therefore a constant, never
 # derived from the plan: the node records a heartbeat every 25 s while its gang starts
-# (infra/node/spec.py heartbeat_interval_s), so this only bounds how long a silent node (dead
+# (infra/plan/node/spec.py heartbeat_interval_s), so this only bounds how long a silent node (dead
 # before its watcher ran) holds capacity before ABANDON gives it back.
 GANG_READY_HEARTBEAT_S = 900
 # After the drain hook: EC2's own shutdown and termination of a GPU node (EFA interfaces, EBS).
@@ -176,7 +176,7 @@ def root_volume_for_image(stack_plan: StackPlan, snapshot_gib: int) -> int:
 
 def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
     """The root volume's provisioned initialization rate: the planner's figure for the source
-    (infra/data/weight_sources.yaml), or None where EBS must initialize by its own means."""
+    (infra/facts/data/weight_sources.yaml), or None where EBS must initialize by its own means."""
     if weights_source not in PROVISIONED_INITIALIZATION_SOURCES:
         return None
     return round(default_catalog().weight_sources[weights_source].throughput_mb_s * 1_000_000 / MiB)
@@ -225,7 +225,7 @@ def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> i
 
 
 def scheduled_min_groups(stack_plan: StackPlan) -> set[str]:
-    """The groups whose min_size the night schedule owns (infra/scaling.py NightFloor): Pulumi
+    """The groups whose min_size the night schedule owns (infra/plan/scaling.py NightFloor): Pulumi
     must not diff it, or every nightly drift check reports the schedule's value as drift."""
     night = scaling_policy_spec(stack_plan).night
     if night is None:
@@ -275,9 +275,9 @@ class PolicyInputs:
     target_group_arns: Sequence[str] = ()
     weights_s3_uri: str | None = None
     secret_kms_key_arn: str | None = None
-    # The optional Hugging Face token (infra/node/from_plan.py hf_token_secret_name).
+    # The optional Hugging Face token (infra/plan/node/from_plan.py hf_token_secret_name).
     hf_token_secret_name: str | None = None
-    # The namespace the nodes' scaling-signal publishes to (infra/scaling.py node_scaling_environment).
+    # The namespace the nodes' scaling-signal publishes to (infra/plan/scaling.py node_scaling_environment).
     metrics_namespace: str | None = None
 
 
@@ -300,7 +300,7 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
         {
             "Sid": "LifecycleHooks",
             "Effect": "Allow",
-            # SetInstanceProtection: a busy node shields itself from scale-in (infra/scaling.py).
+            # SetInstanceProtection: a busy node shields itself from scale-in (infra/plan/scaling.py).
             "Action": lifecycle
             + ["autoscaling:SetInstanceProtection"]
             + (["autoscaling:SetInstanceHealth"] if p.gangs else []),

@@ -4,7 +4,7 @@ What it declares, all parented to one ``vllm-fleet:images:VllmImage`` component:
 
 * a private, encrypted S3 bucket holding ``images/scripts/*.sh`` under a content-addressed
   prefix (the component documents ``S3Download`` them);
-* one Image Builder Component per AWSTOE document the image needs (``infra.images.plan_image``
+* one Image Builder Component per AWSTOE document the image needs (``infra.plan.images.plan_image``
   decides which), ``skip_destroy`` so older versions stay usable, version derived from the
   document's and its scripts' content, because a component version is immutable;
 * the ImageRecipe: parent image ``ssm:<DLAMI public parameter>`` (resolved by Image Builder at
@@ -33,17 +33,10 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
-from infra.images import (
-    SCRIPTS_PREFIX_PARAMETER,
-    ImageFacts,
-    ImagePlan,
-    ImageSpec,
-    default_facts,
-    plan_image,
-    root_volume_gib,
-)
-from infra.names import fit_prefix
-from infra.program.tags import IMAGE_TAG
+from infra.facts.images import ImageFacts, default_facts
+from infra.plan.images import SCRIPTS_PREFIX_PARAMETER, ImagePlan, ImageSpec, plan_image, root_volume_gib
+from infra.plan.names import fit_prefix
+from infra.plan.tags import IMAGE_TAG
 
 COMPONENT_TYPE = "vllm-fleet:images:VllmImage"
 # The build instance runs no containers: the metadata token need not cross a network hop.

@@ -1,7 +1,7 @@
 """A fleet's monitoring, by ``vllm-fleet:monitoring.mode``:
 
 * ``self-hosted``: one small Amazon Linux 2023 instance in a private subnet running Prometheus,
-  Alertmanager and Grafana (infra/monitoring_host.py renders its files). The monitoring content
+  Alertmanager and Grafana (infra/render/monitoring_host.py renders its files). The monitoring content
   (``render_monitoring``) goes to a private S3 bucket, one object per file plus a checksum
   manifest; the host installs a new version after promtool/amtool accept it, without being
   replaced. Grafana's admin password: RandomPassword → Secrets Manager, read by the host at
@@ -30,10 +30,11 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
-from infra.components.facts import aws_fleet_facts
 from infra.errors import FleetError
-from infra.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
-from infra.monitoring_host import (
+from infra.facts.aws import aws_fleet_facts
+from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
+from infra.render.monitoring_host import (
     CONFIG_URI_TAG,
     GRAFANA_PASSWORD_LENGTH,
     MANIFEST_NAME,
@@ -54,7 +55,6 @@ from infra.monitoring_host import (
     render_host_user_data,
     render_node_agent,
 )
-from infra.program.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 
 MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
 HTTPS_PORT = 443
@@ -531,7 +531,7 @@ class Monitoring(pulumi.ComponentResource):
 def _require_spec(args: MonitoringArgs) -> MonitoringSpec:
     if args.spec is None:
         raise FleetError(
-            f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.stackplan.monitoring_spec)"
+            f"monitoring mode {args.mode}: needs the fleet's MonitoringSpec (infra.render.stack.monitoring_spec)"
         )
     return args.spec
 

@@ -1,5 +1,5 @@
 """FleetScaling: the Auto Scaling policies, alarms and schedules that size the fleet on vLLM's
-own signals. What they are and why: infra/scaling.py (``scaling_policy_spec``) and docs/scaling.md.
+own signals. What they are and why: infra/plan/scaling.py (``scaling_policy_spec``) and docs/scaling.md.
 
 The groups belong to the Fleet component; this one only takes their names:
 
@@ -22,14 +22,14 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
-from infra.scaling import (
+from infra.facts.scaling import scaling_facts
+from infra.plan.scaling import (
     ScalingPolicySpec,
     SignalRole,
-    scaling_facts,
     scaling_policy_spec,
     warm_pool_settings,
 )
-from infra.stackplan import StackPlan
+from infra.plan.stack import StackPlan
 
 # Metric math ids: "must start with a lowercase letter" (CloudWatch MetricDataQuery.Id).
 RUNNING_ID, WAITING_ID, KV_ID, RESULT_ID = "running", "waiting", "kv", "load"
@@ -37,7 +37,7 @@ RUNNING_ID, WAITING_ID, KV_ID, RESULT_ID = "running", "waiting", "kv", "load"
 
 def warm_pool_args(stack_plan: StackPlan) -> aws.autoscaling.GroupWarmPoolArgs | None:
     """``warm_pool=`` for the Fleet's group, or None when the plan rules a warm pool out
-    (``infra.scaling.warm_pool_mode`` says why). A warm pool also needs a launch lifecycle hook
+    (``infra.plan.scaling.warm_pool_mode`` says why). A warm pool also needs a launch lifecycle hook
     on the group (AWS: create the hook before the pool); see docs/scaling.md."""
     settings = warm_pool_settings(stack_plan)
     if settings is None:

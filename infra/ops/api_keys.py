@@ -2,7 +2,7 @@
 
 The secret ``vllm-fleet/<stack>/api-key`` holds either one plain key, or JSON
 ``{"keys": [newest, ..., oldest]}`` while a key is being rotated. Nodes accept every key in
-the list (infra/templates/node/api-keys-to-vllm-config.py.j2 hands them all to vLLM's
+the list (infra/render/templates/node/api-keys-to-vllm-config.py.j2 hands them all to vLLM's
 ``--api-key``, which takes several); clients use the first, newest one. The key rules are
 the node converter's, so a value rotate-key writes is one every node accepts.
 """
@@ -14,7 +14,7 @@ import re
 import secrets
 
 from infra.errors import FleetError
-from infra.node.render import MIN_KEY_LENGTH
+from infra.render.node import MIN_KEY_LENGTH
 
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 

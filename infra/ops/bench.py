@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.workload import Workload
+from infra.facts.workload import Workload
 
 PERCENTILES = (50, 95, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -58,7 +58,7 @@ BENCH_SERVE_PROGRAM = (
 
 @dataclass(frozen=True)
 class Prediction:
-    """What the planner predicted for one saturated replica (infra/perf.py)."""
+    """What the planner predicted for one saturated replica (infra/plan/perf.py)."""
 
     max_num_seqs: int
     output_tokens_per_s: float

@@ -6,7 +6,7 @@
 - ``rotate-key STACK``: a new API key with no failed request (two rolling restarts).
 - ``bench STACK --url URL``: load at the stack's workload over a sweep of rates, against the
   plan's prediction (infra/ops/bench.py). Exit 1 when no rate completed.
-Bad input exits 2 with one line (infra.errors.FleetError, printed by infra/cli.py).
+Bad input exits 2 with one line (infra.errors.FleetError, printed by infra/cli/app.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from rich.table import Table
 
 from infra.config import STACKS_DIR, load_stack_file
 from infra.errors import FleetError
+from infra.facts.workload import Workload
 from infra.ops.api_keys import check_key, new_api_key, read_secret_keys
 from infra.ops.aws import client_factory, credentials_error, error_text
-from infra.stackplan import build_stack_plan
-from infra.workload import Workload
+from infra.render.stack import build_stack_plan
 
 out = Console(highlight=False)
 err_out = Console(stderr=True, highlight=False)
@@ -243,9 +243,9 @@ def bench(
 ) -> None:
     """Load-test an endpoint at the stack's workload over a sweep of rates (vLLM's `vllm bench serve`),
     and compare with the plan's prediction: a table, bench.json and bench.png."""
-    from infra.node.serve_args import served_model_name
     from infra.ops import bench as bench_driver
-    from infra.planner import performance_json
+    from infra.plan.node.serve_args import served_model_name
+    from infra.plan.planner import performance_json
 
     config = load_stack_file(stack, stacks_dir)
     plan = build_stack_plan(config, validate=False).plan

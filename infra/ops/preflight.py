@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 import botocore.exceptions  # type: ignore[import-untyped]
 
-from infra.catalog import default_catalog
-from infra.components.facts import aws_fleet_facts
+from infra.facts.aws import aws_fleet_facts
+from infra.facts.catalog import default_catalog
 from infra.ops.aws import CALL_ERRORS, ClientFactory, credentials_error, error_code, error_text
-from infra.stackplan import StackPlan
+from infra.plan.stack import StackPlan
 
 Status = Literal["pass", "warn", "fail"]
 # Where Service Quotas files EC2's vCPU quotas.

@@ -1,6 +1,6 @@
 """Zero-downtime API key rotation.
 
-The node side (infra/templates/node/): ``vllm-fleet-fetch-key.service`` copies the secret
+The node side (infra/render/templates/node/): ``vllm-fleet-fetch-key.service`` copies the secret
 ``vllm-fleet/<stack>/api-key`` into a root-only tmpfs file; ``vllm.service`` hands every key
 in it to vLLM (``--config`` → ``api-key: [...]``; vLLM 0.32.0's ``--api-key`` is a list and
 its AuthenticationMiddleware accepts any key in it, vllm/entrypoints/serve/middleware/
@@ -39,7 +39,7 @@ from infra.ops.aws import error_code, error_text
 Phase = Literal["all", "add", "retire"]
 Progress = Callable[[str], None]
 TEMPLATE_DIR = Path(__file__).with_name("templates")
-# Tag the Pulumi program puts on every fleet resource (infra/program/tags.py STACK_TAG),
+# Tag the Pulumi program puts on every fleet resource (infra/plan/tags.py STACK_TAG),
 # which finds the stack's target groups.
 STACK_TAG_KEY = "vllm-fleet:stack"
 # The ALB's health check needs a few passes after registration before a target is healthy.

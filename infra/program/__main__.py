@@ -2,11 +2,12 @@
 
 import pulumi
 
-from infra.config import ImagesStackConfig, load_from_pulumi
+from infra.config import ImagesStackConfig
 from infra.errors import FleetError
+from infra.program.config import load_from_pulumi
 from infra.program.images import deploy_images
 from infra.program.stack import deploy
-from infra.stackplan import build_stack_plan
+from infra.render.stack import build_stack_plan
 
 try:
     config = load_from_pulumi()

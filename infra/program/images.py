@@ -3,7 +3,7 @@
 ``deploy_images`` runs every check that can fail (the bake against images/facts.yaml and the
 vLLM pin, the network settings) before it declares the first resource, like ``deploy`` for
 fleet stacks; the same function runs for a real ``pulumi up`` (infra/program/__main__.py) and
-under mocks for ``vllm-fleet plan`` (infra/offline.py).
+under mocks for ``vllm-fleet plan`` (infra/preview/offline.py).
 
 Network: the build instance must reach PyPI (the vLLM wheel), the Ubuntu archive (exporters),
 S3, SSM and, for Hugging Face weights, the Hub. So the stack takes the same
@@ -26,9 +26,8 @@ from infra.components.image import VllmImage, VllmImageArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.config import PROJECT, ImagesStackConfig, NetworkSection
 from infra.errors import FleetError
-from infra.images import ImagePlan
-from infra.images_plan import image_spec, plan_bake
-from infra.program.tags import IMAGE_TAG, STACK_TAG
+from infra.plan.images import ImagePlan, image_spec, plan_bake
+from infra.plan.tags import IMAGE_TAG, STACK_TAG
 
 # NetworkSection keys that shape a fleet's network and mean nothing for one build instance.
 FLEET_ONLY_NETWORK_KEYS = {"availability_zones": "availabilityZones", "public_subnet_ids": "publicSubnetIds"}
@@ -137,7 +136,7 @@ class BuildNetwork(pulumi.ComponentResource):
 
 def images_tags(config: ImagesStackConfig) -> dict[str, str]:
     """The stack's own tags plus the stack and image tags (the policy pack's required tags
-    for an image-build stack, infra.policies.images_policy_config)."""
+    for an image-build stack, infra.preview.policies.images_policy_config)."""
     return {**config.tags, STACK_TAG: config.stack, IMAGE_TAG: config.bake.name}
 
 

@@ -4,7 +4,7 @@
 source, network egress) before it declares the first resource, so a bad stack fails the
 preview with one FleetError line and nothing half-created. The same function runs for a
 real ``pulumi up`` (infra/program/__main__.py) and under mocks for the offline plan
-(infra/offline.py).
+(infra/preview/offline.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.catalog import default_catalog
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import Endpoint, EndpointArgs, check_endpoint
-from infra.components.facts import aws_fleet_facts
 from infra.components.fleet import (
     CapacityLayout,
     Fleet,
@@ -33,12 +31,15 @@ from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection, StackConfig
-from infra.drain import deregistration_delay_s
 from infra.errors import FleetError
-from infra.node.serve_args import served_model_name
-from infra.pricing import instance_price
-from infra.program.tags import plan_id, stack_tags
-from infra.stackplan import StackPlan, monitoring_spec
+from infra.facts.aws import aws_fleet_facts
+from infra.facts.catalog import default_catalog
+from infra.plan.drain import deregistration_delay_s
+from infra.plan.node.serve_args import served_model_name
+from infra.plan.pricing import instance_price
+from infra.plan.stack import StackPlan
+from infra.plan.tags import plan_id, stack_tags
+from infra.render.stack import monitoring_spec
 
 # Weight sources a node can reach without internet egress (endpoints-only networks).
 SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")
@@ -176,7 +177,7 @@ def fleet_subnet_ids(
 
 
 def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str, Any]:
-    """GPU nodes at min and max, priced as `vllm-fleet plan` prices them (infra/pricing.py)."""
+    """GPU nodes at min and max, priced as `vllm-fleet plan` prices them (infra/plan/pricing.py)."""
     config = stack_plan.config
     chosen = stack_plan.plan.layout.instance_type
     price = instance_price(default_catalog(), chosen, config.region, config.capacity.market)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.cli import main
+from infra.cli.app import main
 
 
 @dataclass(frozen=True)

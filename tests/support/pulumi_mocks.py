@@ -10,7 +10,7 @@ General on purpose — any component can be tested with it:
         harness.records("aws:ec2/launchTemplate:LaunchTemplate")   # what was registered
         harness.resolve(component.some_output)            # an Output's value
 
-Resources echo their inputs plus deterministic ids/ARNs/names (infra.offline.OfflineMocks;
+Resources echo their inputs plus deterministic ids/ARNs/names (infra.preview.offline.OfflineMocks;
 extra data sources via ``invoke_handlers={token: fn}``; extra computed outputs per resource
 type via ``resource_outputs={type token: fn(name, inputs) -> outputs}``, applied in both
 modes, e.g. a StackReference's ``outputs``); every registration is recorded with its inputs
@@ -30,7 +30,7 @@ from pulumi.runtime import MockResourceArgs, set_mocks, settings
 from pulumi.runtime import config as runtime_config
 from pulumi.runtime.stack import run_pulumi_func
 
-from infra.offline import OfflineMocks, RecordingMonitor, ResourceRecord
+from infra.preview.offline import OfflineMocks, RecordingMonitor, ResourceRecord
 
 TEST_PROJECT = "vllm-fleet"
 TEST_STACK = "test"

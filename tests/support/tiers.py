@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 FAST_MODULES = frozenset({
+    "test_architecture.py",
     "test_catalog.py",
     "test_config.py",
     "test_docs.py",

