@@ -35,6 +35,7 @@ import jinja2
 from infra.errors import FleetError
 from infra.ops.api_keys import check_key, format_secret_value, read_secret_keys
 from infra.ops.aws import error_code, error_text
+from infra.render.templating import template_environment
 
 Phase = Literal["all", "add", "retire"]
 Progress = Callable[[str], None]
@@ -294,17 +295,7 @@ class Elbv2TargetPool:
 
 @cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
+    return template_environment(TEMPLATE_DIR)
 
 
 def render_restart_script(ports: tuple[int, ...], *, health_timeout_s: int) -> str:

@@ -26,6 +26,7 @@ import yaml
 
 from infra.errors import FleetError
 from infra.facts.vllm_metrics import default_metric_catalog
+from infra.render.templating import template_environment
 
 TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring"))
 DASHBOARD_SPEC_DIR = TEMPLATE_DIR / "dashboards"
@@ -182,11 +183,6 @@ def _validate(spec: MonitoringSpec) -> None:
 # Rendering
 
 
-def _yaml_str(value: object) -> str:
-    """A YAML double-quoted scalar (JSON strings are valid YAML), safe for any text."""
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def _number(value: float) -> str:
     """PromQL/YAML number literal: ints stay ints, floats use Python's shortest repr."""
     if isinstance(value, bool):
@@ -196,17 +192,7 @@ def _number(value: float) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    env.filters["yaml_str"] = _yaml_str
-    env.filters["number"] = _number
-    return env
+    return template_environment(TEMPLATE_DIR, {"number": _number})
 
 
 def _template_context(spec: MonitoringSpec) -> dict[str, Any]:

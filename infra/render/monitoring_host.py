@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import FleetError
 from infra.render.monitoring import RULES_FILE, MonitoringSpec
-from infra.render.templating import script_environment
+from infra.render.templating import template_environment
 
 TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring-host"))
 FACTS_FILE = TEMPLATE_DIR / "facts.yaml"
@@ -172,7 +172,7 @@ def host_facts() -> HostFacts:
 
 @cache
 def _environment() -> jinja2.Environment:
-    return script_environment(TEMPLATE_DIR)
+    return template_environment(TEMPLATE_DIR)
 
 
 def _render(template: str, **context: object) -> str:

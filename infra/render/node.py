@@ -11,18 +11,19 @@ from __future__ import annotations
 import base64
 import gzip
 import re
-import shlex
 from dataclasses import dataclass
 from functools import cache
+from importlib import resources
+from pathlib import Path
 
 import jinja2
 
 from infra.errors import FleetError
 from infra.plan.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.render.templating import template_environment
 
-TEMPLATE_PACKAGE = "infra.render"
-TEMPLATE_DIR = "templates/node"
+TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "node"))
 
 RUN_DIR = "/run/vllm-fleet"
 LIBEXEC = "usr/local/libexec/vllm-fleet"
@@ -98,21 +99,7 @@ def systemd_env(assignment: str) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
-    env.filters["sd_argv"] = systemd_argv
-    env.filters["sd_env"] = systemd_env
-    env.filters["sh_quote"] = shlex.quote
-    return env
+    return template_environment(TEMPLATE_DIR, {"sd_argv": systemd_argv, "sd_env": systemd_env})
 
 
 def _render(template: str, **context: object) -> str:
