@@ -14,17 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class Cited(BaseModel):
-    """Every fact carries where it came from and when it was read."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(min_length=8)
-    read: dt.date
+from infra.facts.fact import Cited, read_yaml
 
 
 class ModelArch(Cited):
@@ -160,11 +152,6 @@ CATALOG_FILES = {
     "instances": "instances.yaml",
     "weight_sources": "weight_sources.yaml",
 }
-
-
-def read_yaml(path: Path) -> Any:
-    with path.open(encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
 
 
 def load_catalog(data_dir: Path = DATA_DIR) -> Catalog:

@@ -6,30 +6,22 @@ other keys). No vLLM import here: this module is cheap and safe anywhere.
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from infra.facts.catalog import DATA_DIR, read_yaml
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import Fact, NonEmptyStr, Strict, read_yaml
 
 VLLM_DATA_FILE = "vllm.yaml"
 
 
-class CitedValue(BaseModel):
-    """One fact with where it was read and when."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: str = Field(min_length=1)
-    source: str = Field(min_length=8)
-    read: dt.date
+# A non-empty string, with where it was read and when.
+CitedValue = Fact[NonEmptyStr]
 
 
-class VllmPin(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class VllmPin(Strict):
     version: CitedValue
     gpu_package: CitedValue
     cpu_package: CitedValue
@@ -40,10 +32,8 @@ class VllmPin(BaseModel):
         return f"{package.value}=={self.version.value}"
 
 
-class VllmParserLocation(BaseModel):
+class VllmParserLocation(Strict):
     """Import paths (``module:attribute``) of the pinned version's ``vllm serve`` machinery."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     make_arg_parser: CitedValue
     parser_class: CitedValue

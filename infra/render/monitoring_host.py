@@ -21,7 +21,6 @@ Facts (versions, checksums, the AMI parameter, the Grafana key) live in
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import gzip
 import hashlib
 import re
@@ -30,13 +29,14 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import jinja2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import FleetError
+from infra.facts.fact import Fact
 from infra.render.monitoring import RULES_FILE, MonitoringSpec
 from infra.render.templating import template_environment
 
@@ -75,19 +75,8 @@ AGENT_UNIT = "etc/systemd/system/vllm-fleet-prometheus-agent.service"
 # Grafana's admin password: letters and digits only, so no quoting question ever arises.
 GRAFANA_PASSWORD_LENGTH = 32
 
-T = TypeVar("T")
-
-
 # ---------------------------------------------------------------------------------------------
 # Facts
-
-
-class Fact(BaseModel, Generic[T]):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: T
-    source: str = Field(min_length=8)
-    read: dt.date
 
 
 class InstanceFacts(BaseModel):
