@@ -21,6 +21,7 @@ import jinja2
 from infra.errors import FleetError
 from infra.plan.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.plan.tags import TARGET_GROUP_TAG
 from infra.render.templating import template_environment
 
 TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "node"))
@@ -32,11 +33,9 @@ UNIT_DIR = "etc/systemd/system"
 STOP_MARGIN_S = 30
 # Shortest API key the node accepts from the secret.
 MIN_KEY_LENGTH = 16
-# Instance tags the lifecycle watcher reads through instance metadata: the group's own tag,
-# and the target group a gang's head registers in (infra/plan/tags.py TARGET_GROUP_TAG;
-# tests/test_node_lifecycle.py checks they agree).
+# Instance tag the lifecycle watcher reads through instance metadata beside TARGET_GROUP_TAG
+# (the target group a gang's head registers in): the group's own tag, set by Auto Scaling.
 ASG_NAME_TAG = "aws:autoscaling:groupName"
-TARGET_GROUP_TAG = "vllm-fleet:target-group-arn"
 # EC2 takes at most 16 KB of user data before base64 (RequestLaunchTemplateData.UserData,
 # "User data is limited to 16 KB"). Our units and scripts are larger than that as text, so the
 # launch template gets them gzipped: cloud-init decompresses gzip user data before parsing
