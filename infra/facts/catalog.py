@@ -166,6 +166,13 @@ def load_catalog(data_dir: Path = DATA_DIR) -> Catalog:
 def default_catalog() -> Catalog:
     return load_catalog()
 
+# The shape of a Region code in the partitions the fleet deploys to (aws, aws-cn, aws-us-gov):
+# botocore/data/endpoints.json partitions[].regionRegex of the pinned botocore,
+# "^(us|eu|ap|sa|ca|me|af|il|mx)\-\w+\-\d+$", "^cn\-\w+\-\d+$", "^us\-gov\-\w+\-\d+$".
+# A shape check only: known_regions() is the list a stack may name.
+REGION_CODE = r"[a-z]{2}(-gov)?-[a-z]+-\d"
+REGION_PATTERN = rf"^{REGION_CODE}$"
+
 
 @cache
 def known_regions() -> dict[str, str]:

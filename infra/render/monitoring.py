@@ -25,6 +25,7 @@ import jinja2
 import yaml
 
 from infra.errors import FleetError
+from infra.facts.catalog import REGION_CODE, REGION_PATTERN
 from infra.facts.vllm_metrics import default_metric_catalog
 from infra.render.templating import template_environment
 
@@ -46,8 +47,8 @@ SCRAPE_JOBS = (("vllm", "vllm_port"), ("node", "node_exporter_port"), ("dcgm", "
 # The spec
 
 
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
-_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:(?P<region>[a-z]{2}(-[a-z]+)+-\d):\d{12}:[A-Za-z0-9_-]{1,256}$")
+_REGION = re.compile(REGION_PATTERN)
+_SNS_ARN = re.compile(rf"^arn:aws[a-z-]*:sns:(?P<region>{REGION_CODE}):\d{{12}}:[A-Za-z0-9_-]{{1,256}}$")
 _WEBHOOK = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 # Stack names go into label values, file names and the SNS subject (at most 100 characters).
 _STACK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
