@@ -8,15 +8,15 @@ metrics from here.
 from __future__ import annotations
 
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from infra.facts.catalog import DATA_DIR
 from infra.facts.fact import Cited, Strict, read_yaml
 
-METRICS_FILE = Path(str(resources.files("infra.facts") / "data" / "vllm_metrics.yaml"))
+METRICS_FILE = DATA_DIR / "vllm_metrics.yaml"
 
 
 class ExportedMetric(Strict):

@@ -158,31 +158,21 @@ class Ingress:
         return self.low <= port <= self.high
 
 
+def _classic_ingress(rule: Mapping[str, Any], sources: list[Any]) -> Ingress:
+    """A rule in the ec2.SecurityGroup/SecurityGroupRule shape (they differ in the source key)."""
+    cidrs = [*(rule.get("cidrBlocks") or []), *(rule.get("ipv6CidrBlocks") or [])]
+    return Ingress(rule.get("protocol"), rule.get("fromPort"), rule.get("toPort"), cidrs, sources, bool(rule.get("self")))
+
+
 def ingresses(resource_type: str, props: Mapping[str, Any]) -> list[Ingress]:
     if resource_type == SECURITY_GROUP:
         return [
-            Ingress(
-                rule.get("protocol"),
-                rule.get("fromPort"),
-                rule.get("toPort"),
-                [*(rule.get("cidrBlocks") or []), *(rule.get("ipv6CidrBlocks") or [])],
-                rule.get("securityGroups") or [],
-                bool(rule.get("self")),
-            )
+            _classic_ingress(rule, rule.get("securityGroups") or [])
             for rule in props.get("ingress") or []
             if isinstance(rule, Mapping)
         ]
     if resource_type == SECURITY_GROUP_RULE and props.get("type") == "ingress":
-        return [
-            Ingress(
-                props.get("protocol"),
-                props.get("fromPort"),
-                props.get("toPort"),
-                [*(props.get("cidrBlocks") or []), *(props.get("ipv6CidrBlocks") or [])],
-                [props.get("sourceSecurityGroupId")],
-                bool(props.get("self")),
-            )
-        ]
+        return [_classic_ingress(props, [props.get("sourceSecurityGroupId")])]
     if resource_type == INGRESS_RULE:
         referenced = props.get("referencedSecurityGroupId")
         return [

@@ -17,8 +17,6 @@ import math
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -27,9 +25,9 @@ import yaml
 from infra.errors import FleetError
 from infra.facts.catalog import REGION_CODE, REGION_PATTERN
 from infra.facts.vllm_metrics import default_metric_catalog
-from infra.render.templating import template_environment
+from infra.render.templating import TEMPLATES_DIR, template_environment
 
-TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring"))
+TEMPLATE_DIR = TEMPLATES_DIR / "monitoring"
 DASHBOARD_SPEC_DIR = TEMPLATE_DIR / "dashboards"
 
 RULES_FILE = "rules/vllm-fleet.rules.yml"

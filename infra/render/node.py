@@ -13,8 +13,6 @@ import gzip
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 
 import jinja2
 
@@ -22,9 +20,9 @@ from infra.errors import FleetError
 from infra.plan.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.plan.node.spec import NodeSpec, ReplicaSpec
 from infra.plan.tags import TARGET_GROUP_TAG
-from infra.render.templating import template_environment
+from infra.render.templating import TEMPLATES_DIR, template_environment
 
-TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "node"))
+TEMPLATE_DIR = TEMPLATES_DIR / "node"
 
 RUN_DIR = "/run/vllm-fleet"
 LIBEXEC = "usr/local/libexec/vllm-fleet"

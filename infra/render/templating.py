@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
+
+# infra/render/templates/: one folder per template set (node, monitoring, monitoring-host).
+TEMPLATES_DIR = Path(str(resources.files("infra.render") / "templates"))
 
 
 def yaml_str(value: object) -> str:
