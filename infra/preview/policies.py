@@ -511,6 +511,11 @@ def _policy(name: str, description: str, validate: Validator, config_schema: Pol
     )
 
 
+def _string_list_config(key: str) -> PolicyConfigSchema:
+    """A policy's configuration: one list of strings under ``key`` (the program's planned values)."""
+    return PolicyConfigSchema(properties={key: {"type": "array", "items": {"type": "string"}}})
+
+
 POLICIES: Sequence[Policy] = (
     _policy("ebs-volumes-encrypted", "Launch-template EBS volumes are declared and encrypted.", validate_encrypted_volumes),
     _policy("imdsv2-required", "Instances require IMDSv2 tokens with a short hop limit.", validate_imdsv2),
@@ -530,13 +535,13 @@ POLICIES: Sequence[Policy] = (
         "instance-type-matches-plan",
         "Launch templates and overrides use the plan's instance types.",
         validate_instance_types,
-        PolicyConfigSchema(properties={"plannedInstanceTypes": {"type": "array", "items": {"type": "string"}}}),
+        _string_list_config("plannedInstanceTypes"),
     ),
     _policy(
         "required-tags",
         "Every taggable resource carries the stack, model, quantization and plan tags (an image stack's: stack and image).",
         validate_required_tags,
-        PolicyConfigSchema(properties={"requiredTagKeys": {"type": "array", "items": {"type": "string"}}}),
+        _string_list_config("requiredTagKeys"),
     ),
     _policy("modern-tls", "TLS listeners use a TLS 1.3 security policy.", validate_modern_tls),
     _policy("alb-drops-invalid-headers", "ALBs drop invalid header fields.", validate_alb_header_hygiene),
