@@ -17,14 +17,10 @@ from infra.facts.fact import Fact, NonEmptyStr, Strict, read_yaml
 VLLM_DATA_FILE = "vllm.yaml"
 
 
-# A non-empty string, with where it was read and when.
-CitedValue = Fact[NonEmptyStr]
-
-
 class VllmPin(Strict):
-    version: CitedValue
-    gpu_package: CitedValue
-    cpu_package: CitedValue
+    version: Fact[NonEmptyStr]
+    gpu_package: Fact[NonEmptyStr]
+    cpu_package: Fact[NonEmptyStr]
 
     def requirement(self, *, cpu: bool = False) -> str:
         """The pip requirement string, e.g. ``vllm==0.32.0``."""
@@ -35,10 +31,10 @@ class VllmPin(Strict):
 class VllmParserLocation(Strict):
     """Import paths (``module:attribute``) of the pinned version's ``vllm serve`` machinery."""
 
-    make_arg_parser: CitedValue
-    parser_class: CitedValue
-    validate_parsed_args: CitedValue
-    api_server_module: CitedValue
+    make_arg_parser: Fact[NonEmptyStr]
+    parser_class: Fact[NonEmptyStr]
+    validate_parsed_args: Fact[NonEmptyStr]
+    api_server_module: Fact[NonEmptyStr]
 
 
 class VllmFacts(BaseModel):
