@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from infra.errors import FleetError
-from infra.facts.catalog import ModelArch, arch_from_hf_config, default_catalog, known_regions
+from infra.facts.catalog import REGION_PATTERN, ModelArch, arch_from_hf_config, default_catalog, known_regions
 from infra.facts.images import DEFAULT_BASE_IMAGE, DEFAULT_BUILD_INSTANCE_TYPE
 from infra.facts.perf import perf_facts
 from infra.facts.workload import Workload
@@ -308,9 +308,6 @@ def _check_stack_name(value: str) -> str:
     if not _STACK_NAME.fullmatch(value):
         raise ValueError(f"{value!r} must start with a letter and hold only letters, digits and dashes")
     return value
-
-
-REGION_PATTERN = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 
 
 class StackConfig(Section):

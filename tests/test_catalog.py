@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from infra.facts.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, load_catalog, read_yaml
+from infra.facts.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, load_catalog
+from infra.facts.fact import read_yaml
 
 GIB = 1024**3
 

@@ -36,7 +36,7 @@ from infra.facts.images import default_pin
 from infra.plan.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, plan_bake
 from infra.preview import offline
 from infra.preview.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline
-from infra.program.images import BUILD_EGRESS_PORTS, preflight_images
+from infra.program.images import BUILD_EGRESS_PORTS, checked_image_plan
 from infra.program.stack import deploy
 from infra.render.stack import build_stack_plan
 
@@ -220,7 +220,7 @@ def test_bad_bake_values_fail_with_one_line(case: str) -> None:
     mutate(values)
     with pytest.raises(FleetError) as err:
         # What `plan` and `pulumi up` both run before declaring anything.
-        preflight_images(images_config(values))
+        checked_image_plan(images_config(values))
     message = str(err.value)
     assert "\n" not in message, message
     for fragment in expected:

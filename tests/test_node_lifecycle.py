@@ -44,12 +44,11 @@ import boto3
 import pytest
 
 from infra.errors import FleetError
-from infra.plan import tags as program_tags
 from infra.plan.node.spec import GangDiscovery, LifecycleHooks, NodeSpec, ReplicaSpec
+from infra.plan.tags import TARGET_GROUP_TAG
 from infra.render.node import (
     ASG_NAME_TAG,
     LIBEXEC,
-    TARGET_GROUP_TAG,
     UNIT_DIR,
     node_units,
     render_node,
@@ -97,8 +96,6 @@ def test_lifecycle_hooks_can_be_left_out_for_nodes_without_a_group() -> None:
 
 
 def test_tags_and_stop_list_agree_with_the_fleet() -> None:
-    # The Fleet tags gangs with the target group under this key (infra/plan/tags.py).
-    assert TARGET_GROUP_TAG == program_tags.TARGET_GROUP_TAG
     assert ASG_NAME_TAG == "aws:autoscaling:groupName"
     gang = render_node(multi_spec())[SCRIPT]
     assert "readonly stop_units=(vllm-fleet.target vllm.service ray-head.service ray-worker.service)" in gang

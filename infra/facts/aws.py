@@ -4,51 +4,31 @@ the policy pack rely on. Pure (no Pulumi), so the policy pack and the offline pl
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import cache
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from infra.facts.catalog import DATA_DIR, read_yaml
-
-T = TypeVar("T")
-
-
-class Fact(BaseModel, Generic[T]):
-    """One value with where it came from and when it was read."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: T
-    source: str = Field(min_length=8)
-    read: dt.date
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import Fact, Strict, read_yaml
 
 
-class ApiRoute(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ApiRoute(Strict):
     method: Literal["GET", "POST"]
     path: str = Field(pattern=r"^/[A-Za-z0-9/_.-]+$")
 
 
-class RuleLimits(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RuleLimits(Strict):
     values_per_condition: int = Field(gt=0)
     values_per_rule: int = Field(gt=0)
 
 
-class Range(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Range(Strict):
     min: int
     max: int
 
 
-class HealthyPercentage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class HealthyPercentage(Strict):
     min_low: int
     min_high: int
     max_low: int
@@ -56,45 +36,33 @@ class HealthyPercentage(BaseModel):
     max_spread: int
 
 
-class Gp3(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Gp3(Strict):
     throughput_mib_s: int = Field(ge=125, le=1000)
     iops: int = Field(ge=3000, le=16000)
 
 
-class EfaLayout(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class EfaLayout(Strict):
     primary: Literal["interface", "efa"]
     card0_extra: Literal["efa-only"]
     other_cards: Literal["efa-only"]
 
 
-class ExporterPorts(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ExporterPorts(Strict):
     node_exporter: int = Field(ge=1, le=65535)
     dcgm_exporter: int = Field(ge=1, le=65535)
 
 
-class CapacityBlockScope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class CapacityBlockScope(Strict):
     instance_types: int = Field(ge=1)
     availability_zones: int = Field(ge=1)
 
 
-class SnsTopicPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SnsTopicPolicy(Strict):
     principal: str
     actions: list[str]
 
 
-class AwsFleetFacts(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class AwsFleetFacts(Strict):
     vllm_api_routes: Fact[list[ApiRoute]]
     vllm_health_path: Fact[str]
     alb_tls_policy: Fact[str]

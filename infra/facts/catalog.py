@@ -14,17 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class Cited(BaseModel):
-    """Every fact carries where it came from and when it was read."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(min_length=8)
-    read: dt.date
+from infra.facts.fact import Cited, read_yaml
 
 
 class ModelArch(Cited):
@@ -162,11 +154,6 @@ CATALOG_FILES = {
 }
 
 
-def read_yaml(path: Path) -> Any:
-    with path.open(encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
-
-
 def load_catalog(data_dir: Path = DATA_DIR) -> Catalog:
     parts: dict[str, Any] = {}
     for key, filename in CATALOG_FILES.items():
@@ -178,6 +165,13 @@ def load_catalog(data_dir: Path = DATA_DIR) -> Catalog:
 @cache
 def default_catalog() -> Catalog:
     return load_catalog()
+
+# The shape of a Region code in the partitions the fleet deploys to (aws, aws-cn, aws-us-gov):
+# botocore/data/endpoints.json partitions[].regionRegex of the pinned botocore,
+# "^(us|eu|ap|sa|ca|me|af|il|mx)\-\w+\-\d+$", "^cn\-\w+\-\d+$", "^us\-gov\-\w+\-\d+$".
+# A shape check only: known_regions() is the list a stack may name.
+REGION_CODE = r"[a-z]{2}(-gov)?-[a-z]+-\d"
+REGION_PATTERN = rf"^{REGION_CODE}$"
 
 
 @cache

@@ -9,10 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict
-
-from infra.facts.catalog import Cited
+from infra.facts.fact import Cited, Fact, Strict, read_yaml
 from infra.facts.vllm_pin import VllmFacts, vllm_facts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,42 +19,22 @@ DEFAULT_BASE_IMAGE = "ubuntu-24.04"
 DEFAULT_BUILD_INSTANCE_TYPE = "g6e.xlarge"
 
 
-class StrFact(Cited):
-    value: str
+class VllmWheelFacts(Strict):
+    torch: Fact[str]
+    requires_python: Fact[str]
+    cuda_major: Fact[int]
+    cpu_torch_local_version: Fact[str]
+    ray: Fact[str]
 
 
-class IntFact(Cited):
-    value: int
-
-
-class BoolFact(Cited):
-    value: bool
-
-
-class StrListFact(Cited):
-    value: list[str]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class VllmWheelFacts(_Strict):
-    torch: StrFact
-    requires_python: StrFact
-    cuda_major: IntFact
-    cpu_torch_local_version: StrFact
-    ray: StrFact
-
-
-class BaseImageFacts(_Strict):
+class BaseImageFacts(Strict):
     description: str
-    ssm_parameter: StrFact
-    python: StrFact
-    nvidia_driver_major: IntFact
-    ships_efa_and_ofi_nccl: BoolFact
-    ships_dcgm: BoolFact
-    supported_instance_families: StrListFact
+    ssm_parameter: Fact[str]
+    python: Fact[str]
+    nvidia_driver_major: Fact[int]
+    ships_efa_and_ofi_nccl: Fact[bool]
+    ships_dcgm: Fact[bool]
+    supported_instance_families: Fact[list[str]]
 
 
 class ExporterFacts(Cited):
@@ -66,7 +43,7 @@ class ExporterFacts(Cited):
     port: int
 
 
-class ExportersFacts(_Strict):
+class ExportersFacts(Strict):
     node_exporter: ExporterFacts
     dcgm_exporter: ExporterFacts
 
@@ -77,7 +54,7 @@ class EfaFacts(Cited):
     ofi_nccl_search_root: str
 
 
-class ActionInputs(_Strict):
+class ActionInputs(Strict):
     shape: Literal["mapping", "list"]
     required: list[str]
     optional: list[str]
@@ -102,14 +79,14 @@ class ImageBuilderFacts(Cited):
     parent_image_ssm_prefix: str
 
 
-class SizingFacts(_Strict):
-    vllm_venv_gib: IntFact
-    compile_cache_gib: IntFact
+class SizingFacts(Strict):
+    vllm_venv_gib: Fact[int]
+    compile_cache_gib: Fact[int]
 
 
-class ImageFacts(_Strict):
+class ImageFacts(Strict):
     vllm_wheels: dict[str, VllmWheelFacts]
-    nvidia_min_driver_major: dict[str, IntFact]
+    nvidia_min_driver_major: dict[str, Fact[int]]
     base_images: dict[str, BaseImageFacts]
     exporters: ExportersFacts
     efa: EfaFacts
@@ -138,8 +115,7 @@ class PinnedVllm:
 
 
 def load_image_facts(path: Path = FACTS_FILE) -> ImageFacts:
-    with path.open(encoding="utf-8") as fh:
-        return ImageFacts.model_validate(yaml.safe_load(fh))
+    return ImageFacts.model_validate(read_yaml(path))
 
 
 @cache

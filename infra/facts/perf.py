@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.facts.catalog import DATA_DIR, Cited, Gpu, read_yaml
+from infra.facts.catalog import DATA_DIR, Gpu
+from infra.facts.fact import Cited, read_yaml
 from infra.facts.workload import Workload
 
 

@@ -6,25 +6,21 @@ from __future__ import annotations
 from functools import cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from infra.facts.aws import Fact
-from infra.facts.catalog import DATA_DIR, read_yaml
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import Fact, Strict, read_yaml
 
 SCALING_FILE = DATA_DIR / "scaling.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CloudWatchFacts(_Strict):
+class CloudWatchFacts(Strict):
     metric_name_max_length: Fact[int]
     put_metric_data_max_metrics: Fact[int]
     put_metric_data_max_values_per_metric: Fact[int]
 
 
-class TargetTrackingFacts(_Strict):
+class TargetTrackingFacts(Strict):
     scale_out_datapoints: Fact[int]
     scale_in_datapoints: Fact[int]
     scale_in_below_target_fraction: Fact[float]
@@ -32,28 +28,28 @@ class TargetTrackingFacts(_Strict):
     multiple_policies: Fact[str]
 
 
-class ProtectionFacts(_Strict):
+class ProtectionFacts(Strict):
     all_protected_defers_termination: Fact[bool]
     max_instance_ids_per_call: Fact[int]
 
 
-class WarmPoolFacts(_Strict):
+class WarmPoolFacts(Strict):
     excludes_mixed_and_spot: Fact[bool]
     needs_launch_lifecycle_hook: Fact[bool]
 
 
-class ScheduleFacts(_Strict):
+class ScheduleFacts(Strict):
     unchanged_value: Fact[int]
     default_time_zone: Fact[str]
 
 
-class Signals(_Strict):
+class Signals(Strict):
     running: str
     waiting: str
     kv_cache: str
 
 
-class PolicyDesign(_Strict):
+class PolicyDesign(Strict):
     namespace: str = Field(pattern=r"^[^:].{0,254}$")
     scrape_interval_s: int = Field(gt=0)
     metric_period_s: Literal[10, 30, 60]
@@ -80,7 +76,7 @@ class PolicyDesign(_Strict):
         return self
 
 
-class ScalingFacts(_Strict):
+class ScalingFacts(Strict):
     cloudwatch: CloudWatchFacts
     target_tracking: TargetTrackingFacts
     instance_protection: ProtectionFacts

@@ -7,21 +7,19 @@ metrics from here.
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-METRICS_FILE = Path(str(resources.files("infra.facts") / "data" / "vllm_metrics.yaml"))
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import Cited, Strict, read_yaml
+
+METRICS_FILE = DATA_DIR / "vllm_metrics.yaml"
 
 
-class ExportedMetric(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ExportedMetric(Strict):
     name: str = Field(pattern=r"^[A-Za-z_:][A-Za-z0-9_:]*$")
     type: Literal["counter", "gauge", "histogram", "summary"]
     labels: list[str]
@@ -39,35 +37,23 @@ class ExportedMetric(BaseModel):
         return {self.name}
 
 
-class Exporter(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Exporter(Cited):
     description: str
     version: str
-    source: str = Field(min_length=8)
-    read: dt.date
     namespace: str | None = Field(default=None, description="set for CloudWatch namespaces, not PromQL")
     metrics: list[ExportedMetric]
 
 
-class BucketFamily(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class BucketFamily(Strict):
     constant: str
     bounds: list[float] | None
 
 
-class HistogramBuckets(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(min_length=8)
-    read: dt.date
+class HistogramBuckets(Cited):
     families: dict[str, BucketFamily]
 
 
-class MetricCatalog(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class MetricCatalog(Strict):
     exporters: dict[str, Exporter]
     histogram_buckets: HistogramBuckets
 
@@ -109,8 +95,7 @@ class MetricCatalog(BaseModel):
 
 
 def load_metric_catalog(path: Path = METRICS_FILE) -> MetricCatalog:
-    with path.open(encoding="utf-8") as fh:
-        return MetricCatalog.model_validate(yaml.safe_load(fh))
+    return MetricCatalog.model_validate(read_yaml(path))
 
 
 @cache

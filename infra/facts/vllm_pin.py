@@ -6,33 +6,21 @@ other keys). No vLLM import here: this module is cheap and safe anywhere.
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from infra.facts.catalog import DATA_DIR, read_yaml
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import Fact, NonEmptyStr, Strict, read_yaml
 
 VLLM_DATA_FILE = "vllm.yaml"
 
 
-class CitedValue(BaseModel):
-    """One fact with where it was read and when."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: str = Field(min_length=1)
-    source: str = Field(min_length=8)
-    read: dt.date
-
-
-class VllmPin(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: CitedValue
-    gpu_package: CitedValue
-    cpu_package: CitedValue
+class VllmPin(Strict):
+    version: Fact[NonEmptyStr]
+    gpu_package: Fact[NonEmptyStr]
+    cpu_package: Fact[NonEmptyStr]
 
     def requirement(self, *, cpu: bool = False) -> str:
         """The pip requirement string, e.g. ``vllm==0.32.0``."""
@@ -40,15 +28,13 @@ class VllmPin(BaseModel):
         return f"{package.value}=={self.version.value}"
 
 
-class VllmParserLocation(BaseModel):
+class VllmParserLocation(Strict):
     """Import paths (``module:attribute``) of the pinned version's ``vllm serve`` machinery."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    make_arg_parser: CitedValue
-    parser_class: CitedValue
-    validate_parsed_args: CitedValue
-    api_server_module: CitedValue
+    make_arg_parser: Fact[NonEmptyStr]
+    parser_class: Fact[NonEmptyStr]
+    validate_parsed_args: Fact[NonEmptyStr]
+    api_server_module: Fact[NonEmptyStr]
 
 
 class VllmFacts(BaseModel):

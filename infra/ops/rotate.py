@@ -35,13 +35,12 @@ import jinja2
 from infra.errors import FleetError
 from infra.ops.api_keys import check_key, format_secret_value, read_secret_keys
 from infra.ops.aws import error_code, error_text
+from infra.plan.tags import STACK_TAG
+from infra.render.templating import template_environment
 
 Phase = Literal["all", "add", "retire"]
 Progress = Callable[[str], None]
 TEMPLATE_DIR = Path(__file__).with_name("templates")
-# Tag the Pulumi program puts on every fleet resource (infra/plan/tags.py STACK_TAG),
-# which finds the stack's target groups.
-STACK_TAG_KEY = "vllm-fleet:stack"
 # The ALB's health check needs a few passes after registration before a target is healthy.
 HEALTHY_MARGIN_S = 120
 
@@ -294,17 +293,7 @@ class Elbv2TargetPool:
 
 @cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
+    return template_environment(TEMPLATE_DIR)
 
 
 def render_restart_script(ports: tuple[int, ...], *, health_timeout_s: int) -> str:
@@ -378,12 +367,12 @@ def find_target_groups(tagging: Any, stack: str) -> list[str]:
     arns: list[str] = []
     paginator = tagging.get_paginator("get_resources")
     for page in paginator.paginate(
-        TagFilters=[{"Key": STACK_TAG_KEY, "Values": [stack]}],
+        TagFilters=[{"Key": STACK_TAG, "Values": [stack]}],
         ResourceTypeFilters=["elasticloadbalancing:targetgroup"],
     ):
         arns += [r["ResourceARN"] for r in page["ResourceTagMappingList"]]
     if not arns:
         raise FleetError(
-            f"stack {stack}: no target group tagged {STACK_TAG_KEY}={stack} in this region; pass --target-group-arn"
+            f"stack {stack}: no target group tagged {STACK_TAG}={stack} in this region; pass --target-group-arn"
         )
     return sorted(arns)

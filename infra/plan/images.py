@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -38,6 +37,7 @@ from pydantic.alias_generators import to_camel
 
 from infra.config import PROJECT, ImagesStackConfig
 from infra.errors import FleetError
+from infra.facts.fact import Strict
 from infra.facts.images import (
     DEFAULT_BASE_IMAGE,
     DEFAULT_BUILD_INSTANCE_TYPE,
@@ -69,10 +69,6 @@ _SERVE_FLAG = re.compile(r"^--[a-z0-9][a-z0-9-]*(=[A-Za-z0-9._:/,+-]+)?$")
 _SERVE_VALUE = re.compile(r"^[A-Za-z0-9._:/,+-]+$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # --------------------------------------------------------------------------------------------
 # AWSTOE document schema, validated strictly against images/facts.yaml `awstoe:`
 
@@ -85,7 +81,14 @@ def _awstoe(info: ValidationInfo) -> AwstoeFacts:
     return facts
 
 
-class AwstoeVariable(_Strict):
+def _known_parameter_type(kind: str, value: str, info: ValidationInfo) -> str:
+    allowed = _awstoe(info).parameter_types
+    if value not in allowed:
+        raise ValueError(f"{kind} type {value!r} is not one of {allowed}")
+    return value
+
+
+class AwstoeVariable(Strict):
     type: str
     default: str | None = None
     description: str | None = None
@@ -93,26 +96,20 @@ class AwstoeVariable(_Strict):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str, info: ValidationInfo) -> str:
-        allowed = _awstoe(info).parameter_types
-        if value not in allowed:
-            raise ValueError(f"parameter type {value!r} is not one of {allowed}")
-        return value
+        return _known_parameter_type("parameter", value, info)
 
 
-class AwstoeConstant(_Strict):
+class AwstoeConstant(Strict):
     type: str
     value: str
 
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str, info: ValidationInfo) -> str:
-        allowed = _awstoe(info).parameter_types
-        if value not in allowed:
-            raise ValueError(f"constant type {value!r} is not one of {allowed}")
-        return value
+        return _known_parameter_type("constant", value, info)
 
 
-class AwstoeStep(_Strict):
+class AwstoeStep(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     name: str = Field(min_length=1)
@@ -178,7 +175,7 @@ class AwstoeStep(_Strict):
         return self
 
 
-class AwstoePhase(_Strict):
+class AwstoePhase(Strict):
     name: str
     steps: list[AwstoeStep] = Field(min_length=1)
 
@@ -198,7 +195,7 @@ class AwstoePhase(_Strict):
         return self
 
 
-class AwstoeDocument(_Strict):
+class AwstoeDocument(Strict):
     name: str | None = None
     description: str | None = None
     schemaVersion: str
@@ -400,7 +397,7 @@ def scripts_bundle_sha256(scripts: Mapping[str, bytes]) -> str:
 # What to bake: the image spec, validated into a plan
 
 
-class WeightsSpec(_Strict):
+class WeightsSpec(Strict):
     """Weights staged into the image at /opt/models/<model_name>."""
 
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -411,7 +408,7 @@ class WeightsSpec(_Strict):
     size_gib: float = Field(gt=0, description="on-disk size of the weights, for the root volume")
 
 
-class PrewarmSpec(_Strict):
+class PrewarmSpec(Strict):
     """Start vLLM once at bake time with the fleet's flags, so its compile caches ship in the AMI."""
 
     serve_args: list[str] = Field(default_factory=list)
@@ -419,7 +416,7 @@ class PrewarmSpec(_Strict):
     timeout_s: int = Field(default=3600, gt=0)
 
 
-class ImageSpec(_Strict):
+class ImageSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     base_image: str = DEFAULT_BASE_IMAGE
     multi_node: bool = Field(default=False, description="adds Ray and the EFA/aws-ofi-nccl check")

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
-from infra.facts.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog, read_yaml
+from infra.facts.catalog import DATA_DIR, Catalog, ModelArch, Quantization, default_catalog
+from infra.facts.fact import read_yaml
 from infra.facts.perf import default_workload, vllm_server_defaults
 from infra.facts.workload import Workload
 from infra.plan.perf import Capacity, ServingPoint, capacity_at_peak, serving_point

@@ -15,7 +15,8 @@ from functools import cache
 
 from pydantic import BaseModel, ConfigDict
 
-from infra.facts.catalog import DATA_DIR, Catalog, read_yaml
+from infra.facts.catalog import DATA_DIR, Catalog
+from infra.facts.fact import read_yaml
 
 # The region whose on-demand prices infra/facts/data/instances.yaml records.
 CATALOG_PRICE_REGION = "us-east-1"

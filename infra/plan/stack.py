@@ -16,9 +16,6 @@ from infra.plan.node.spec import NodeSpec
 from infra.plan.planner import Plan, SizingRequest
 
 VALIDATED = "validated"
-# The tag that marks a fleet's GPU nodes: Prometheus discovers them by it, and the ASG
-# propagates it at launch (infra/components/fleet.py).
-STACK_TAG_KEY = "vllm-fleet:stack"
 
 
 @dataclass(frozen=True)

@@ -158,31 +158,21 @@ class Ingress:
         return self.low <= port <= self.high
 
 
+def _classic_ingress(rule: Mapping[str, Any], sources: list[Any]) -> Ingress:
+    """A rule in the ec2.SecurityGroup/SecurityGroupRule shape (they differ in the source key)."""
+    cidrs = [*(rule.get("cidrBlocks") or []), *(rule.get("ipv6CidrBlocks") or [])]
+    return Ingress(rule.get("protocol"), rule.get("fromPort"), rule.get("toPort"), cidrs, sources, bool(rule.get("self")))
+
+
 def ingresses(resource_type: str, props: Mapping[str, Any]) -> list[Ingress]:
     if resource_type == SECURITY_GROUP:
         return [
-            Ingress(
-                rule.get("protocol"),
-                rule.get("fromPort"),
-                rule.get("toPort"),
-                [*(rule.get("cidrBlocks") or []), *(rule.get("ipv6CidrBlocks") or [])],
-                rule.get("securityGroups") or [],
-                bool(rule.get("self")),
-            )
+            _classic_ingress(rule, rule.get("securityGroups") or [])
             for rule in props.get("ingress") or []
             if isinstance(rule, Mapping)
         ]
     if resource_type == SECURITY_GROUP_RULE and props.get("type") == "ingress":
-        return [
-            Ingress(
-                props.get("protocol"),
-                props.get("fromPort"),
-                props.get("toPort"),
-                [*(props.get("cidrBlocks") or []), *(props.get("ipv6CidrBlocks") or [])],
-                [props.get("sourceSecurityGroupId")],
-                bool(props.get("self")),
-            )
-        ]
+        return [_classic_ingress(props, [props.get("sourceSecurityGroupId")])]
     if resource_type == INGRESS_RULE:
         referenced = props.get("referencedSecurityGroupId")
         return [
@@ -521,6 +511,11 @@ def _policy(name: str, description: str, validate: Validator, config_schema: Pol
     )
 
 
+def _string_list_config(key: str) -> PolicyConfigSchema:
+    """A policy's configuration: one list of strings under ``key`` (the program's planned values)."""
+    return PolicyConfigSchema(properties={key: {"type": "array", "items": {"type": "string"}}})
+
+
 POLICIES: Sequence[Policy] = (
     _policy("ebs-volumes-encrypted", "Launch-template EBS volumes are declared and encrypted.", validate_encrypted_volumes),
     _policy("imdsv2-required", "Instances require IMDSv2 tokens with a short hop limit.", validate_imdsv2),
@@ -540,13 +535,13 @@ POLICIES: Sequence[Policy] = (
         "instance-type-matches-plan",
         "Launch templates and overrides use the plan's instance types.",
         validate_instance_types,
-        PolicyConfigSchema(properties={"plannedInstanceTypes": {"type": "array", "items": {"type": "string"}}}),
+        _string_list_config("plannedInstanceTypes"),
     ),
     _policy(
         "required-tags",
         "Every taggable resource carries the stack, model, quantization and plan tags (an image stack's: stack and image).",
         validate_required_tags,
-        PolicyConfigSchema(properties={"requiredTagKeys": {"type": "array", "items": {"type": "string"}}}),
+        _string_list_config("requiredTagKeys"),
     ),
     _policy("modern-tls", "TLS listeners use a TLS 1.3 security policy.", validate_modern_tls),
     _policy("alb-drops-invalid-headers", "ALBs drop invalid header fields.", validate_alb_header_hygiene),

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import FleetError
-from infra.facts.catalog import DATA_DIR, read_yaml
+from infra.facts.catalog import DATA_DIR
+from infra.facts.fact import read_yaml
 
 
 class ForceNew(BaseModel):

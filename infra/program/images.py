@@ -36,9 +36,10 @@ FLEET_ONLY_NETWORK_KEYS = {"availability_zones": "availabilityZones", "public_su
 BUILD_EGRESS_PORTS = {443: "HTTPS: PyPI, Hugging Face, S3, SSM, Image Builder", 80: "HTTP: Ubuntu apt archive"}
 
 
-def preflight_images(config: ImagesStackConfig) -> ImagePlan:
-    """Every check that can refuse the images stack, run before any resource is declared."""
-    plan = plan_bake(config)
+def checked_image_plan(config: ImagesStackConfig) -> ImagePlan:
+    """The bake's plan, after every check that can refuse the images stack without asking AWS;
+    run before any resource is declared (the ``preflight`` command is the one that asks AWS)."""
+    image_plan = plan_bake(config)
     network = config.network
     for field_name, key in FLEET_ONLY_NETWORK_KEYS.items():
         if field_name in network.model_fields_set:
@@ -53,7 +54,7 @@ def preflight_images(config: ImagesStackConfig) -> ImagePlan:
         )
     if network.mode == "new":
         subnet_cidrs(network.vpc_cidr, 1)
-    return plan
+    return image_plan
 
 
 def build_zone(config: ImagesStackConfig) -> str:
@@ -142,7 +143,7 @@ def images_tags(config: ImagesStackConfig) -> dict[str, str]:
 
 def deploy_images(config: ImagesStackConfig) -> dict[str, pulumi.Output[Any]]:
     """Declare the image pipeline for ``config``; export and return the stack outputs."""
-    plan = preflight_images(config)
+    image_plan = checked_image_plan(config)
     tags = images_tags(config)
     zone = build_zone(config) if config.network.mode == "new" else None
     network = BuildNetwork(
@@ -162,8 +163,8 @@ def deploy_images(config: ImagesStackConfig) -> dict[str, pulumi.Output[Any]]:
     )
     outputs: dict[str, pulumi.Output[Any]] = {
         "amiSsmParameterName": pulumi.Output.from_input(image.ami_ssm_parameter_name),
-        "baseImageSsmParameter": pulumi.Output.from_input(plan.base_image_ssm_parameter),
-        "vllmVersion": pulumi.Output.from_input(plan.pin.version),
+        "baseImageSsmParameter": pulumi.Output.from_input(image_plan.base_image_ssm_parameter),
+        "vllmVersion": pulumi.Output.from_input(image_plan.pin.version),
         "componentVersions": pulumi.Output.from_input(image.component_versions),
         "pipelineArn": image.pipeline_arn,
         "recipeArn": image.recipe_arn,

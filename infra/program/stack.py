@@ -45,8 +45,9 @@ from infra.render.stack import monitoring_spec
 SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")
 
 
-def preflight(stack_plan: StackPlan) -> CapacityLayout:
-    """Every check that can refuse the stack, run before any resource is declared."""
+def checked_capacity_layout(stack_plan: StackPlan) -> CapacityLayout:
+    """The capacity layout, after every check that can refuse the stack without asking AWS; run
+    before any resource is declared (the ``preflight`` command is the one that asks AWS)."""
     config = stack_plan.config
     layout = stack_plan.plan.layout
     capacity = capacity_layout(config, layout)
@@ -193,7 +194,7 @@ def hourly_estimate(stack_plan: StackPlan, capacity: CapacityLayout) -> dict[str
 def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
     """Declare the fleet for ``stack_plan``; export and return the stack outputs."""
     config = stack_plan.config
-    capacity = preflight(stack_plan)
+    capacity = checked_capacity_layout(stack_plan)
     facts = aws_fleet_facts()
     tags = stack_tags(stack_plan)
     layout = stack_plan.plan.layout

@@ -17,17 +17,17 @@ import math
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import yaml
 
 from infra.errors import FleetError
+from infra.facts.catalog import REGION_CODE, REGION_PATTERN
 from infra.facts.vllm_metrics import default_metric_catalog
+from infra.render.templating import TEMPLATES_DIR, template_environment
 
-TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring"))
+TEMPLATE_DIR = TEMPLATES_DIR / "monitoring"
 DASHBOARD_SPEC_DIR = TEMPLATE_DIR / "dashboards"
 
 RULES_FILE = "rules/vllm-fleet.rules.yml"
@@ -45,8 +45,8 @@ SCRAPE_JOBS = (("vllm", "vllm_port"), ("node", "node_exporter_port"), ("dcgm", "
 # The spec
 
 
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
-_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:(?P<region>[a-z]{2}(-[a-z]+)+-\d):\d{12}:[A-Za-z0-9_-]{1,256}$")
+_REGION = re.compile(REGION_PATTERN)
+_SNS_ARN = re.compile(rf"^arn:aws[a-z-]*:sns:(?P<region>{REGION_CODE}):\d{{12}}:[A-Za-z0-9_-]{{1,256}}$")
 _WEBHOOK = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 # Stack names go into label values, file names and the SNS subject (at most 100 characters).
 _STACK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
@@ -182,11 +182,6 @@ def _validate(spec: MonitoringSpec) -> None:
 # Rendering
 
 
-def _yaml_str(value: object) -> str:
-    """A YAML double-quoted scalar (JSON strings are valid YAML), safe for any text."""
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def _number(value: float) -> str:
     """PromQL/YAML number literal: ints stay ints, floats use Python's shortest repr."""
     if isinstance(value, bool):
@@ -196,17 +191,7 @@ def _number(value: float) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    env.filters["yaml_str"] = _yaml_str
-    env.filters["number"] = _number
-    return env
+    return template_environment(TEMPLATE_DIR, {"number": _number})
 
 
 def _template_context(spec: MonitoringSpec) -> dict[str, Any]:

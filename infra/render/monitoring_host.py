@@ -21,26 +21,25 @@ Facts (versions, checksums, the AMI parameter, the Grafana key) live in
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import gzip
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from infra.errors import FleetError
+from infra.facts.fact import Fact, Strict
 from infra.render.monitoring import RULES_FILE, MonitoringSpec
-from infra.render.templating import script_environment
+from infra.render.templating import TEMPLATES_DIR, template_environment
 
-TEMPLATE_DIR = Path(str(resources.files("infra.render") / "templates" / "monitoring-host"))
+TEMPLATE_DIR = TEMPLATES_DIR / "monitoring-host"
 FACTS_FILE = TEMPLATE_DIR / "facts.yaml"
 
 # Where things live on the host.
@@ -75,41 +74,24 @@ AGENT_UNIT = "etc/systemd/system/vllm-fleet-prometheus-agent.service"
 # Grafana's admin password: letters and digits only, so no quoting question ever arises.
 GRAFANA_PASSWORD_LENGTH = 32
 
-T = TypeVar("T")
-
-
 # ---------------------------------------------------------------------------------------------
 # Facts
 
 
-class Fact(BaseModel, Generic[T]):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: T
-    source: str = Field(min_length=8)
-    read: dt.date
-
-
-class InstanceFacts(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class InstanceFacts(Strict):
     name: str
     architecture: str
     vcpus: int
     memory_gib: int
 
 
-class RootVolume(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RootVolume(Strict):
     size_gib: int = Field(ge=8)
     tsdb_retention_size_gb: int = Field(gt=0)
     tsdb_retention_days: int = Field(gt=0)
 
 
-class Release(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Release(Strict):
     version: str
     url: str = Field(pattern=r"^https://github\.com/prometheus/[a-z]+/releases/download/")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -121,33 +103,25 @@ class Release(BaseModel):
         return self.url.rsplit("/", 1)[1].removesuffix(".tar.gz")
 
 
-class GrafanaRepo(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class GrafanaRepo(Strict):
     baseurl: str = Field(pattern=r"^https://")
     key_url: str = Field(pattern=r"^https://")
     key_fingerprint: str = Field(pattern=r"^[0-9A-F]{40}$")
     package: str
 
 
-class GrafanaPassword(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class GrafanaPassword(Strict):
     env: str
     expansion: str
 
 
-class Ports(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Ports(Strict):
     grafana: int
     prometheus: int
     alertmanager: int
 
 
-class HostFacts(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class HostFacts(Strict):
     instance_type: Fact[InstanceFacts]
     ami_ssm_parameter: Fact[str]
     root_volume: Fact[RootVolume]
@@ -172,7 +146,7 @@ def host_facts() -> HostFacts:
 
 @cache
 def _environment() -> jinja2.Environment:
-    return script_environment(TEMPLATE_DIR)
+    return template_environment(TEMPLATE_DIR)
 
 
 def _render(template: str, **context: object) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import gzip
 import re
-import shlex
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,9 +19,10 @@ import jinja2
 from infra.errors import FleetError
 from infra.plan.node.serve_args import LOCAL_WEIGHT_SOURCES
 from infra.plan.node.spec import NodeSpec, ReplicaSpec
+from infra.plan.tags import TARGET_GROUP_TAG
+from infra.render.templating import TEMPLATES_DIR, template_environment
 
-TEMPLATE_PACKAGE = "infra.render"
-TEMPLATE_DIR = "templates/node"
+TEMPLATE_DIR = TEMPLATES_DIR / "node"
 
 RUN_DIR = "/run/vllm-fleet"
 LIBEXEC = "usr/local/libexec/vllm-fleet"
@@ -31,11 +31,9 @@ UNIT_DIR = "etc/systemd/system"
 STOP_MARGIN_S = 30
 # Shortest API key the node accepts from the secret.
 MIN_KEY_LENGTH = 16
-# Instance tags the lifecycle watcher reads through instance metadata: the group's own tag,
-# and the target group a gang's head registers in (infra/plan/tags.py TARGET_GROUP_TAG;
-# tests/test_node_lifecycle.py checks they agree).
+# Instance tag the lifecycle watcher reads through instance metadata beside TARGET_GROUP_TAG
+# (the target group a gang's head registers in): the group's own tag, set by Auto Scaling.
 ASG_NAME_TAG = "aws:autoscaling:groupName"
-TARGET_GROUP_TAG = "vllm-fleet:target-group-arn"
 # EC2 takes at most 16 KB of user data before base64 (RequestLaunchTemplateData.UserData,
 # "User data is limited to 16 KB"). Our units and scripts are larger than that as text, so the
 # launch template gets them gzipped: cloud-init decompresses gzip user data before parsing
@@ -98,21 +96,7 @@ def systemd_env(assignment: str) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
-    env.filters["sd_argv"] = systemd_argv
-    env.filters["sd_env"] = systemd_env
-    env.filters["sh_quote"] = shlex.quote
-    return env
+    return template_environment(TEMPLATE_DIR, {"sd_argv": systemd_argv, "sd_env": systemd_env})
 
 
 def _render(template: str, **context: object) -> str:

@@ -14,7 +14,8 @@ from infra.facts.catalog import default_catalog
 from infra.plan.node.from_plan import node_spec
 from infra.plan.node.serve_args import build_serve_argv, served_model_name
 from infra.plan.planner import make_plan
-from infra.plan.stack import STACK_TAG_KEY, StackPlan, sizing_request, validate_argv
+from infra.plan.stack import StackPlan, sizing_request, validate_argv
+from infra.plan.tags import STACK_TAG
 from infra.render.monitoring import MonitoringSpec, render_monitoring
 from infra.render.node import render_node, render_user_data
 
@@ -41,7 +42,7 @@ def monitoring_spec(stack_plan: StackPlan) -> MonitoringSpec:
     return MonitoringSpec(
         stack_name=config.stack,
         region=config.region,
-        stack_tag_key=STACK_TAG_KEY,
+        stack_tag_key=STACK_TAG,
         stack_tag_value=config.stack,
         time_to_ready_s=plan.time_to_ready.total_s,
         instance_type=plan.layout.instance_type,

@@ -28,6 +28,7 @@ import jinja2
 from infra.errors import FleetError
 from infra.ops.rotate import Node
 from infra.plan.public_api import DENIED_STATUS, NOT_FOUND_BODY, routes_by_method
+from infra.render.templating import template_environment
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 BACKEND = "vllm"
@@ -51,17 +52,7 @@ class Backend:
 
 @cache
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-        # bash's ${#array[@]} would open a jinja comment; templates comment with {## ##}.
-        comment_start_string="{##",
-        comment_end_string="##}",
-    )
+    return template_environment(TEMPLATE_DIR)
 
 
 def render_haproxy_config(

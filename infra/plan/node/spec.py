@@ -21,12 +21,13 @@ from typing import get_args
 
 from infra.config import WeightSourceName
 from infra.errors import FleetError
+from infra.facts.catalog import REGION_PATTERN
 
 # Paths go into unit files unquoted (ReadWritePaths=, tmpfiles.d), so keep them plain.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*[A-Za-z0-9._+-]$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STACK = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+_REGION = re.compile(REGION_PATTERN)
 _SECRET_ID = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 _ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+/?$")

@@ -125,7 +125,8 @@ def flag_table_document(table: FlagTable) -> dict[str, Any]:
 @cache
 def pinned_flag_table() -> FlagTable:
     """The pinned parser's flag table from infra/facts/data (no vLLM import)."""
-    from infra.facts.catalog import DATA_DIR, read_yaml
+    from infra.facts.catalog import DATA_DIR
+    from infra.facts.fact import read_yaml
 
     doc = read_yaml(DATA_DIR / FLAG_TABLE_FILE)
     pin = vllm_facts().pin.version.value
