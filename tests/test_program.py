@@ -29,7 +29,6 @@ from infra.components.fleet import (
     GANG_READY_HEARTBEAT_S,
     PolicyInputs,
     capacity_layout,
-    decoded_user_data,
     encoded_user_data,
     instances_for,
     ladder_types,
@@ -46,6 +45,7 @@ from infra.preview import offline, policies
 from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
 from infra.render.stack import build_stack_plan
+from infra.render.userdata import decode_user_data
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"
@@ -179,7 +179,7 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
         packed = base64.b64decode(props["userData"], validate=True)
         assert packed[:2] == b"\x1f\x8b"
         assert gzip.decompress(packed).decode() == plan.user_data[instance_type]
-        assert decoded_user_data(props["userData"]) == plan.user_data[instance_type]
+        assert decode_user_data(props["userData"]) == plan.user_data[instance_type]
         assert props["updateDefaultVersion"] is True
         assert props["tags"][INSTANCE_TYPE_TAG] == instance_type
         assert {s["resourceType"] for s in props["tagSpecifications"]} == {"instance", "volume", "network-interface"}
@@ -211,7 +211,7 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
         for record in run.records:
             if record is not version:
                 assert key not in json.dumps(record.engine_inputs), f"key leaks into {record.type} {record.name}"
-                for lt_text in [decoded_user_data(record.engine_inputs["userData"])] if record.type == LT else []:
+                for lt_text in [decode_user_data(record.engine_inputs["userData"])] if record.type == LT else []:
                     assert key not in lt_text
         assert key not in offline.resources_json(run.records)
         assert key not in offline.resource_tree_text(run.records)
@@ -309,7 +309,7 @@ def test_target_groups_drain_and_check_health(stack: str, preview: bool) -> None
         assert props["deregistrationDelay"] == min(3600, max(longest, plan.config.serving.shutdown_timeout_s))
         # The node's drain watcher waits for the same delay.
         for lt in of_type(run, LT):
-            text = decoded_user_data(lt.engine_inputs["userData"])
+            text = decode_user_data(lt.engine_inputs["userData"])
             assert f"readonly delay_s={props['deregistrationDelay']}" in text
         assert props["healthCheck"]["path"] == "/health" and props["healthCheck"]["matcher"] == "200"
         assert props["loadBalancingAlgorithmType"] == "least_outstanding_requests"
@@ -506,7 +506,7 @@ def _normalised(run: OfflineRun) -> Any:
     docs = json.loads(offline.resources_json(run.records))
     for doc in docs:
         if doc["type"] == LT:
-            text = decoded_user_data(
+            text = decode_user_data(
                 next(r for r in run.records if r.type == LT and r.name == doc["name"]).engine_inputs["userData"]
             )
             # The node templates own the body; the snapshot pins only that it is this type's.

@@ -28,8 +28,6 @@ ForceNew, so nothing a day-2 change moves may live there (docs/day2.md).
 
 from __future__ import annotations
 
-import base64
-import gzip
 import json
 import math
 import re
@@ -56,6 +54,7 @@ from infra.plan.tags import (
     TARGET_GROUP_TAG,
     WEIGHTS_URI_TAG,
 )
+from infra.render.userdata import encode_user_data
 
 # Instance refresh and health replacements: never below the desired healthy capacity, and
 # at most 10 % (at least one node) above it while a replacement warms up.
@@ -77,7 +76,6 @@ TERMINATION_MARGIN_S = 600
 # No containers on the nodes: the metadata token need not cross a network hop.
 IMDS_HOP_LIMIT = 1
 LOG_RETENTION_DAYS = 30
-GZIP_MAGIC = b"\x1f\x8b"
 # Weights are downloaded to the root volume unless they arrive on instance-store NVMe.
 ROOT_VOLUME_WITHOUT_WEIGHTS = ("local-nvme",)
 # Weights baked into the image's root snapshot and read as EBS fetches each block (ebs-lazy):
@@ -184,30 +182,14 @@ def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
 
 def encoded_user_data(stack_plan: StackPlan, instance_type: str) -> str:
     """The type's cloud-init user-data as a launch template takes it: gzipped (cloud-init
-    inflates it before parsing; a gang's text is over EC2's limit), then base64.
-    ``mtime=0`` keeps the bytes stable, so an unchanged plan never shows a diff."""
+    inflates it before parsing; a gang's text is over EC2's limit), then base64."""
     text = stack_plan.user_data.get(instance_type, "")
     if not text.strip():
         raise FleetError(
             f"user-data for {instance_type}: not rendered (StackPlan.user_data has "
             f"{sorted(stack_plan.user_data) or 'no types'}); build the stack plan with the node renderer"
         )
-    packed = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
-    limit = aws_fleet_facts().user_data_max_bytes.value
-    if len(packed) > limit:
-        raise FleetError(
-            f"user-data for {instance_type}: {len(packed)} bytes gzipped ({len(text.encode())} as text); "
-            f"EC2 takes at most {limit}"
-        )
-    return base64.b64encode(packed).decode("ascii")
-
-
-def decoded_user_data(encoded: str) -> str:
-    """The inverse, for checks: base64, then gunzip when gzipped (as cloud-init does)."""
-    raw = base64.b64decode(encoded, validate=True)
-    if raw[:2] == GZIP_MAGIC:
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8")
+    return encode_user_data(text, what=f"user-data for {instance_type}")
 
 
 def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> int:

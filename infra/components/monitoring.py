@@ -31,7 +31,6 @@ import pulumi_aws as aws
 import pulumi_random as random
 
 from infra.errors import FleetError
-from infra.facts.aws import aws_fleet_facts
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.render.monitoring_host import (
@@ -45,7 +44,6 @@ from infra.render.monitoring_host import (
     check_node_agent,
     config_objects,
     grafana_workspace_policy_document,
-    gzip_base64,
     host_destination,
     host_facts,
     host_policy_document,
@@ -55,6 +53,7 @@ from infra.render.monitoring_host import (
     render_host_user_data,
     render_node_agent,
 )
+from infra.render.userdata import encode_user_data
 
 MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
 HTTPS_PORT = 443
@@ -195,9 +194,7 @@ class Monitoring(pulumi.ComponentResource):
             host_destination(rel, spec.grafana_dashboards_dir)
         objects = config_objects(files)
         hspec = host_spec(spec)
-        user_data = gzip_base64(
-            render_host_user_data(hspec), limit_bytes=aws_fleet_facts().user_data_max_bytes.value
-        )
+        user_data = encode_user_data(render_host_user_data(hspec), what="monitoring host user-data")
         facts = host_facts()
         ports = facts.ports.value
         child = pulumi.ResourceOptions(parent=self)

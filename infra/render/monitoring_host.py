@@ -20,9 +20,7 @@ Facts (versions, checksums, the AMI parameter, the Grafana key) live in
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import gzip
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -303,18 +301,6 @@ def render_host_user_data(spec: HostSpec) -> str:
     for f in files:
         _check_file_text(str(f["path"]), str(f["content"]))
     return _render("user-data.yaml.j2", spec=spec, files=files, install="/" + LIBEXEC + "/install")
-
-
-def gzip_base64(text: str, *, limit_bytes: int) -> str:
-    """User-data as ``user_data_base64`` takes it: gzipped (cloud-init inflates it), then
-    base64. ``mtime=0`` keeps the bytes stable, so an unchanged host shows no diff."""
-    packed = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
-    if len(packed) > limit_bytes:
-        raise FleetError(
-            f"monitoring host user-data: {len(packed)} bytes gzipped ({len(text.encode())} as text); "
-            f"EC2 takes at most {limit_bytes}"
-        )
-    return base64.b64encode(packed).decode("ascii")
 
 
 def config_objects(files: Mapping[str, str]) -> dict[str, str]:
