@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.components.fleet import volume_initialization_rate_mib_s
 from infra.config import (
     PROJECT,
     STACKS_DIR,
@@ -33,6 +32,7 @@ from infra.config import (
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.facts.images import default_pin
+from infra.plan.capacity import volume_initialization_rate_mib_s
 from infra.plan.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, plan_bake
 from infra.preview import offline
 from infra.preview.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline

@@ -19,8 +19,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from infra.components.fleet import PolicyInputs, node_policy_document
 from infra.config import load_stack_file, stack_names
+from infra.plan.iam import PolicyInputs, node_policy_document
 from infra.plan.node.from_plan import KEEP_ALIVE_MARGIN_S
 from infra.plan.stack import StackPlan
 from infra.render.node import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names

@@ -17,8 +17,8 @@ import pulumi_aws as aws
 import pytest
 import yaml
 
-from infra.components.fleet import ladder_types
 from infra.config import StackConfig, load_stack_file
+from infra.plan.scaling import ladder_types
 from infra.plan.stack import StackPlan
 from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.preview import offline, policies

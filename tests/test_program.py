@@ -24,28 +24,22 @@ import pytest
 from pulumi.runtime import settings
 
 from infra.components.api_key import ApiKey, ApiKeyArgs
-from infra.components.endpoint import route_rules
-from infra.components.fleet import (
-    GANG_READY_HEARTBEAT_S,
-    PolicyInputs,
-    capacity_layout,
-    encoded_user_data,
-    instances_for,
-    ladder_types,
-    node_policy_document,
-)
 from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.facts.aws import RuleLimits, aws_fleet_facts
 from infra.facts.catalog import default_catalog
+from infra.plan.capacity import GANG_READY_HEARTBEAT_S, capacity_layout
 from infra.plan.drain import SLOWEST_STREAM_TOKENS_PER_S
+from infra.plan.endpoint import route_rules
+from infra.plan.iam import PolicyInputs, node_policy_document
+from infra.plan.scaling import instances_for, ladder_types
 from infra.plan.stack import StackPlan
 from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.preview import offline, policies
 from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
 from infra.render.stack import build_stack_plan
-from infra.render.userdata import decode_user_data
+from infra.render.userdata import decode_user_data, encoded_user_data
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"

@@ -33,6 +33,7 @@ from infra.plan.scaling import (
     instances_for,
     scaling_policy_spec,
     warm_pool_mode,
+    warm_pool_settings,
 )
 from infra.plan.stack import StackPlan
 from infra.render.node import UNIT_DIR, render_node
@@ -172,9 +173,9 @@ def test_warm_pool_only_for_single_type_on_demand_groups() -> None:
 
 
 def test_warm_pool_args_for_the_fleet_group() -> None:
-    args = warm_pool_args(stack_plan("dev-8b"))
+    args = warm_pool_args(warm_pool_settings(stack_plan("dev-8b")))
     assert isinstance(args, aws.autoscaling.GroupWarmPoolArgs)
-    assert warm_pool_args(stack_plan("prod-70b")) is None
+    assert warm_pool_args(warm_pool_settings(stack_plan("prod-70b"))) is None
 
 
 # --- FleetScaling under Pulumi mocks --------------------------------------------------------
@@ -187,7 +188,7 @@ def harness(request: pytest.FixtureRequest, pulumi_mocks: Callable[..., PulumiHa
 
 def build(harness: PulumiHarness, sp: StackPlan, names: list[str] | None = None) -> FleetScaling:
     groups = names if names is not None else group_names(sp)
-    return harness.run(lambda: FleetScaling("scaling", FleetScalingArgs(sp, groups, {"team": "t"})))
+    return harness.run(lambda: FleetScaling("scaling", FleetScalingArgs(scaling_policy_spec(sp), groups, {"team": "t"})))
 
 
 def metric_stats(metrics: list[dict]) -> dict[str, dict]:
@@ -285,7 +286,7 @@ def test_group_names_can_be_outputs_of_a_real_group(pulumi_mocks: Callable[..., 
 
     def program() -> FleetScaling:
         group = aws.autoscaling.Group("fleet", min_size=1, max_size=2, availability_zones=["us-east-1a"])
-        return FleetScaling("scaling", FleetScalingArgs(sp, [group.name], {}))
+        return FleetScaling("scaling", FleetScalingArgs(scaling_policy_spec(sp), [group.name], {}))
 
     harness.run(program)
     group = harness.record("aws:autoscaling/group:Group", "fleet")

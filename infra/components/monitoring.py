@@ -31,24 +31,26 @@ import pulumi_aws as aws
 import pulumi_random as random
 
 from infra.errors import FleetError
+from infra.plan.iam import (
+    HostPolicyInputs,
+    assume_role_policy,
+    grafana_workspace_policy_document,
+    host_policy_document,
+    remote_write_policy_document,
+)
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.render.monitoring_host import (
     CONFIG_URI_TAG,
     GRAFANA_PASSWORD_LENGTH,
     MANIFEST_NAME,
-    HostPolicyInputs,
     amp_alertmanager_definition,
-    assume_role_policy,
     check_host_layout,
     check_node_agent,
     config_objects,
-    grafana_workspace_policy_document,
     host_destination,
     host_facts,
-    host_policy_document,
     host_spec,
-    remote_write_policy_document,
     remote_write_url,
     render_host_user_data,
     render_node_agent,

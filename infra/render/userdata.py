@@ -15,6 +15,7 @@ import gzip
 
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
+from infra.plan.stack import StackPlan
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -31,6 +32,18 @@ def encode_user_data(text: str, *, what: str) -> str:
             f"{what}: {len(packed)} bytes gzipped ({len(text.encode())} as text); EC2 takes at most {limit}"
         )
     return base64.b64encode(packed).decode("ascii")
+
+
+def encoded_user_data(stack_plan: StackPlan, instance_type: str) -> str:
+    """The type's cloud-init user-data as its launch template takes it (a gang's text is over
+    EC2's limit, so it is always gzipped)."""
+    text = stack_plan.user_data.get(instance_type, "")
+    if not text.strip():
+        raise FleetError(
+            f"user-data for {instance_type}: not rendered (StackPlan.user_data has "
+            f"{sorted(stack_plan.user_data) or 'no types'}); build the stack plan with the node renderer"
+        )
+    return encode_user_data(text, what=f"user-data for {instance_type}")
 
 
 def decode_user_data(encoded: str) -> str | None:
