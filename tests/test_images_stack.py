@@ -252,6 +252,7 @@ def test_images_stack_declares_the_image_builder_pipeline(preview: bool) -> None
         "vllm-fleet:images:BuildNetwork",
         "vllm-fleet:images:VllmImage",
         "vllm-fleet:network:Network",
+        "vllm-fleet:storage:PrivateBucket",
     ]
     for record in run.records:
         if record.custom:

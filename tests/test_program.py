@@ -138,11 +138,14 @@ def test_components_own_every_resource(stack: str, preview: bool) -> None:
         "vllm-fleet:fleet:Fleet",
         "vllm-fleet:scaling:FleetScaling",
         "vllm-fleet:monitoring:Monitoring",
+        "vllm-fleet:secrets:GeneratedSecret",
+        *(["vllm-fleet:storage:PrivateBucket"] if stack_plan(stack).config.monitoring.mode == "self-hosted" else []),
     }
     for record in run.records:
         if record.custom:
             assert record.parent_urn in components, f"{record.type} {record.name} is not inside a component"
-            assert record.name.startswith(components[record.parent_urn].name + "-")
+            owner = components[record.parent_urn].name
+            assert record.name == owner or record.name.startswith(owner + "-")
 
 
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
@@ -191,7 +194,7 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
 def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> None:
     run = stack_run(deployable(stack), preview)
-    (version,) = of_type(run, SECRET_VERSION, "vllm-fleet:api_key:ApiKey")
+    version = one(run, SECRET_VERSION, "api-key-version")
     assert version.secret_paths == ("secretString",)
     assert version.inputs["secretString"] == offline.SECRET_MASK
     assert "secretString" in version.options["additionalSecretOutputs"]
@@ -210,7 +213,7 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
         assert key not in offline.resources_json(run.records)
         assert key not in offline.resource_tree_text(run.records)
         assert run.outputs["apiKeySecretArn"].startswith("arn:aws:secretsmanager:")
-    (secret,) = of_type(run, SECRET, "vllm-fleet:api_key:ApiKey")
+    secret = one(run, SECRET, "api-key-secret")
     assert secret.inputs["name"] == stack_plan(stack).api_key_secret_name
     assert secret.inputs["recoveryWindowInDays"] >= 7
     assert secret.options["protect"] is True
@@ -414,8 +417,9 @@ def test_first_create_has_no_races(stack: str, preview: bool) -> None:
     nat_side = of_type(run, "aws:ec2/natGateway:NatGateway") + of_type(run, "aws:ec2/eip:Eip")
     assert nat_side and all(waits_for(r, igw) for r in nat_side)
     for bucket_policy in of_type(run, "aws:s3/bucketPolicy:BucketPolicy"):
+        bucket = bucket_policy.name.removesuffix("-tls-only")
         (block,) = [b for b in of_type(run, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
-                    if b.parent_urn == bucket_policy.parent_urn]  # fmt: skip
+                    if b.name == f"{bucket}-private"]  # fmt: skip
         assert waits_for(bucket_policy, block)
     (node_policy,) = of_type(run, ROLE_POLICY, "vllm-fleet:fleet:Fleet")
     assert all(waits_for(group, node_policy) for group in of_type(run, ASG))
@@ -808,3 +812,44 @@ def test_root_volume_is_never_smaller_than_the_images_snapshot(preview: bool) ->
     normal = stack_run("dev-8b", preview)
     (template,) = of_type(normal, LT)
     assert template.engine_inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 100 + weights_gib  # the planned size
+
+
+# --- aliases: refactorings move resources, never replace them ---------------------------------
+# The URNs of the resource graph (tests/snapshots/resources) before PrivateBucket and
+# GeneratedSecret held the buckets and secrets their parents used to declare themselves.
+URNS_BEFORE = Path(__file__).parent / "snapshots" / "urns" / "before-private-bucket-and-generated-secret.json"
+NEW_COMPONENTS = {"vllm-fleet:storage:PrivateBucket", "vllm-fleet:secrets:GeneratedSecret"}
+
+
+def _qualified(urn: str) -> str:
+    """A URN without its stack and project: "<parent types>$<type>::<name>"."""
+    return urn.split("::", 2)[2]
+
+
+@pytest.mark.parametrize("stack", DEPLOYABLE)
+def test_aliases_keep_every_urn_of_the_graph_before(stack: str) -> None:
+    """Every URN of the earlier graph is a URN of the same resource now, or an alias of it: a
+    `pulumi up` then moves the resource into its new parent instead of deleting and creating
+    it (a protected API-key secret would stop the update; a new bucket would lose its objects)."""
+    before = json.loads(URNS_BEFORE.read_text(encoding="utf-8"))[stack]
+    run = stack_run(stack, True)
+    now = {_qualified(r.engine_urn): r for r in run.records}
+    aliased: dict[str, list[ResourceRecord]] = {}
+    for record in run.records:
+        for alias in record.aliases:
+            assert alias.split("::", 2)[:2] == record.engine_urn.split("::", 2)[:2], f"{alias}: another stack or project"
+            aliased.setdefault(_qualified(alias), []).append(record)
+    moved = 0
+    for old in before:
+        if old in now:
+            continue
+        holders = aliased.get(old, [])
+        assert len(holders) == 1, f"{stack}: {old} is gone, and {len(holders)} resource(s) alias it"
+        chain, name = old.rsplit("::", 1)
+        assert (holders[0].type, holders[0].name) == (chain.rsplit("$", 1)[-1], name), old
+        moved += 1
+    assert moved >= 3  # at least the API key's secret, password and version
+    # Only the new components themselves are new: nothing else appeared under another URN.
+    for qualified, record in now.items():
+        if qualified not in before and not any(_qualified(a) in before for a in record.aliases):
+            assert record.type in NEW_COMPONENTS, f"{stack}: {qualified} is new"
