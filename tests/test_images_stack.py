@@ -32,13 +32,13 @@ from infra.config import (
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.facts.images import default_pin
+from infra.plan.build import build_stack_plan
 from infra.plan.capacity import volume_initialization_rate_mib_s
 from infra.plan.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, plan_bake
 from infra.preview import offline
 from infra.preview.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline
 from infra.program.images import BUILD_EGRESS_PORTS, preflight_images
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = "images"

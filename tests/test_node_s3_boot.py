@@ -26,10 +26,10 @@ import openai
 import pytest
 
 from infra.config import load_stack_file
+from infra.plan.build import build_stack_plan
 from infra.plan.iam import default_weights_s3_uri, parse_s3_uri
 from infra.plan.node.spec import NodeSpec
 from infra.plan.scaling import scaling_policy_spec
-from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.rootfs import (
     TINY_MODEL_MAX_LEN,

@@ -28,6 +28,7 @@ from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.facts.aws import RuleLimits, aws_fleet_facts
 from infra.facts.catalog import default_catalog
+from infra.plan.build import build_stack_plan
 from infra.plan.capacity import GANG_READY_HEARTBEAT_S, capacity_layout
 from infra.plan.drain import SLOWEST_STREAM_TOKENS_PER_S
 from infra.plan.endpoint import route_rules
@@ -38,8 +39,8 @@ from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_T
 from infra.preview import offline, policies
 from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
-from infra.render.userdata import decode_user_data, encoded_user_data
+from infra.render.node import render_user_data
+from infra.render.userdata import decode_user_data, encode_user_data, encoded_user_data
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots" / "resources"
@@ -175,8 +176,8 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
         # user-data: base64 of gzip of exactly this type's rendered cloud-config.
         packed = base64.b64decode(props["userData"], validate=True)
         assert packed[:2] == b"\x1f\x8b"
-        assert gzip.decompress(packed).decode() == plan.user_data[instance_type]
-        assert decode_user_data(props["userData"]) == plan.user_data[instance_type]
+        assert gzip.decompress(packed).decode() == render_user_data(plan.node_specs[instance_type])
+        assert decode_user_data(props["userData"]) == render_user_data(plan.node_specs[instance_type])
         assert props["updateDefaultVersion"] is True
         assert props["tags"][INSTANCE_TYPE_TAG] == instance_type
         assert {s["resourceType"] for s in props["tagSpecifications"]} == {"instance", "volume", "network-interface"}
@@ -554,7 +555,7 @@ def test_cloud_init_reads_the_gzipped_user_data() -> None:
         "sys.stdout.buffer.write(msg.get_payload(decode=True))\n"
     )
     result = subprocess.run(["/usr/bin/python3", "-c", script], input=packed, capture_output=True, check=True)
-    assert result.stdout.decode() == plan.user_data[instance_type]
+    assert result.stdout.decode() == render_user_data(plan.node_specs[instance_type])
     assert result.stdout.startswith(b"#cloud-config")
 
 
@@ -725,11 +726,11 @@ def test_missing_or_oversized_user_data_is_refused() -> None:
     from dataclasses import replace
 
     plan = stack_plan("dev-8b")
-    with pytest.raises(FleetError, match="not rendered"):
-        encoded_user_data(replace(plan, user_data={}), ladder_types(plan)[0])
+    with pytest.raises(FleetError, match="no node spec"):
+        encoded_user_data(replace(plan, node_specs={}), ladder_types(plan)[0])
     noise = base64.b64encode(os.urandom(20000)).decode()  # incompressible
     with pytest.raises(FleetError, match="EC2 takes at most 16384"):
-        encoded_user_data(replace(plan, user_data={ladder_types(plan)[0]: "#cloud-config\n# " + noise}), ladder_types(plan)[0])
+        encode_user_data("#cloud-config\n# " + noise, what=f"user-data for {ladder_types(plan)[0]}")
 
 
 def test_route_rules_respect_alb_limits() -> None:

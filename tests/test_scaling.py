@@ -27,6 +27,7 @@ from infra.config import ScalingSection, StackConfig, load_stack_file, stack_nam
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.facts.scaling import scaling_facts
+from infra.plan.build import build_stack_plan
 from infra.plan.perf import predict
 from infra.plan.scaling import (
     describe_scaling,
@@ -37,7 +38,6 @@ from infra.plan.scaling import (
 )
 from infra.plan.stack import StackPlan
 from infra.render.node import UNIT_DIR, render_node
-from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 

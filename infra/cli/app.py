@@ -37,6 +37,7 @@ from infra.facts.catalog import default_catalog
 from infra.facts.perf import default_workload
 from infra.facts.workload import Workload
 from infra.ops.commands import register as register_ops_commands
+from infra.plan.build import build_stack_plan
 from infra.plan.planner import (
     GB,
     Candidate,
@@ -49,7 +50,7 @@ from infra.plan.planner import (
     serving_facts,
 )
 from infra.plan.stack import StackPlan
-from infra.render.stack import build_stack_plan, write_artifacts
+from infra.render.stack import render_artifacts, write_artifacts
 
 app = typer.Typer(
     name=PROJECT,
@@ -232,6 +233,7 @@ def plan(
         run_plan(config, out_dir, as_json)
         return
     stack_plan = build_stack_plan(config)
+    artifacts = render_artifacts(stack_plan)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.plan.scaling import describe_scaling, ladder_types
     from infra.preview.offline import preview_resources, resource_tree_text, resources_json
@@ -241,10 +243,14 @@ def plan(
     pack_config = policy_config(ladder_types(stack_plan))
     require_pack_passes(records, pack_config)
     replacements = _replacements_since(stack_plan, since) if since is not None else []
-    stack_plan.artifacts["resources.json"] = resources_json(records)
-    stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
+    artifacts = artifacts.with_files(
+        {
+            "resources.json": resources_json(records),
+            "policy-config.json": json.dumps(pack_config, indent=2) + "\n",
+        }
+    )
     target = out_dir or Path("build") / stack
-    written = write_artifacts(stack_plan, target)
+    written = write_artifacts(artifacts, target)
     from infra.cli.stack_report import defaults_in_effect, stack_fleet_cost
 
     cost = stack_fleet_cost(stack_plan)

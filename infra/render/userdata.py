@@ -16,6 +16,7 @@ import gzip
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.plan.stack import StackPlan
+from infra.render.node import render_user_data
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -37,13 +38,13 @@ def encode_user_data(text: str, *, what: str) -> str:
 def encoded_user_data(stack_plan: StackPlan, instance_type: str) -> str:
     """The type's cloud-init user-data as its launch template takes it (a gang's text is over
     EC2's limit, so it is always gzipped)."""
-    text = stack_plan.user_data.get(instance_type, "")
-    if not text.strip():
+    spec = stack_plan.node_specs.get(instance_type)
+    if spec is None:
         raise FleetError(
-            f"user-data for {instance_type}: not rendered (StackPlan.user_data has "
-            f"{sorted(stack_plan.user_data) or 'no types'}); build the stack plan with the node renderer"
+            f"user-data for {instance_type}: no node spec (the plan's ladder is "
+            f"{', '.join(stack_plan.node_specs) or 'empty'})"
         )
-    return encode_user_data(text, what=f"user-data for {instance_type}")
+    return encode_user_data(render_user_data(spec), what=f"user-data for {instance_type}")
 
 
 def decode_user_data(encoded: str) -> str | None:
