@@ -202,7 +202,7 @@ def size(
         region=region, market=market,
     ))
     if as_json:
-        _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
+        _print_json({**plan.summary().as_json(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:
         given = input_tokens or output_tokens or ttft_p95_ms or itl_p95_ms
         _print_plan(plan, "" if given else " (defaults: no --input-tokens/--output-tokens/--ttft-p95-ms/--itl-p95-ms)")
@@ -262,7 +262,7 @@ def plan(
         _print_json(
             {
                 "stack": stack,
-                **stack_plan.plan.summary(),
+                **stack_plan.plan.summary().as_json(),
                 **_price_json(stack_plan.plan),
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
@@ -424,19 +424,19 @@ def _print_plan(plan: Plan, workload_note: str = "") -> None:
     decision.add_column("", style="bold")
     decision.add_column("")
     decision.add_row("model", f"{req.model_name} ({req.arch.params / 1e9:.1f}B params), {req.quantization}")
-    decision.add_row("instance", f"{s['instance_type']} ({s['gpu']})")
-    decision.add_row("replica", _layout_text(chosen) + f" = {s['gpus_per_replica']} GPU(s)")
+    decision.add_row("instance", f"{s.instance_type} ({s.gpu})")
+    decision.add_row("replica", _layout_text(chosen) + f" = {s.gpus_per_replica} GPU(s)")
     decision.add_row("vLLM", f"--max-model-len {req.max_model_len} --max-num-seqs {plan.max_num_seqs} "
                      f"--max-num-batched-tokens {plan.max_num_batched_tokens} "
-                     f"--gpu-memory-utilization {s['gpu_memory_utilization']}")
+                     f"--gpu-memory-utilization {s.gpu_memory_utilization}")
     decision.add_row("weights", f"{plan.weights_bytes / GB:,.1f} GB total, {mem.weights / GiB:,.2f} GiB per GPU")
     decision.add_row("KV cache", f"{plan.kv_cache_bytes_per_token:,} B/token (model); "
                      f"{chosen.kv_cache_tokens:,} tokens per replica = "
                      f"{plan.concurrent_full_context_seqs} sequences at {req.max_model_len:,}")
-    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica ({chosen.price_basis})"
+    decision.add_row("cost", f"${s.hourly_usd:,.2f}/h per replica ({chosen.price_basis})"
                      + _per_token_text(plan.chosen))
-    decision.add_row("time to ready", f"{s['time_to_ready_s']} s from {s['weights_source']} "
-                     f"(timeouts use {s['startup_timeout_s']} s)")
+    decision.add_row("time to ready", f"{s.time_to_ready_s} s from {s.weights_source} "
+                     f"(timeouts use {s.startup_timeout_s} s)")
     decision.add_row("fallback ladder", "\n".join(ladder_explanation(plan)))
     out.print(_folded(decision))
     _print_performance(plan, workload_note)

@@ -312,7 +312,7 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
         "apiKeySecretArn": api_key.secret_arn,
         "apiKeySecretName": api_key.secret_name,
         "planId": pulumi.Output.from_input(plan_id(stack_plan)),
-        "planSummary": pulumi.Output.from_input(stack_plan.plan.summary()),
+        "planSummary": pulumi.Output.from_input(stack_plan.plan.summary().as_json()),
         "estimatedHourlyUsd": pulumi.Output.from_input(hourly_estimate(stack_plan, capacity)),
         "autoscalingGroupNames": pulumi.Output.all(*fleet.group_names),
         "loadBalancerArnSuffix": endpoint.load_balancer_arn_suffix,

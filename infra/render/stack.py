@@ -63,7 +63,7 @@ def stack_user_data(stack_plan: StackPlan) -> dict[str, str]:
 def render_artifacts(stack_plan: StackPlan) -> StackArtifacts:
     summary = {
         "stack": stack_plan.config.stack,
-        **stack_plan.plan.summary(),
+        **stack_plan.plan.summary().as_json(),
         "serve_argv": stack_plan.serve_argv,
         "argv_validation": stack_plan.argv_validation,
         "warnings": stack_plan.warnings,
