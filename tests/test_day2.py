@@ -27,11 +27,11 @@ import pulumi_random as random
 import pytest
 
 from infra.config import StackConfig, load_stack_file
+from infra.plan.build import build_stack_plan
 from infra.preview import offline
 from infra.preview.offline import ResourceRecord
 from infra.preview.replacement import Day2Diff, day2_diff, replacement_table
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "day2.md"
 BEGIN, END = "<!-- day2-table:begin -->", "<!-- day2-table:end -->"

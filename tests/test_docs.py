@@ -14,7 +14,7 @@ import yaml
 
 from infra.cli.stack_reference import render_stack_reference
 from infra.config import parse_stack_config
-from infra.render.stack import build_stack_plan
+from infra.plan.build import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])

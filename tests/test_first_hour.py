@@ -18,14 +18,14 @@ import pytest
 import yaml
 
 from infra.cli.stack_report import defaults_in_effect, stack_fleet_cost
-from infra.components.fleet import capacity_layout
 from infra.config import PLANNER_OWNED_FLAGS, STACKS_DIR, load_stack_file, parse_stack_config
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
+from infra.plan.build import build_stack_plan
+from infra.plan.capacity import capacity_layout
 from infra.plan.node.serve_args import build_serve_argv
 from infra.plan.planner import Layout, SizingRequest, ladder_explanation, make_plan
 from infra.plan.stack import sizing_request
-from infra.render.stack import build_stack_plan
 from tests.support.cli_inprocess import assert_refused, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

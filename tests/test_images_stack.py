@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.components.fleet import volume_initialization_rate_mib_s
 from infra.config import (
     PROJECT,
     STACKS_DIR,
@@ -33,12 +32,13 @@ from infra.config import (
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.facts.images import default_pin
+from infra.plan.build import build_stack_plan
+from infra.plan.capacity import volume_initialization_rate_mib_s
 from infra.plan.images import COMPONENTS_DIR, ami_ssm_parameter_name, base_image_ssm_parameter, plan_bake
 from infra.preview import offline
 from infra.preview.offline import MOCK_AMI_ROOT_GIB, OfflineMocks, OfflineRun, ResourceRecord, run_offline
 from infra.program.images import BUILD_EGRESS_PORTS, checked_image_plan
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = "images"
@@ -252,6 +252,7 @@ def test_images_stack_declares_the_image_builder_pipeline(preview: bool) -> None
         "vllm-fleet:images:BuildNetwork",
         "vllm-fleet:images:VllmImage",
         "vllm-fleet:network:Network",
+        "vllm-fleet:storage:PrivateBucket",
     ]
     for record in run.records:
         if record.custom:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from infra.config import STACKS_DIR, StackConfig, load_any_stack_file
 from infra.errors import FleetError
-from infra.render.stack import build_stack_plan
+from infra.plan.build import build_stack_plan
 from tests.support.cli_inprocess import assert_refused, run_cli
 
 LLAMA_CONFIG: dict[str, Any] = {

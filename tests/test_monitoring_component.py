@@ -47,6 +47,7 @@ from infra.components.monitoring import (
 from infra.config import STACKS_DIR, load_stack_file
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
+from infra.plan.build import build_stack_plan
 from infra.plan.stack import StackPlan
 from infra.plan.tags import stack_tags
 from infra.preview.offline import MOCK_ACCOUNT_ID
@@ -71,7 +72,7 @@ from infra.render.monitoring_host import (
     render_host_user_data,
     render_node_agent,
 )
-from infra.render.stack import build_stack_plan, monitoring_spec
+from infra.render.stack import monitoring_spec
 from tests.support.ports import free_port
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 from tests.support.snapshots import text_file

@@ -25,11 +25,11 @@ import boto3
 import openai
 import pytest
 
-from infra.components.fleet import default_weights_s3_uri, parse_s3_uri
 from infra.config import load_stack_file
+from infra.plan.build import build_stack_plan
+from infra.plan.iam import default_weights_s3_uri, parse_s3_uri
 from infra.plan.node.spec import NodeSpec
 from infra.plan.scaling import scaling_policy_spec
-from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.moto import MotoServer
 from tests.support.ports import free_port

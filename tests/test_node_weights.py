@@ -19,12 +19,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from infra.components.fleet import PolicyInputs, node_policy_document
 from infra.config import load_stack_file, stack_names
+from infra.plan.build import build_stack_plan
+from infra.plan.iam import PolicyInputs, node_policy_document
 from infra.plan.node.from_plan import KEEP_ALIVE_MARGIN_S
 from infra.plan.stack import StackPlan
 from infra.render.node import S3_TRANSFER, UNIT_DIR, render_node, vllm_unit_names
-from infra.render.stack import build_stack_plan
+from infra.render.stack import stack_user_data
 from tests.support.imds import FakeImds
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "images" / "scripts"
@@ -210,7 +211,7 @@ def test_keep_alive_outlasts_the_load_balancer_idle_timeout(name: str) -> None:
 def test_user_data_fits_ec2_for_every_stack_and_ladder_type() -> None:
     lines = []
     for name in stack_names("fleet"):
-        for instance_type, text in stack_plan(name).user_data.items():
+        for instance_type, text in stack_user_data(stack_plan(name)).items():
             size = len(gzip.compress(text.encode(), compresslevel=9, mtime=0))
             lines.append(f"{name:14} {instance_type:16} {size:6} B gzipped, margin {USER_DATA_LIMIT - size:6} B")
             assert size < USER_DATA_LIMIT, lines[-1]

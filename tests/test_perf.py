@@ -189,8 +189,8 @@ def test_the_plan_ranks_by_dollars_per_million_tokens_at_the_slo() -> None:
     cheapest_hourly = min([plan.chosen, *rivals], key=lambda c: c.hourly_usd_per_replica or math.inf)
     assert cheapest_hourly is not plan.chosen
     summary = plan.summary()
-    assert summary["max_num_seqs"] == plan.chosen.max_num_seqs and summary["concurrency"] == 8
-    assert summary["performance"]["usd_per_million_output_tokens"] == pytest.approx(chosen, abs=1e-4)
+    assert summary.max_num_seqs == plan.chosen.max_num_seqs and summary.concurrency == 8
+    assert summary.performance["usd_per_million_output_tokens"] == pytest.approx(chosen, abs=1e-4)
     print(f"chosen {plan.layout.instance_type} at ${chosen:.3f}/1M tokens; cheapest per hour "
           f"{cheapest_hourly.layout.instance_type}")
 

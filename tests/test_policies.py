@@ -17,13 +17,13 @@ import pulumi_aws as aws
 import pytest
 import yaml
 
-from infra.components.fleet import ladder_types
 from infra.config import StackConfig, load_stack_file
+from infra.plan.build import build_stack_plan
+from infra.plan.scaling import ladder_types
 from infra.plan.stack import StackPlan
 from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.preview import offline, policies
 from infra.preview.offline import ResourceRecord
-from infra.render.stack import build_stack_plan
 from tests.test_program import REFUSED, STACKS
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"

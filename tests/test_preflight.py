@@ -54,7 +54,7 @@ from infra.ops.preflight import (
     has_blocker,
     quota_needs,
 )
-from infra.render.stack import build_stack_plan
+from infra.plan.build import build_stack_plan
 
 REGION = "us-east-1"
 P_QUOTA = "L-417A185B"  # Running On-Demand P instances (catalog quota_code of p4de/p5)

@@ -17,6 +17,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,28 +25,23 @@ from pulumi.runtime import settings
 from syrupy.assertion import SnapshotAssertion
 
 from infra.components.api_key import ApiKey, ApiKeyArgs
-from infra.components.endpoint import route_rules
-from infra.components.fleet import (
-    GANG_READY_HEARTBEAT_S,
-    PolicyInputs,
-    capacity_layout,
-    decoded_user_data,
-    encoded_user_data,
-    instances_for,
-    ladder_types,
-    node_policy_document,
-)
 from infra.config import StackConfig, load_stack_file, stack_names
 from infra.errors import FleetError
 from infra.facts.aws import RuleLimits, aws_fleet_facts
 from infra.facts.catalog import default_catalog
+from infra.plan.build import build_stack_plan
+from infra.plan.capacity import GANG_READY_HEARTBEAT_S, capacity_layout
 from infra.plan.drain import SLOWEST_STREAM_TOKENS_PER_S
+from infra.plan.endpoint import route_rules
+from infra.plan.iam import PolicyInputs, node_policy_document
+from infra.plan.scaling import instances_for, ladder_types
 from infra.plan.stack import StackPlan
 from infra.plan.tags import INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, TARGET_GROUP_TAG, stack_tags
 from infra.preview import offline, policies
 from infra.preview.offline import OfflineRun, ResourceRecord
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
+from infra.render.node import render_user_data
+from infra.render.userdata import decode_user_data, encode_user_data, encoded_user_data
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401 - the fixture
 from tests.support.snapshots import text_extension
 
@@ -144,11 +140,14 @@ def test_components_own_every_resource(stack: str, preview: bool) -> None:
         "vllm-fleet:fleet:Fleet",
         "vllm-fleet:scaling:FleetScaling",
         "vllm-fleet:monitoring:Monitoring",
+        "vllm-fleet:secrets:GeneratedSecret",
+        *(["vllm-fleet:storage:PrivateBucket"] if stack_plan(stack).config.monitoring.mode == "self-hosted" else []),
     }
     for record in run.records:
         if record.custom:
             assert record.parent_urn in components, f"{record.type} {record.name} is not inside a component"
-            assert record.name.startswith(components[record.parent_urn].name + "-")
+            owner = components[record.parent_urn].name
+            assert record.name == owner or record.name.startswith(owner + "-")
 
 
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
@@ -178,8 +177,8 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
         # user-data: base64 of gzip of exactly this type's rendered cloud-config.
         packed = base64.b64decode(props["userData"], validate=True)
         assert packed[:2] == b"\x1f\x8b"
-        assert gzip.decompress(packed).decode() == plan.user_data[instance_type]
-        assert decoded_user_data(props["userData"]) == plan.user_data[instance_type]
+        assert gzip.decompress(packed).decode() == render_user_data(plan.node_specs[instance_type])
+        assert decode_user_data(props["userData"]) == render_user_data(plan.node_specs[instance_type])
         assert props["updateDefaultVersion"] is True
         assert props["tags"][INSTANCE_TYPE_TAG] == instance_type
         assert {s["resourceType"] for s in props["tagSpecifications"]} == {"instance", "volume", "network-interface"}
@@ -197,7 +196,7 @@ def test_launch_templates_per_ladder_type(stack: str, preview: bool) -> None:
 @pytest.mark.parametrize(("stack", "preview"), RUNS)
 def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> None:
     run = stack_run(deployable(stack), preview)
-    (version,) = of_type(run, SECRET_VERSION, "vllm-fleet:api_key:ApiKey")
+    version = one(run, SECRET_VERSION, "api-key-version")
     assert version.secret_paths == ("secretString",)
     assert version.inputs["secretString"] == offline.SECRET_MASK
     assert "secretString" in version.options["additionalSecretOutputs"]
@@ -211,12 +210,12 @@ def test_no_key_anywhere_but_the_secret_version(stack: str, preview: bool) -> No
         for record in run.records:
             if record is not version:
                 assert key not in json.dumps(record.engine_inputs), f"key leaks into {record.type} {record.name}"
-                for lt_text in [decoded_user_data(record.engine_inputs["userData"])] if record.type == LT else []:
+                for lt_text in [decode_user_data(record.engine_inputs["userData"])] if record.type == LT else []:
                     assert key not in lt_text
         assert key not in offline.resources_json(run.records)
         assert key not in offline.resource_tree_text(run.records)
         assert run.outputs["apiKeySecretArn"].startswith("arn:aws:secretsmanager:")
-    (secret,) = of_type(run, SECRET, "vllm-fleet:api_key:ApiKey")
+    secret = one(run, SECRET, "api-key-secret")
     assert secret.inputs["name"] == stack_plan(stack).api_key_secret_name
     assert secret.inputs["recoveryWindowInDays"] >= 7
     assert secret.options["protect"] is True
@@ -309,7 +308,7 @@ def test_target_groups_drain_and_check_health(stack: str, preview: bool) -> None
         assert props["deregistrationDelay"] == min(3600, max(longest, plan.config.serving.shutdown_timeout_s))
         # The node's drain watcher waits for the same delay.
         for lt in of_type(run, LT):
-            text = decoded_user_data(lt.engine_inputs["userData"])
+            text = decode_user_data(lt.engine_inputs["userData"])
             assert f"readonly delay_s={props['deregistrationDelay']}" in text
         assert props["healthCheck"]["path"] == "/health" and props["healthCheck"]["matcher"] == "200"
         assert props["loadBalancingAlgorithmType"] == "least_outstanding_requests"
@@ -420,8 +419,9 @@ def test_first_create_has_no_races(stack: str, preview: bool) -> None:
     nat_side = of_type(run, "aws:ec2/natGateway:NatGateway") + of_type(run, "aws:ec2/eip:Eip")
     assert nat_side and all(waits_for(r, igw) for r in nat_side)
     for bucket_policy in of_type(run, "aws:s3/bucketPolicy:BucketPolicy"):
+        bucket = bucket_policy.name.removesuffix("-tls-only")
         (block,) = [b for b in of_type(run, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
-                    if b.parent_urn == bucket_policy.parent_urn]  # fmt: skip
+                    if b.name == f"{bucket}-private"]  # fmt: skip
         assert waits_for(bucket_policy, block)
     (node_policy,) = of_type(run, ROLE_POLICY, "vllm-fleet:fleet:Fleet")
     assert all(waits_for(group, node_policy) for group in of_type(run, ASG))
@@ -506,7 +506,7 @@ def _normalised(run: OfflineRun) -> Any:
     docs = json.loads(offline.resources_json(run.records))
     for doc in docs:
         if doc["type"] == LT:
-            text = decoded_user_data(
+            text = decode_user_data(
                 next(r for r in run.records if r.type == LT and r.name == doc["name"]).engine_inputs["userData"]
             )
             # The node templates own the body; the snapshot pins only that it is this type's.
@@ -552,7 +552,7 @@ def test_cloud_init_reads_the_gzipped_user_data() -> None:
         "sys.stdout.buffer.write(msg.get_payload(decode=True))\n"
     )
     result = subprocess.run(["/usr/bin/python3", "-c", script], input=packed, capture_output=True, check=True)
-    assert result.stdout.decode() == plan.user_data[instance_type]
+    assert result.stdout.decode() == render_user_data(plan.node_specs[instance_type])
     assert result.stdout.startswith(b"#cloud-config")
 
 
@@ -723,11 +723,11 @@ def test_missing_or_oversized_user_data_is_refused() -> None:
     from dataclasses import replace
 
     plan = stack_plan("dev-8b")
-    with pytest.raises(FleetError, match="not rendered"):
-        encoded_user_data(replace(plan, user_data={}), ladder_types(plan)[0])
+    with pytest.raises(FleetError, match="no node spec"):
+        encoded_user_data(replace(plan, node_specs={}), ladder_types(plan)[0])
     noise = base64.b64encode(os.urandom(20000)).decode()  # incompressible
     with pytest.raises(FleetError, match="EC2 takes at most 16384"):
-        encoded_user_data(replace(plan, user_data={ladder_types(plan)[0]: "#cloud-config\n# " + noise}), ladder_types(plan)[0])
+        encode_user_data("#cloud-config\n# " + noise, what=f"user-data for {ladder_types(plan)[0]}")
 
 
 def test_route_rules_respect_alb_limits() -> None:
@@ -810,3 +810,44 @@ def test_root_volume_is_never_smaller_than_the_images_snapshot(preview: bool) ->
     normal = stack_run("dev-8b", preview)
     (template,) = of_type(normal, LT)
     assert template.engine_inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 100 + weights_gib  # the planned size
+
+
+# --- aliases: refactorings move resources, never replace them ---------------------------------
+# The URNs of the resource graph (its syrupy snapshots) before PrivateBucket and
+# GeneratedSecret held the buckets and secrets their parents used to declare themselves.
+URNS_BEFORE = Path(__file__).parent / "data" / "urns" / "before-private-bucket-and-generated-secret.json"
+NEW_COMPONENTS = {"vllm-fleet:storage:PrivateBucket", "vllm-fleet:secrets:GeneratedSecret"}
+
+
+def _qualified(urn: str) -> str:
+    """A URN without its stack and project: "<parent types>$<type>::<name>"."""
+    return urn.split("::", 2)[2]
+
+
+@pytest.mark.parametrize("stack", DEPLOYABLE)
+def test_aliases_keep_every_urn_of_the_graph_before(stack: str) -> None:
+    """Every URN of the earlier graph is a URN of the same resource now, or an alias of it: a
+    `pulumi up` then moves the resource into its new parent instead of deleting and creating
+    it (a protected API-key secret would stop the update; a new bucket would lose its objects)."""
+    before = json.loads(URNS_BEFORE.read_text(encoding="utf-8"))[stack]
+    run = stack_run(stack, True)
+    now = {_qualified(r.engine_urn): r for r in run.records}
+    aliased: dict[str, list[ResourceRecord]] = {}
+    for record in run.records:
+        for alias in record.aliases:
+            assert alias.split("::", 2)[:2] == record.engine_urn.split("::", 2)[:2], f"{alias}: another stack or project"
+            aliased.setdefault(_qualified(alias), []).append(record)
+    moved = 0
+    for old in before:
+        if old in now:
+            continue
+        holders = aliased.get(old, [])
+        assert len(holders) == 1, f"{stack}: {old} is gone, and {len(holders)} resource(s) alias it"
+        chain, name = old.rsplit("::", 1)
+        assert (holders[0].type, holders[0].name) == (chain.rsplit("$", 1)[-1], name), old
+        moved += 1
+    assert moved >= 3  # at least the API key's secret, password and version
+    # Only the new components themselves are new: nothing else appeared under another URN.
+    for qualified, record in now.items():
+        if qualified not in before and not any(_qualified(a) in before for a in record.aliases):
+            assert record.type in NEW_COMPONENTS, f"{stack}: {qualified} is new"

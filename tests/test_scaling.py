@@ -27,16 +27,17 @@ from infra.config import ScalingSection, StackConfig, load_stack_file, stack_nam
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
 from infra.facts.scaling import scaling_facts
+from infra.plan.build import build_stack_plan
 from infra.plan.perf import predict
 from infra.plan.scaling import (
     describe_scaling,
     instances_for,
     scaling_policy_spec,
     warm_pool_mode,
+    warm_pool_settings,
 )
 from infra.plan.stack import StackPlan
 from infra.render.node import UNIT_DIR, render_node
-from infra.render.stack import build_stack_plan
 from tests.support.imds import FakeImds
 from tests.support.pulumi_mocks import PulumiHarness, pulumi_mocks  # noqa: F401  (fixture)
 from tests.support.snapshots import text_file
@@ -171,9 +172,9 @@ def test_warm_pool_only_for_single_type_on_demand_groups() -> None:
 
 
 def test_warm_pool_args_for_the_fleet_group() -> None:
-    args = warm_pool_args(stack_plan("dev-8b"))
+    args = warm_pool_args(warm_pool_settings(stack_plan("dev-8b")))
     assert isinstance(args, aws.autoscaling.GroupWarmPoolArgs)
-    assert warm_pool_args(stack_plan("prod-70b")) is None
+    assert warm_pool_args(warm_pool_settings(stack_plan("prod-70b"))) is None
 
 
 # --- FleetScaling under Pulumi mocks --------------------------------------------------------
@@ -186,7 +187,7 @@ def harness(request: pytest.FixtureRequest, pulumi_mocks: Callable[..., PulumiHa
 
 def build(harness: PulumiHarness, sp: StackPlan, names: list[str] | None = None) -> FleetScaling:
     groups = names if names is not None else group_names(sp)
-    return harness.run(lambda: FleetScaling("scaling", FleetScalingArgs(sp, groups, {"team": "t"})))
+    return harness.run(lambda: FleetScaling("scaling", FleetScalingArgs(scaling_policy_spec(sp), groups, {"team": "t"})))
 
 
 def metric_stats(metrics: list[dict]) -> dict[str, dict]:
@@ -284,7 +285,7 @@ def test_group_names_can_be_outputs_of_a_real_group(pulumi_mocks: Callable[..., 
 
     def program() -> FleetScaling:
         group = aws.autoscaling.Group("fleet", min_size=1, max_size=2, availability_zones=["us-east-1a"])
-        return FleetScaling("scaling", FleetScalingArgs(sp, [group.name], {}))
+        return FleetScaling("scaling", FleetScalingArgs(scaling_policy_spec(sp), [group.name], {}))
 
     harness.run(program)
     group = harness.record("aws:autoscaling/group:Group", "fleet")

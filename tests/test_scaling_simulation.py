@@ -25,8 +25,8 @@ import pytest
 from infra.config import load_stack_file
 from infra.errors import FleetError
 from infra.facts.scaling import scaling_facts
+from infra.plan.build import build_stack_plan
 from infra.plan.scaling import ScalingPolicySpec, scaling_policy_spec
-from infra.render.stack import build_stack_plan
 from tests.support.scaling_sim import SimulationResult, Workload, diurnal_trace, simulate
 
 ROOT = Path(__file__).resolve().parent.parent

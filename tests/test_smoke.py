@@ -51,8 +51,8 @@ def smoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 def test_mirror_uses_the_listener_rules_source() -> None:
     """haproxy's allowlist is the ALB's: the same routes (the 404 body has one home, plan/public_api.py)."""
-    from infra.components import endpoint
     from infra.facts.aws import aws_fleet_facts
+    from infra.plan import endpoint
 
     facts = aws_fleet_facts()
     alb = {(m, p) for m, paths in endpoint.route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value) for p in paths}

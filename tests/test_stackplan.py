@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from infra.config import load_stack_file, stack_names
+from infra.plan.build import build_stack_plan
 from infra.plan.node import vllm_cli
 from infra.plan.stack import VALIDATED, validate_argv
-from infra.render.stack import build_stack_plan, write_artifacts
+from infra.render.stack import render_artifacts, stack_user_data, write_artifacts
 
 STACKS = stack_names("fleet")  # image-build stacks have no model to plan
 
@@ -39,8 +40,9 @@ def test_stack_argv_is_validated_by_vllm(stack_plan) -> None:  # type: ignore[no
 
 def test_every_rung_of_the_ladder_has_its_own_user_data(stack_plan) -> None:  # type: ignore[no-untyped-def]
     ladder = [c.layout.instance_type for c in stack_plan.plan.fallbacks]
-    assert list(stack_plan.user_data) == ladder
-    for instance_type, text in stack_plan.user_data.items():
+    assert list(stack_plan.node_specs) == ladder
+    assert list(stack_user_data(stack_plan)) == ladder
+    for instance_type, text in stack_user_data(stack_plan).items():
         assert text.startswith("#cloud-config")
         tp = next(c for c in stack_plan.plan.fallbacks if c.layout.instance_type == instance_type)
         assert f"--tensor-parallel-size {tp.layout.tensor_parallel_size}" in text
@@ -56,7 +58,7 @@ def test_packed_replicas_get_disjoint_gpus_and_ports(stack_plan) -> None:  # typ
 
 
 def test_artifacts_written(stack_plan, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    written = {p.relative_to(tmp_path).as_posix() for p in write_artifacts(stack_plan, tmp_path)}
+    written = {p.relative_to(tmp_path).as_posix() for p in write_artifacts(render_artifacts(stack_plan), tmp_path)}
     assert {"plan.json", "vllm-serve.argv", "monitoring/prometheus.yml"} <= written
     assert any(p.startswith("node/etc/systemd/system/vllm") for p in written)
     doc = json.loads((tmp_path / "plan.json").read_text())

@@ -193,7 +193,7 @@ def test_the_light_plan_refuses_an_unknown_extra_arg(monkeypatch: pytest.MonkeyP
     """`vllm-fleet plan` where vLLM is not installed: an unknown flag in extraArgs is a FleetError
     (exit 2 at the CLI), not a warning."""
     from infra.config import load_stack_file
-    from infra.render.stack import build_stack_plan
+    from infra.plan.build import build_stack_plan
 
     monkeypatch.setattr(vllm_cli, "vllm_importable", lambda: False)
     config = load_stack_file("dev-8b")

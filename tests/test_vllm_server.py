@@ -166,7 +166,7 @@ def test_kv_cache_size_matches_the_planners_bytes_per_token(vllm_server: VllmSer
 
 def test_server_runs_the_dev_8b_rendered_argv_with_only_cpu_changes(vllm_server: VllmServer) -> None:
     from infra.config import load_stack_file
-    from infra.render.stack import build_stack_plan
+    from infra.plan.build import build_stack_plan
     from tests.support.dev_argv import CPU_CHANGES, argv_diff
 
     stack_plan = build_stack_plan(load_stack_file("dev-8b"))

@@ -37,6 +37,7 @@ from infra.facts.catalog import default_catalog
 from infra.facts.perf import default_workload
 from infra.facts.workload import Workload
 from infra.ops.commands import register as register_ops_commands
+from infra.plan.build import build_stack_plan
 from infra.plan.planner import (
     GB,
     Candidate,
@@ -49,7 +50,7 @@ from infra.plan.planner import (
     serving_facts,
 )
 from infra.plan.stack import StackPlan
-from infra.render.stack import build_stack_plan, write_artifacts
+from infra.render.stack import render_artifacts, write_artifacts
 
 app = typer.Typer(
     name=PROJECT,
@@ -201,7 +202,7 @@ def size(
         region=region, market=market,
     ))
     if as_json:
-        _print_json({**plan.summary(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
+        _print_json({**plan.summary().as_json(), **_price_json(plan), "alternatives": _alternatives_json(plan)})
     else:
         given = input_tokens or output_tokens or ttft_p95_ms or itl_p95_ms
         _print_plan(plan, "" if given else " (defaults: no --input-tokens/--output-tokens/--ttft-p95-ms/--itl-p95-ms)")
@@ -232,6 +233,7 @@ def plan(
         run_plan(config, out_dir, as_json)
         return
     stack_plan = build_stack_plan(config)
+    artifacts = render_artifacts(stack_plan)
     # Pulumi only now: the program runs under in-process mocks, the offline preview.
     from infra.plan.scaling import describe_scaling, ladder_types
     from infra.preview.offline import preview_resources, resource_tree_text, resources_json
@@ -241,10 +243,14 @@ def plan(
     pack_config = policy_config(ladder_types(stack_plan))
     require_pack_passes(records, pack_config)
     replacements = _replacements_since(stack_plan, since) if since is not None else []
-    stack_plan.artifacts["resources.json"] = resources_json(records)
-    stack_plan.artifacts["policy-config.json"] = json.dumps(pack_config, indent=2) + "\n"
+    artifacts = artifacts.with_files(
+        {
+            "resources.json": resources_json(records),
+            "policy-config.json": json.dumps(pack_config, indent=2) + "\n",
+        }
+    )
     target = out_dir or Path("build") / stack
-    written = write_artifacts(stack_plan, target)
+    written = write_artifacts(artifacts, target)
     from infra.cli.stack_report import defaults_in_effect, stack_fleet_cost
 
     cost = stack_fleet_cost(stack_plan)
@@ -256,7 +262,7 @@ def plan(
         _print_json(
             {
                 "stack": stack,
-                **stack_plan.plan.summary(),
+                **stack_plan.plan.summary().as_json(),
                 **_price_json(stack_plan.plan),
                 "serve_argv": stack_plan.serve_argv,
                 "argv_validation": stack_plan.argv_validation,
@@ -418,19 +424,19 @@ def _print_plan(plan: Plan, workload_note: str = "") -> None:
     decision.add_column("", style="bold")
     decision.add_column("")
     decision.add_row("model", f"{req.model_name} ({req.arch.params / 1e9:.1f}B params), {req.quantization}")
-    decision.add_row("instance", f"{s['instance_type']} ({s['gpu']})")
-    decision.add_row("replica", _layout_text(chosen) + f" = {s['gpus_per_replica']} GPU(s)")
+    decision.add_row("instance", f"{s.instance_type} ({s.gpu})")
+    decision.add_row("replica", _layout_text(chosen) + f" = {s.gpus_per_replica} GPU(s)")
     decision.add_row("vLLM", f"--max-model-len {req.max_model_len} --max-num-seqs {plan.max_num_seqs} "
                      f"--max-num-batched-tokens {plan.max_num_batched_tokens} "
-                     f"--gpu-memory-utilization {s['gpu_memory_utilization']}")
+                     f"--gpu-memory-utilization {s.gpu_memory_utilization}")
     decision.add_row("weights", f"{plan.weights_bytes / GB:,.1f} GB total, {mem.weights / GiB:,.2f} GiB per GPU")
     decision.add_row("KV cache", f"{plan.kv_cache_bytes_per_token:,} B/token (model); "
                      f"{chosen.kv_cache_tokens:,} tokens per replica = "
                      f"{plan.concurrent_full_context_seqs} sequences at {req.max_model_len:,}")
-    decision.add_row("cost", f"${s['hourly_usd']:,.2f}/h per replica ({chosen.price_basis})"
+    decision.add_row("cost", f"${s.hourly_usd:,.2f}/h per replica ({chosen.price_basis})"
                      + _per_token_text(plan.chosen))
-    decision.add_row("time to ready", f"{s['time_to_ready_s']} s from {s['weights_source']} "
-                     f"(timeouts use {s['startup_timeout_s']} s)")
+    decision.add_row("time to ready", f"{s.time_to_ready_s} s from {s.weights_source} "
+                     f"(timeouts use {s.startup_timeout_s} s)")
     decision.add_row("fallback ladder", "\n".join(ladder_explanation(plan)))
     out.print(_folded(decision))
     _print_performance(plan, workload_note)

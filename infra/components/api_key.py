@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_aws as aws
-import pulumi_random as random
+
+from infra.components.generated_secret import GeneratedSecret, GeneratedSecretArgs
 
 # 48 characters from [A-Za-z0-9] is ~285 bits: plenty, and safe in an Authorization
 # header or a YAML file without quoting.
@@ -39,42 +39,24 @@ class ApiKey(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ApiKeyArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:api_key:ApiKey", name, None, opts)
-        child = pulumi.ResourceOptions(parent=self)
-        password = random.RandomPassword(
-            f"{name}-value",
-            length=KEY_LENGTH,
-            special=False,
-            min_lower=4,
-            min_upper=4,
-            min_numeric=4,
-            opts=child,
-        )
-        secret = aws.secretsmanager.Secret(
-            f"{name}-secret",
-            name=args.secret_name,
-            description="vLLM API key of this fleet (read by the nodes' instance role)",
-            recovery_window_in_days=args.recovery_window_days,
-            kms_key_id=args.kms_key_id,
-            tags={**args.tags, "Name": args.secret_name},
-            # Clients hold its keys: deleting it (a destroy, or a replacement) locks them out.
-            opts=pulumi.ResourceOptions(parent=self, protect=True),
-        )
-        aws.secretsmanager.SecretVersion(
-            f"{name}-version",
-            secret_id=secret.id,
-            # A plain string: the node's fetch script accepts it as the single key.
-            secret_string=password.result,
-            opts=pulumi.ResourceOptions(
-                parent=self,
-                additional_secret_outputs=["secretString"],
-                # Pulumi writes only the first key; `vllm-fleet rotate-key` owns every later
-                # version. secret_string is ForceNew (provider_replacements.yaml), and a new
-                # version becomes AWSCURRENT: a new password here would make a key that
-                # rotation retired (or never issued) current again. So its value is never
-                # diffed; rotate with rotate-key.
-                ignore_changes=["secretString"],
+        key = GeneratedSecret(
+            name,
+            GeneratedSecretArgs(
+                secret_name=args.secret_name,
+                description="vLLM API key of this fleet (read by the nodes' instance role)",
+                length=KEY_LENGTH,
+                tags=args.tags,
+                recovery_window_days=args.recovery_window_days,
+                kms_key_id=args.kms_key_id,
+                # Clients hold its keys: deleting it (a destroy, or a replacement) locks them out.
+                protect=True,
+                # Pulumi writes only the first key (a plain string: the node's fetch script accepts
+                # it as the single key); `vllm-fleet rotate-key` owns every later version.
+                write_once=True,
             ),
+            opts=pulumi.ResourceOptions(parent=self),
         )
+        password, secret = key.password, key.secret
         self.api_key = pulumi.Output.secret(password.result)
         self.secret_arn = secret.arn
         self.secret_name = secret.name

@@ -28,25 +28,27 @@ ForceNew, so nothing a day-2 change moves may live there (docs/day2.md).
 
 from __future__ import annotations
 
-import base64
-import gzip
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import default_catalog
-from infra.plan.planner import GiB, Layout, serving_facts
-from infra.plan.scaling import instances_for, ladder_types, log_group_name, scaling_policy_spec
-from infra.plan.stack import StackPlan, group_name_prefix
+from infra.plan.capacity import (
+    GANG_READY_HEARTBEAT_S,
+    CapacityLayout,
+    GroupSpec,
+    RootVolume,
+    group_delete_timeout_s,
+)
+from infra.plan.iam import PolicyInputs, assume_role_policy, node_policy_document
+from infra.plan.scaling import log_group_name
+from infra.plan.stack import group_name_prefix
 from infra.plan.tags import (
     GANG_TAG,
     INSTANCE_TYPE_TAG,
@@ -61,333 +63,16 @@ from infra.plan.tags import (
 # at most 10 % (at least one node) above it while a replacement warms up.
 MIN_HEALTHY_PERCENT = 100
 MAX_HEALTHY_PERCENT = 110
-# Added to the drain hook's heartbeat: the node's own bookkeeping around the two waits.
-DRAIN_MARGIN_S = 60
 # On top of the planned start-up: time for EC2 to find GPU capacity before Pulumi gives up.
 CAPACITY_SEARCH_S = 600
-# A gang's launch hook ("gang-ready") must exist before the group's first instance, so it is
-# one of the group's initial_lifecycle_hooks, which the provider marks ForceNew
-# (aws_fleet.yaml initial_lifecycle_hook_force_new). Its timeout is therefore a constant, never
-# derived from the plan: the node records a heartbeat every 25 s while its gang starts
-# (infra/plan/node/spec.py heartbeat_interval_s), so this only bounds how long a silent node (dead
-# before its watcher ran) holds capacity before ABANDON gives it back.
-GANG_READY_HEARTBEAT_S = 900
-# After the drain hook: EC2's own shutdown and termination of a GPU node (EFA interfaces, EBS).
-TERMINATION_MARGIN_S = 600
 # No containers on the nodes: the metadata token need not cross a network hop.
 IMDS_HOP_LIMIT = 1
 LOG_RETENTION_DAYS = 30
-GZIP_MAGIC = b"\x1f\x8b"
-# Weights are downloaded to the root volume unless they arrive on instance-store NVMe.
-ROOT_VOLUME_WITHOUT_WEIGHTS = ("local-nvme",)
-# Weights baked into the image's root snapshot and read as EBS fetches each block (ebs-lazy):
-# the planner times that source at a rate EBS only guarantees when the volume is created with a
-# provisioned volume initialization rate. ebs-initialized (fast snapshot restore, or a volume
-# written at boot) must not set one: a rate on an FSR-enabled snapshot replaces FSR with it.
-PROVISIONED_INITIALIZATION_SOURCES = ("ebs-lazy",)
-# Weights already in the image's root snapshot.
-IMAGE_WEIGHT_SOURCES = ("ebs-lazy", "ebs-initialized")
-MiB = 1024**2
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One Auto Scaling group: the single fleet group, or one gang."""
-
-    key: str  # "fleet" or "gang-<i>"
-    min_size: int
-    max_size: int
-    desired: int
-    gang_index: int | None = None
-    scaled: bool = False  # desired capacity belongs to the scaler, not to Pulumi
-
-
-@dataclass(frozen=True)
-class CapacityLayout:
-    nodes_per_replica: int
-    replicas_per_node: int
-    min_instances: int
-    max_instances: int
-    groups: tuple[GroupSpec, ...]
-
-    @property
-    def gangs(self) -> bool:
-        return self.nodes_per_replica > 1
-
-
-def capacity_layout(config: StackConfig, layout: Layout) -> CapacityLayout:
-    """The groups to create, after the checks that must fail before any resource exists."""
-    cap = config.capacity
-    npr, rpn = layout.nodes_per_replica, layout.replicas_per_node
-    min_instances, max_instances = instances_for(cap.min_replicas, layout), instances_for(cap.max_replicas, layout)
-    if npr > 1:
-        if cap.market == "spot":
-            raise FleetError(
-                f"vllm-fleet:capacity.market = \"spot\": the plan spans {npr} nodes per replica, and one "
-                "reclaimed node stops the whole replica; use on-demand or capacity-block"
-            )
-        groups = tuple(
-            GroupSpec(
-                key=f"gang-{i}",
-                min_size=npr if i < cap.min_replicas else 0,
-                max_size=npr,
-                desired=npr if i < cap.min_replicas else 0,
-                gang_index=i,
-                scaled=i >= cap.min_replicas,
-            )
-            for i in range(cap.max_replicas)
-        )
-        return CapacityLayout(npr, rpn, min_instances, max_instances, groups)
-    # A rolling refresh (and a health replacement) launches the new node before the old
-    # one stops. At the group's floor that needs one node of headroom below max_size.
-    if max_instances < min_instances + 1:
-        # One more node than the floor: the first replica that needs it.
-        wanted = min_instances * rpn + 1
-        raise FleetError(
-            f"vllm-fleet:capacity: {cap.min_replicas}..{cap.max_replicas} replicas at {rpn} per "
-            f"{layout.instance_type} node is {min_instances}..{max_instances} node(s); replacing a node "
-            f"without losing capacity needs room for one more node: set maxReplicas to {wanted} or more"
-        )
-    group = GroupSpec(
-        key="fleet",
-        min_size=min_instances,
-        max_size=max_instances,
-        desired=min_instances,
-        scaled=max_instances > min_instances,
-    )
-    return CapacityLayout(npr, rpn, min_instances, max_instances, (group,))
-
-
-def root_volume_gib(stack_plan: StackPlan) -> int:
-    base = serving_facts().defaults.root_volume_base_gib
-    if stack_plan.config.serving.weights_source in ROOT_VOLUME_WITHOUT_WEIGHTS:
-        return base
-    return base + math.ceil(stack_plan.plan.weights_bytes / GiB)
-
-
-def root_volume_for_image(stack_plan: StackPlan, snapshot_gib: int) -> int:
-    """The planned root volume, but never smaller than the image's root snapshot plus the
-    weights a node downloads onto it: EC2 refuses a volume smaller than its snapshot, and a
-    baked image (venv, caches, staged weights) can outgrow the planned base."""
-    downloads = stack_plan.config.serving.weights_source not in (*ROOT_VOLUME_WITHOUT_WEIGHTS, *IMAGE_WEIGHT_SOURCES)
-    downloaded_gib = math.ceil(stack_plan.plan.weights_bytes / GiB) if downloads else 0
-    return max(root_volume_gib(stack_plan), snapshot_gib + downloaded_gib)
-
-
-def volume_initialization_rate_mib_s(weights_source: str) -> int | None:
-    """The root volume's provisioned initialization rate: the planner's figure for the source
-    (infra/facts/data/weight_sources.yaml), or None where EBS must initialize by its own means."""
-    if weights_source not in PROVISIONED_INITIALIZATION_SOURCES:
-        return None
-    return round(default_catalog().weight_sources[weights_source].throughput_mb_s * 1_000_000 / MiB)
-
-
-def encoded_user_data(stack_plan: StackPlan, instance_type: str) -> str:
-    """The type's cloud-init user-data as a launch template takes it: gzipped (cloud-init
-    inflates it before parsing; a gang's text is over EC2's limit), then base64.
-    ``mtime=0`` keeps the bytes stable, so an unchanged plan never shows a diff."""
-    text = stack_plan.user_data.get(instance_type, "")
-    if not text.strip():
-        raise FleetError(
-            f"user-data for {instance_type}: not rendered (StackPlan.user_data has "
-            f"{sorted(stack_plan.user_data) or 'no types'}); build the stack plan with the node renderer"
-        )
-    packed = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
-    limit = aws_fleet_facts().user_data_max_bytes.value
-    if len(packed) > limit:
-        raise FleetError(
-            f"user-data for {instance_type}: {len(packed)} bytes gzipped ({len(text.encode())} as text); "
-            f"EC2 takes at most {limit}"
-        )
-    return base64.b64encode(packed).decode("ascii")
-
-
-def decoded_user_data(encoded: str) -> str:
-    """The inverse, for checks: base64, then gunzip when gzipped (as cloud-init does)."""
-    raw = base64.b64decode(encoded, validate=True)
-    if raw[:2] == GZIP_MAGIC:
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8")
-
-
-def drain_heartbeat_s(deregistration_delay_s: int, shutdown_timeout_s: int) -> int:
-    """The termination hook's timeout: first the load balancer drains the node (its
-    deregistration delay), then vLLM drains its own in-flight requests (--shutdown-timeout)."""
-    heartbeat = deregistration_delay_s + shutdown_timeout_s + DRAIN_MARGIN_S
-    bounds = aws_fleet_facts().lifecycle_hook_heartbeat_s.value
-    if heartbeat > bounds.max:
-        raise FleetError(
-            f"vllm-fleet:serving.shutdownTimeoutS = {shutdown_timeout_s}: draining takes {deregistration_delay_s} s "
-            f"(load balancer) + {shutdown_timeout_s} s (vLLM) + {DRAIN_MARGIN_S} s = {heartbeat} s; "
-            f"a lifecycle hook waits at most {bounds.max} s"
-        )
-    return max(heartbeat, bounds.min)
-
-
-def scheduled_min_groups(stack_plan: StackPlan) -> set[str]:
-    """The groups whose min_size the night schedule owns (infra/plan/scaling.py NightFloor): Pulumi
-    must not diff it, or every nightly drift check reports the schedule's value as drift."""
-    night = scaling_policy_spec(stack_plan).night
-    if night is None:
-        return set()
-    if stack_plan.plan.layout.nodes_per_replica > 1:
-        return {f"gang-{k}" for k in night.gang_indices}
-    return {"fleet"}
 
 
 def group_metrics() -> list[aws.autoscaling.Metric]:
     """The group metrics every group publishes (aws_fleet.yaml asg_group_metrics)."""
     return [aws.autoscaling.Metric(name) for name in aws_fleet_facts().asg_group_metrics.value]
-
-
-def group_delete_timeout_s(drain_s: int) -> int:
-    """How long Pulumi waits for a group to delete: every node first runs its drain hook
-    (up to ``drain_s``), then EC2 terminates it. The provider's default (10 min, group.go
-    Timeouts.Delete) is shorter than a gang's drain plus termination."""
-    return drain_s + TERMINATION_MARGIN_S
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    match = re.match(r"^s3://([^/]+)/?(.*)$", uri)
-    if not match:
-        raise FleetError(f"vllm-fleet:serving.weightsS3Uri = {uri!r}: expected s3://bucket/prefix/")
-    bucket, prefix = match.group(1), match.group(2)
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
-
-
-def default_weights_s3_uri(config: StackConfig, account_id: str, model_repo: str) -> str:
-    """The convention when weightsS3Uri is not set: one bucket per account and region,
-    one prefix per repo and revision (what the weight-staging job writes)."""
-    return f"s3://vllm-fleet-weights-{account_id}-{config.region}/{model_repo}/{config.model.revision}/"
-
-
-@dataclass(frozen=True)
-class PolicyInputs:
-    partition: str
-    region: str
-    account_id: str
-    stack: str
-    secret_arn: str
-    log_group_arn: str
-    gangs: bool
-    target_group_arns: Sequence[str] = ()
-    weights_s3_uri: str | None = None
-    secret_kms_key_arn: str | None = None
-    # The optional Hugging Face token (infra/plan/node/from_plan.py hf_token_secret_name).
-    hf_token_secret_name: str | None = None
-    # The namespace the nodes' scaling-signal publishes to (infra/plan/scaling.py node_scaling_environment).
-    metrics_namespace: str | None = None
-
-
-def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
-    """The nodes' inline policy: exactly what the node units call, on exactly their resources."""
-    own_groups = (
-        f"arn:{p.partition}:autoscaling:{p.region}:{p.account_id}:autoScalingGroup:*:"
-        f"autoScalingGroupName/{group_name_prefix(p.stack)}*"
-    )
-    lifecycle = ["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"]
-    statements: list[dict[str, Any]] = [
-        {"Sid": "ReadApiKey", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": [p.secret_arn]},
-        {
-            "Sid": "WriteOwnLogs",
-            "Effect": "Allow",
-            # DescribeLogStreams: the CloudWatch agent checks its stream before writing EMF.
-            "Action": ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            "Resource": [p.log_group_arn, f"{p.log_group_arn}:log-stream:*"],
-        },
-        {
-            "Sid": "LifecycleHooks",
-            "Effect": "Allow",
-            # SetInstanceProtection: a busy node shields itself from scale-in (infra/plan/scaling.py).
-            "Action": lifecycle
-            + ["autoscaling:SetInstanceProtection"]
-            + (["autoscaling:SetInstanceHealth"] if p.gangs else []),
-            "Resource": [own_groups],
-        },
-        {
-            # The protection script reads its group's desired vs in-service count; the
-            # action supports no resource-level permissions.
-            "Sid": "ReadOwnGroup",
-            "Effect": "Allow",
-            "Action": ["autoscaling:DescribeAutoScalingGroups"],
-            "Resource": ["*"],
-        },
-    ]
-    if p.metrics_namespace:
-        statements.append(
-            {
-                # scaling-signal publishes the scaling gauges (images/scripts/node-scaling-signal.sh).
-                # PutMetricData has no resource-level permissions; the cloudwatch:namespace condition
-                # key limits it to the fleet's namespace (docs.aws.amazon.com/AmazonCloudWatch/latest/
-                # monitoring/iam-cw-condition-keys-namespace.html, "Allowing publishing in one namespace only").
-                "Sid": "PublishScalingGauges",
-                "Effect": "Allow",
-                "Action": ["cloudwatch:PutMetricData"],
-                "Resource": ["*"],
-                "Condition": {"StringEquals": {"cloudwatch:namespace": p.metrics_namespace}},
-            },
-        )
-    if p.hf_token_secret_name:
-        statements.append(
-            {
-                "Sid": "ReadHfToken",
-                "Effect": "Allow",
-                "Action": ["secretsmanager:GetSecretValue"],
-                # Secrets Manager appends "-" and six characters to a secret's name in its ARN.
-                "Resource": [f"arn:{p.partition}:secretsmanager:{p.region}:{p.account_id}:secret:{p.hf_token_secret_name}-??????"],
-            }
-        )
-    if p.secret_kms_key_arn:
-        statements.append(
-            {
-                "Sid": "DecryptApiKey",
-                "Effect": "Allow",
-                "Action": ["kms:Decrypt"],
-                "Resource": [p.secret_kms_key_arn],
-                "Condition": {"StringEquals": {"kms:ViaService": f"secretsmanager.{p.region}.amazonaws.com"}},
-            }
-        )
-    if p.weights_s3_uri:
-        bucket, prefix = parse_s3_uri(p.weights_s3_uri)
-        statements += [
-            {
-                "Sid": "ReadWeights",
-                "Effect": "Allow",
-                "Action": ["s3:GetObject"],
-                "Resource": [f"arn:{p.partition}:s3:::{bucket}/{prefix}*"],
-            },
-            {
-                "Sid": "ListWeights",
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket"],
-                "Resource": [f"arn:{p.partition}:s3:::{bucket}"],
-                "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
-            },
-        ]
-    if p.gangs:
-        statements += [
-            {
-                # Neither action supports resource-level permissions.
-                "Sid": "DiscoverGang",
-                "Effect": "Allow",
-                "Action": [
-                    "ec2:DescribeInstances",
-                    "autoscaling:DescribeAutoScalingGroups",
-                    "elasticloadbalancing:DescribeTargetHealth",
-                ],
-                "Resource": ["*"],
-            },
-            {
-                # Only a gang's head serves, so it registers (and drains) itself.
-                "Sid": "HeadRegistersItself",
-                "Effect": "Allow",
-                "Action": ["elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets"],
-                "Resource": list(p.target_group_arns),
-            },
-        ]
-    return {"Version": "2012-10-17", "Statement": statements}
 
 
 def efa_network_interfaces(efa_count: int, security_group_id: pulumi.Input[str]) -> list[aws.ec2.LaunchTemplateNetworkInterfaceArgs]:
@@ -415,7 +100,24 @@ def _type_key(instance_type: str) -> str:
 
 @dataclass(frozen=True)
 class FleetArgs:
-    stack_plan: StackPlan
+    stack: str
+    region: str
+    capacity: CapacityLayout
+    # The fallback ladder, the chosen type first; each type's user-data as the launch template
+    # takes it (infra/render/userdata.py: gzipped, then base64).
+    instance_types: Sequence[str]
+    user_data: Mapping[str, str]
+    serving_port: int
+    startup_timeout_s: int
+    drain_heartbeat_s: int  # the termination hook's timeout (infra/plan/capacity.py)
+    market: str
+    on_demand_base: int
+    root_volume: RootVolume
+    # Group keys whose min_size the night schedule owns: Pulumi leaves it alone.
+    scheduled_min_groups: frozenset[str]
+    # What the nodes' policy grants beyond the defaults (infra/plan/iam.py PolicyInputs).
+    hf_token_secret_name: str | None
+    metrics_namespace: str | None
     vpc_id: pulumi.Input[str]
     subnet_ids: Sequence[pulumi.Input[str]]
     load_balancer_security_group_id: pulumi.Input[str]
@@ -427,11 +129,11 @@ class FleetArgs:
     tags: Mapping[str, str]
     partition: str
     account_id: str
-    deregistration_delay_s: int
     weights_s3_uri: str | None = None
     api_key_kms_key_arn: str | None = None
     # The image's root snapshot size (from the AMI); None: the planned size alone.
     root_snapshot_gib: pulumi.Input[int] | None = None
+    capacity_reservation_id: str | None = None
 
 
 class Fleet(pulumi.ComponentResource):
@@ -442,28 +144,27 @@ class Fleet(pulumi.ComponentResource):
     log_group_name: pulumi.Output[str]
     launch_template_ids: dict[str, pulumi.Output[str]]
     _node_policy: aws.iam.RolePolicy  # the groups wait for it
-    _scheduled_min: set[str]  # group keys whose min_size the night schedule owns
+    _scheduled_min: frozenset[str]  # group keys whose min_size the night schedule owns
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:fleet:Fleet", name, None, opts)
-        stack_plan, config = args.stack_plan, args.stack_plan.config
-        layout = stack_plan.plan.layout
         # Every check that can fail runs before the first resource is declared.
-        capacity = capacity_layout(config, layout)
-        types = ladder_types(stack_plan)
-        user_data = {t: encoded_user_data(stack_plan, t) for t in types}
-        drain_s = drain_heartbeat_s(args.deregistration_delay_s, config.serving.shutdown_timeout_s)
+        capacity = args.capacity
+        types = list(args.instance_types)
+        drain_s = args.drain_heartbeat_s
+        if missing := [t for t in types if t not in args.user_data]:
+            raise FleetError(f"FleetArgs.user_data: none for {', '.join(missing)}")
         if capacity.gangs and len(args.target_group_arns) != 1:
             raise FleetError(f"a gang serves through one target group; got {len(args.target_group_arns)}")
         if args.weights_s3_uri and len(args.weights_s3_uri) > TAG_VALUE_MAX:
             raise FleetError(f"vllm-fleet:serving.weightsS3Uri: longer than {TAG_VALUE_MAX} characters")
         catalog = default_catalog()
-        stack = config.stack
+        stack = args.stack
         child = pulumi.ResourceOptions(parent=self)
         tags = dict(args.tags)
         node_tags = {**tags, ROLE_TAG: "node"}
         facts = aws_fleet_facts()
-        port, last_port = config.serving.port, config.serving.port + layout.replicas_per_node - 1
+        port, last_port = args.serving_port, args.serving_port + capacity.replicas_per_node - 1
 
         # --- logs, identity --------------------------------------------------------------
         log_group = aws.cloudwatch.LogGroup(
@@ -477,14 +178,7 @@ class Fleet(pulumi.ComponentResource):
         role = aws.iam.Role(
             f"{name}-role",
             description=f"vLLM nodes of {stack}",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
-                    ],
-                }
-            ),
+            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
             tags={**tags, "Name": f"{stack}-node"},
             opts=child,
         )
@@ -504,7 +198,7 @@ class Fleet(pulumi.ComponentResource):
                 node_policy_document(
                     PolicyInputs(
                         partition=args.partition,
-                        region=config.region,
+                        region=args.region,
                         account_id=args.account_id,
                         stack=stack,
                         secret_arn=values[0],
@@ -513,8 +207,8 @@ class Fleet(pulumi.ComponentResource):
                         target_group_arns=values[2:],
                         weights_s3_uri=args.weights_s3_uri,
                         secret_kms_key_arn=args.api_key_kms_key_arn,
-                        hf_token_secret_name=stack_plan.node_specs[types[0]].hf_token_secret_id,
-                        metrics_namespace=stack_plan.node_specs[types[0]].scaling_environment["SCALING_NAMESPACE"],
+                        hf_token_secret_name=args.hf_token_secret_name,
+                        metrics_namespace=args.metrics_namespace,
                     )
                 ),
                 indent=2,
@@ -580,13 +274,13 @@ class Fleet(pulumi.ComponentResource):
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value
         volume_gib: pulumi.Input[int] = (
-            root_volume_gib(stack_plan)
+            args.root_volume.planned_gib
             if args.root_snapshot_gib is None
             else pulumi.Output.from_input(args.root_snapshot_gib).apply(
-                lambda snapshot: root_volume_for_image(stack_plan, int(snapshot))
+                lambda snapshot: args.root_volume.for_image(int(snapshot))
             )
         )
-        initialization_rate = volume_initialization_rate_mib_s(config.serving.weights_source)
+        initialization_rate = args.root_volume.initialization_rate_mib_s
         root_snapshot_id: pulumi.Output[str] | None = None
         if initialization_rate is not None:
             # The rate applies to a volume created from a snapshot, named in the mapping: the
@@ -597,7 +291,7 @@ class Fleet(pulumi.ComponentResource):
                 ),
                 opts=pulumi.InvokeOutputOptions(parent=self),
             ).root_snapshot_id
-        market = config.capacity.market
+        market = args.market
         templates: dict[str, aws.ec2.LaunchTemplate] = {}
         for instance_type in types:
             type_tags = {**node_tags, INSTANCE_TYPE_TAG: instance_type, "Name": f"{stack}-vllm"}
@@ -622,7 +316,7 @@ class Fleet(pulumi.ComponentResource):
                 image_id=args.image_id,
                 instance_type=instance_type,
                 iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
-                user_data=user_data[instance_type],
+                user_data=args.user_data[instance_type],
                 update_default_version=True,
                 metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
                     http_endpoint="enabled",
@@ -656,7 +350,7 @@ class Fleet(pulumi.ComponentResource):
                 capacity_reservation_specification=(
                     aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(
                         capacity_reservation_target=aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs(
-                            capacity_reservation_id=config.capacity.capacity_reservation_id
+                            capacity_reservation_id=args.capacity_reservation_id
                         )
                     )
                     if market == "capacity-block"
@@ -671,12 +365,12 @@ class Fleet(pulumi.ComponentResource):
             )
 
         # --- the groups ------------------------------------------------------------------
-        startup = stack_plan.plan.startup_timeout_s
+        startup = args.startup_timeout_s
         group_tags: dict[str, pulumi.Input[str]] = {**node_tags, "Name": f"{stack}-vllm", LOG_GROUP_TAG: log_group.name}
         if args.weights_s3_uri:
             group_tags[WEIGHTS_URI_TAG] = args.weights_s3_uri
         chosen = types[0]
-        self._scheduled_min = scheduled_min_groups(stack_plan)
+        self._scheduled_min = args.scheduled_min_groups
         self.group_names = []
         self.group_arns = []
         for spec in capacity.groups:
@@ -736,8 +430,7 @@ class Fleet(pulumi.ComponentResource):
         startup: int,
         replicas_per_node: int,
     ) -> aws.autoscaling.Group:
-        config = args.stack_plan.config
-        market = config.capacity.market
+        market = args.market
         first = templates[types[0]]
         launch_template: aws.autoscaling.GroupLaunchTemplateArgs | None = None
         mixed: aws.autoscaling.GroupMixedInstancesPolicyArgs | None = None
@@ -763,7 +456,7 @@ class Fleet(pulumi.ComponentResource):
                     # The ladder is ordered: cheapest plan first, fall back down the list.
                     on_demand_allocation_strategy="prioritized",
                     on_demand_base_capacity=(
-                        min(spec.max_size, math.ceil(config.capacity.on_demand_base / replicas_per_node)) if spot else 0
+                        min(spec.max_size, math.ceil(args.on_demand_base / replicas_per_node)) if spot else 0
                     ),
                     on_demand_percentage_above_base_capacity=0 if spot else 100,
                     spot_allocation_strategy="capacity-optimized-prioritized" if spot else None,
@@ -774,7 +467,7 @@ class Fleet(pulumi.ComponentResource):
         startup_wait = f"{startup + CAPACITY_SEARCH_S}s"
         return aws.autoscaling.Group(
             f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(config.stack)}{spec.key}-",
+            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
             vpc_zone_identifiers=list(args.subnet_ids),
             min_size=spec.min_size,
             max_size=spec.max_size,
@@ -829,12 +522,11 @@ class Fleet(pulumi.ComponentResource):
         startup: int,
     ) -> aws.autoscaling.Group:
         assert spec.gang_index is not None
-        config = args.stack_plan.config
         tags = dict(args.tags)
         placement = aws.ec2.PlacementGroup(
             f"{name}-{spec.key}-pg",
             strategy="cluster",
-            tags={**tags, "Name": f"{config.stack}-{spec.key}"},
+            tags={**tags, "Name": f"{args.stack}-{spec.key}"},
             opts=pulumi.ResourceOptions(parent=self),
         )
         # One AZ per gang (a cluster placement group lives in one), gangs spread over AZs.
@@ -849,7 +541,7 @@ class Fleet(pulumi.ComponentResource):
         gang_tags = {**group_tags, GANG_TAG: str(spec.gang_index), TARGET_GROUP_TAG: args.target_group_arns[0]}
         return aws.autoscaling.Group(
             f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(config.stack)}{spec.key}-",
+            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
             vpc_zone_identifiers=[subnet],
             placement_group=placement.name,
             min_size=spec.min_size,

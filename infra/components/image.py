@@ -32,6 +32,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
 from infra.errors import FleetError
 from infra.facts.images import ImageFacts, default_facts
 from infra.plan.images import SCRIPTS_PREFIX_PARAMETER, ImagePlan, ImageSpec, plan_image, root_volume_gib
@@ -118,37 +119,21 @@ class VllmImage(pulumi.ComponentResource):
         # Older component versions (skip_destroy) keep pointing at their scripts, so the scripts
         # outlive the stack (retain_on_delete), and so must their bucket and its guards: a
         # force_destroy bucket would delete the retained objects with it.
-        retained = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
-        bucket = aws.s3.Bucket(
-            f"{name}-bake-scripts",
-            bucket_prefix=fit_prefix(f"{resource_base}-bake-", "aws:s3/bucket:Bucket", "bucketPrefix"),
-            force_destroy=False,
-            tags=tags,
-            opts=retained,
-        )
-        aws.s3.BucketPublicAccessBlock(
-            f"{name}-bake-scripts",
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=retained,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{name}-bake-scripts",
-            bucket=bucket.id,
-            rules=[
-                aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
-                    apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
-                        sse_algorithm="aws:kms" if args.kms_key_arn is not None else "AES256",
-                        kms_master_key_id=args.kms_key_arn,
-                    ),
-                    bucket_key_enabled=args.kms_key_arn is not None,
-                )
-            ],
-            opts=retained,
-        )
+        bake_scripts = f"{name}-bake-scripts"
+        bucket = PrivateBucket(
+            bake_scripts,
+            PrivateBucketArgs(
+                bucket_prefix=fit_prefix(f"{resource_base}-bake-", "aws:s3/bucket:Bucket", "bucketPrefix"),
+                tags=tags,
+                force_destroy=False,
+                retain_on_delete=True,
+                kms_key_arn=args.kms_key_arn,
+                bucket_key_enabled=args.kms_key_arn is not None,
+                public_access_block_name=bake_scripts,
+                encryption_name=bake_scripts,
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        ).bucket
         scripts_key = f"{SCRIPTS_KEY_PREFIX}/{plan.scripts_sha256[:16]}"
         for script_name, content in plan.scripts.items():
             aws.s3.BucketObjectv2(

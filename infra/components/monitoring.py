@@ -28,33 +28,35 @@ from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_random as random
 
+from infra.components.generated_secret import GeneratedSecret, GeneratedSecretArgs
+from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
 from infra.errors import FleetError
-from infra.facts.aws import aws_fleet_facts
+from infra.plan.iam import (
+    HostPolicyInputs,
+    assume_role_policy,
+    grafana_workspace_policy_document,
+    host_policy_document,
+    remote_write_policy_document,
+)
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.render.monitoring_host import (
     CONFIG_URI_TAG,
     GRAFANA_PASSWORD_LENGTH,
     MANIFEST_NAME,
-    HostPolicyInputs,
     amp_alertmanager_definition,
-    assume_role_policy,
     check_host_layout,
     check_node_agent,
     config_objects,
-    grafana_workspace_policy_document,
-    gzip_base64,
     host_destination,
     host_facts,
-    host_policy_document,
     host_spec,
-    remote_write_policy_document,
     remote_write_url,
     render_host_user_data,
     render_node_agent,
 )
+from infra.render.userdata import encode_user_data
 
 MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
 HTTPS_PORT = 443
@@ -195,9 +197,7 @@ class Monitoring(pulumi.ComponentResource):
             host_destination(rel, spec.grafana_dashboards_dir)
         objects = config_objects(files)
         hspec = host_spec(spec)
-        user_data = gzip_base64(
-            render_host_user_data(hspec), limit_bytes=aws_fleet_facts().user_data_max_bytes.value
-        )
+        user_data = encode_user_data(render_host_user_data(hspec), what="monitoring host user-data")
         facts = host_facts()
         ports = facts.ports.value
         child = pulumi.ResourceOptions(parent=self)
@@ -205,60 +205,33 @@ class Monitoring(pulumi.ComponentResource):
         stack = args.stack
 
         # --- Grafana's admin password ---------------------------------------------------
-        password = random.RandomPassword(
-            f"{name}-grafana-password",
-            length=GRAFANA_PASSWORD_LENGTH,
-            special=False,
-            min_lower=4,
-            min_upper=4,
-            min_numeric=4,
+        grafana_admin = GeneratedSecret(
+            f"{name}-grafana",
+            GeneratedSecretArgs(
+                secret_name=hspec.grafana_admin_secret_id,
+                description=f"Grafana admin password of the {stack} monitoring host (read by its instance role)",
+                length=GRAFANA_PASSWORD_LENGTH,
+                tags=tags,
+                recovery_window_days=args.secret_recovery_window_days,
+                password_resource_name=f"{name}-grafana-password",
+                version_resource_name=f"{name}-grafana-secret-version",
+            ),
             opts=child,
         )
-        secret = aws.secretsmanager.Secret(
-            f"{name}-grafana-secret",
-            name=hspec.grafana_admin_secret_id,
-            description=f"Grafana admin password of the {stack} monitoring host (read by its instance role)",
-            recovery_window_in_days=args.secret_recovery_window_days,
-            tags={**tags, "Name": hspec.grafana_admin_secret_id},
-            opts=child,
-        )
-        secret_version = aws.secretsmanager.SecretVersion(
-            f"{name}-grafana-secret-version",
-            secret_id=secret.id,
-            secret_string=password.result,
-            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secretString"]),
-        )
+        secret, secret_version = grafana_admin.secret, grafana_admin.version
 
         # --- the monitoring content in S3 -----------------------------------------------
-        bucket = aws.s3.Bucket(
+        config_bucket = PrivateBucket(
             f"{name}-config",
-            bucket_prefix="vllm-fleet-monitoring-",
-            # Only rendered files live here; they are re-rendered on every deploy.
-            force_destroy=True,
-            tags={**tags, "Name": f"{stack}-monitoring-config"},
+            PrivateBucketArgs(
+                bucket_prefix="vllm-fleet-monitoring-",
+                # Only rendered files live here; they are re-rendered on every deploy.
+                force_destroy=True,
+                tags={**tags, "Name": f"{stack}-monitoring-config"},
+            ),
             opts=child,
         )
-        public_access_block = aws.s3.BucketPublicAccessBlock(
-            f"{name}-config-private",
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=child,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{name}-config-encryption",
-            bucket=bucket.id,
-            rules=[
-                aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
-                    apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
-                        sse_algorithm="AES256"
-                    )
-                )
-            ],
-            opts=child,
-        )
+        bucket, public_access_block = config_bucket.bucket, config_bucket.public_access_block
         aws.s3.BucketPolicy(
             f"{name}-config-tls-only",
             bucket=bucket.id,

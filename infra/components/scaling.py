@@ -10,36 +10,31 @@ The groups belong to the Fleet component; this one only takes their names:
 * a fixed-size fleet: nothing.
 
 The warm pool is an argument of the group itself (``aws.autoscaling.Group(warm_pool=...)``;
-pulumi-aws has no separate warm pool resource): the Fleet passes ``warm_pool_args(stack_plan)``.
+pulumi-aws has no separate warm pool resource): the Fleet passes
+``warm_pool_args(warm_pool_settings(stack_plan))``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
 from infra.facts.scaling import scaling_facts
-from infra.plan.scaling import (
-    ScalingPolicySpec,
-    SignalRole,
-    scaling_policy_spec,
-    warm_pool_settings,
-)
-from infra.plan.stack import StackPlan
+from infra.plan.scaling import ScalingPolicySpec, SignalRole
 
 # Metric math ids: "must start with a lowercase letter" (CloudWatch MetricDataQuery.Id).
 RUNNING_ID, WAITING_ID, KV_ID, RESULT_ID = "running", "waiting", "kv", "load"
 
 
-def warm_pool_args(stack_plan: StackPlan) -> aws.autoscaling.GroupWarmPoolArgs | None:
-    """``warm_pool=`` for the Fleet's group, or None when the plan rules a warm pool out
-    (``infra.plan.scaling.warm_pool_mode`` says why). A warm pool also needs a launch lifecycle hook
-    on the group (AWS: create the hook before the pool); see docs/scaling.md."""
-    settings = warm_pool_settings(stack_plan)
+def warm_pool_args(settings: Mapping[str, Any] | None) -> aws.autoscaling.GroupWarmPoolArgs | None:
+    """``warm_pool=`` for the Fleet's group from ``infra.plan.scaling.warm_pool_settings``, or
+    None when the plan rules a warm pool out (``warm_pool_mode`` says why). A warm pool also needs
+    a launch lifecycle hook on the group (AWS: create the hook before the pool); see docs/scaling.md."""
     if settings is None:
         return None
     return aws.autoscaling.GroupWarmPoolArgs(
@@ -53,7 +48,7 @@ def warm_pool_args(stack_plan: StackPlan) -> aws.autoscaling.GroupWarmPoolArgs |
 
 @dataclass(frozen=True)
 class FleetScalingArgs:
-    stack_plan: StackPlan
+    spec: ScalingPolicySpec  # infra/plan/scaling.py scaling_policy_spec
     # Fleet.group_names: the one fleet group, or gang-0, gang-1, ... in order.
     group_names: Sequence[pulumi.Input[str]]
     tags: Mapping[str, str]
@@ -67,7 +62,7 @@ class FleetScaling(pulumi.ComponentResource):
     def __init__(self, name: str, args: FleetScalingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:scaling:FleetScaling", name, None, opts)
         # Every check that can fail runs before the first resource is declared.
-        spec = scaling_policy_spec(args.stack_plan)
+        spec = args.spec
         wanted = spec.max_replicas if spec.shape == "gang-ladder" else 1
         if len(args.group_names) != wanted:
             raise FleetError(

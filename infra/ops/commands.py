@@ -27,7 +27,7 @@ from infra.errors import FleetError
 from infra.facts.workload import Workload
 from infra.ops.api_keys import check_key, new_api_key, read_secret_keys
 from infra.ops.aws import client_factory, credentials_error, error_text
-from infra.render.stack import build_stack_plan
+from infra.plan.build import build_stack_plan
 
 out = Console(highlight=False)
 err_out = Console(stderr=True, highlight=False)

@@ -22,7 +22,7 @@ GPUs, then fewer nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -243,37 +243,75 @@ class Plan:
         factor = serving_facts().startup.timeout_safety_factor
         return int(math.ceil(self.time_to_ready.total_s * factor / 60.0) * 60)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PlanSummary:
         lay = self.layout
         hourly = self.chosen.hourly_usd_per_replica
-        return {
-            "model": self.request.model_name,
-            "quantization": self.request.quantization,
-            "max_model_len": self.request.max_model_len,
-            "concurrency": self.request.concurrency,
-            "max_num_seqs": self.max_num_seqs,
-            "instance_type": lay.instance_type,
-            "gpu": self.gpu_name,
-            "gpus_per_replica": lay.gpus_per_replica,
-            "tensor_parallel_size": lay.tensor_parallel_size,
-            "pipeline_parallel_size": lay.pipeline_parallel_size,
-            "nodes_per_replica": lay.nodes_per_replica,
-            "replicas_per_node": lay.replicas_per_node,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
-            "weights_bytes": self.weights_bytes,
-            "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token,
-            "kv_cache_tokens": self.chosen.kv_cache_tokens,
-            "concurrent_full_context_seqs": self.concurrent_full_context_seqs,
-            "hourly_usd": round(hourly, 4) if hourly is not None else None,
-            "time_to_ready_s": round(self.time_to_ready.total_s),
-            "startup_timeout_s": self.startup_timeout_s,
-            "weights_source": self.time_to_ready.weights_source,
-            "time_to_ready_by_source_s": {k: round(v) for k, v in self.time_to_ready_by_source.items()},
-            "fallback_instance_types": [c.layout.instance_type for c in self.fallbacks],
-            "workload": workload_json(self.workload),
-            "performance": performance_json(self.chosen),
-        }
+        return PlanSummary(
+            model=self.request.model_name,
+            quantization=self.request.quantization,
+            max_model_len=self.request.max_model_len,
+            concurrency=self.request.concurrency,
+            max_num_seqs=self.max_num_seqs,
+            instance_type=lay.instance_type,
+            gpu=self.gpu_name,
+            gpus_per_replica=lay.gpus_per_replica,
+            tensor_parallel_size=lay.tensor_parallel_size,
+            pipeline_parallel_size=lay.pipeline_parallel_size,
+            nodes_per_replica=lay.nodes_per_replica,
+            replicas_per_node=lay.replicas_per_node,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            weights_bytes=self.weights_bytes,
+            kv_cache_bytes_per_token=self.kv_cache_bytes_per_token,
+            kv_cache_tokens=self.chosen.kv_cache_tokens,
+            concurrent_full_context_seqs=self.concurrent_full_context_seqs,
+            hourly_usd=round(hourly, 4) if hourly is not None else None,
+            time_to_ready_s=round(self.time_to_ready.total_s),
+            startup_timeout_s=self.startup_timeout_s,
+            weights_source=self.time_to_ready.weights_source,
+            time_to_ready_by_source_s={k: round(v) for k, v in self.time_to_ready_by_source.items()},
+            fallback_instance_types=[c.layout.instance_type for c in self.fallbacks],
+            workload=workload_json(self.workload),
+            performance=performance_json(self.chosen),
+        )
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """The sizing decision as `vllm-fleet plan --json`, build/<stack>/plan.json and the
+    planSummary stack output show it. Its JSON's hash is the deployed plan id
+    (infra/plan/tags.py plan_id), so a field's name, order or value type is part of the
+    contract: ``as_json`` gives exactly the dict the plan always printed."""
+
+    model: str
+    quantization: str
+    max_model_len: int
+    concurrency: int
+    max_num_seqs: int
+    instance_type: str
+    gpu: str
+    gpus_per_replica: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    nodes_per_replica: int
+    replicas_per_node: int
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    weights_bytes: int
+    kv_cache_bytes_per_token: int
+    kv_cache_tokens: int
+    concurrent_full_context_seqs: int
+    hourly_usd: float | None
+    time_to_ready_s: int
+    startup_timeout_s: int
+    weights_source: str
+    time_to_ready_by_source_s: dict[str, int]
+    fallback_instance_types: list[str]
+    workload: dict[str, Any]  # workload_json
+    performance: dict[str, Any]  # performance_json
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def workload_json(workload: Workload) -> dict[str, Any]:

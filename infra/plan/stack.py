@@ -1,15 +1,17 @@
-"""A stack's whole offline plan: config → sizing plan → validated argv, and the artifacts
-infra/render/stack.py renders into it.
+"""A stack's whole offline plan, an immutable value of decisions: config → sizing plan →
+validated argv → one node spec per instance type of the fallback ladder.
 
 Pure apart from the optional import of vLLM for validation; no Pulumi. The Pulumi program
-and ``vllm-fleet plan`` both start from ``build_stack_plan`` (infra/render/stack.py) so they
-can never disagree.
+and ``vllm-fleet plan`` both start from ``build_stack_plan`` (infra/plan/build.py) so they
+can never disagree;
+infra/render/stack.py renders a plan's artifacts as a value of their own.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from infra.config import PROJECT, StackConfig, check_serving_fits_model, resolve_model
 from infra.plan.node.spec import NodeSpec
@@ -24,11 +26,9 @@ class StackPlan:
     plan: Plan
     serve_argv: list[str]
     argv_validation: str  # VALIDATED, or the loud reason validation was skipped
-    artifacts: dict[str, str] = field(default_factory=dict)  # relative path → content
-    # cloud-init user-data per instance type of the fallback ladder (each type runs vLLM
-    # with its own parallelism), filled from infra/render/node.py.
-    user_data: dict[str, str] = field(default_factory=dict)
-    node_specs: dict[str, NodeSpec] = field(default_factory=dict)  # instance type → spec
+    # Instance type → its node, for every type of the fallback ladder (each type runs vLLM
+    # with its own parallelism), the chosen type first. Read-only.
+    node_specs: Mapping[str, NodeSpec]
 
     @property
     def warnings(self) -> list[str]:
@@ -57,8 +57,12 @@ class StackPlan:
 
     @property
     def api_key_secret_name(self) -> str:
-        """Deterministic, so user-data can name it without waiting for a Pulumi Output."""
-        return f"vllm-fleet/{self.config.stack}/api-key"
+        return api_key_secret_name(self.config.stack)
+
+
+def api_key_secret_name(stack: str) -> str:
+    """Deterministic, so user-data can name it without waiting for a Pulumi Output."""
+    return f"vllm-fleet/{stack}/api-key"
 
 
 def group_name_prefix(stack: str) -> str:

@@ -37,7 +37,7 @@ TAG_VALUE_MAX = 256
 
 def plan_id(stack_plan: StackPlan) -> str:
     """12 hex digits of the plan summary's hash: changes exactly when the sizing changes."""
-    summary = json.dumps(stack_plan.plan.summary(), sort_keys=True, separators=(",", ":"))
+    summary = json.dumps(stack_plan.plan.summary().as_json(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(summary.encode()).hexdigest()[:12]
 
 

@@ -32,6 +32,8 @@ from infra.plan.stack import StackPlan
 
 SECRET_MASK = "[secret]"
 UNKNOWN_MASK = "[unknown]"
+# The root resource of every program; the engine leaves its type out of its children's URNs.
+STACK_TYPE = "pulumi:pulumi:Stack"
 # The placeholder account of every mocked ARN: AWS's documentation example account.
 MOCK_ACCOUNT_ID = "123456789012"
 MOCK_AMI_ROOT_DEVICE = "/dev/sda1"
@@ -239,6 +241,11 @@ class ResourceRecord:
     # What the mocks answered: the id and the outputs (e.g. an ARN), to follow references.
     id: str | None = field(default=None, repr=False, compare=False)
     outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The URN the Pulumi engine gives it, and the URNs its aliases name (the resource's URNs
+    # before a refactoring moved it). The mocks' own URNs name only the direct parent's type;
+    # the engine's name every enclosing component's.
+    engine_urn: str = field(default="", repr=False, compare=False)
+    aliases: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def parent_type(self) -> str | None:
@@ -274,10 +281,32 @@ class RecordingMonitor(MockMonitor):
     def __init__(self, mocks: Mocks) -> None:
         super().__init__(mocks)
         self.records: list[ResourceRecord] = []
+        # Mock URN → the qualified type the engine would give it: "<parent types>$<type>".
+        self._qualified: dict[str, str] = {}
+
+    def _engine_urn(self, urn: str, parent_urn: str, kind: str, name: str) -> str:
+        parent = self._qualified.get(parent_urn, "") if parent_urn else ""
+        qualified = kind if parent in ("", STACK_TYPE) else f"{parent}${kind}"
+        return "::".join([*urn.split("::")[:2], qualified, name])
+
+    def _alias_urns(self, request: Any, urn: str) -> tuple[str, ...]:
+        """The engine's URNs for the registration's aliases: a spec replaces the name, type
+        or parent of the resource's own URN."""
+        found = []
+        for alias in request.aliases:
+            if alias.urn:
+                found.append(alias.urn)
+                continue
+            spec = alias.spec
+            parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+            found.append(self._engine_urn(urn, parent, spec.type or request.type, spec.name or request.name))
+        return tuple(found)
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
-        if request.type != "pulumi:pulumi:Stack":
+        engine_urn = self._engine_urn(response.urn, request.parent, request.type, request.name)
+        self._qualified[response.urn] = engine_urn.split("::")[2]
+        if request.type != STACK_TYPE:
             raw = rpc.deserialize_properties(request.object, keep_unknowns=True)
             secrets: list[str] = []
             masked = _walk(raw, "", secrets, unwrap=False)
@@ -307,6 +336,8 @@ class RecordingMonitor(MockMonitor):
                     engine_inputs=engine,
                     secret_paths=tuple(secrets),
                     dependencies=tuple(sorted(request.dependencies)),
+                    engine_urn=engine_urn,
+                    aliases=self._alias_urns(request, response.urn),
                     id=response.id or None,
                     outputs=_walk(rpc.deserialize_properties(response.object, keep_unknowns=True), "", [], unwrap=True)
                     if response.object is not None

@@ -13,9 +13,6 @@ version declares its value secret, and that no launch template carries a key-lik
 
 from __future__ import annotations
 
-import base64
-import binascii
-import gzip
 import ipaddress
 import json
 import re
@@ -38,6 +35,7 @@ from pulumi_policy import (
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.plan.tags import IMAGES_REQUIRED_TAG_KEYS, INSTANCE_TYPE_TAG, REQUIRED_TAG_KEYS, ROLE_TAG
+from infra.render.userdata import decode_user_data
 
 PACK_NAME = "vllm-fleet-guardrails"
 
@@ -102,21 +100,6 @@ def tags_of(resource_type: str, props: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(raw, Mapping):
         return {str(k): str(v) for k, v in raw.items()}
     return {}
-
-
-def decode_user_data(encoded: str) -> str | None:
-    """Launch-template user-data as the instance gets it: base64, gunzipped when gzipped.
-    None when it is not valid base64 (itself a violation: EC2 would reject it)."""
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError):
-            return None
-    return raw.decode("utf-8", errors="replace")
 
 
 def secret_like(text: str) -> str | None:

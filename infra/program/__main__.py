@@ -4,10 +4,10 @@ import pulumi
 
 from infra.config import ImagesStackConfig
 from infra.errors import FleetError
+from infra.plan.build import build_stack_plan
 from infra.program.config import load_from_pulumi
 from infra.program.images import deploy_images
 from infra.program.stack import deploy
-from infra.render.stack import build_stack_plan
 
 try:
     config = load_from_pulumi()

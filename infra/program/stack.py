@@ -15,17 +15,8 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.api_key import ApiKey, ApiKeyArgs
-from infra.components.endpoint import Endpoint, EndpointArgs, check_endpoint
-from infra.components.fleet import (
-    CapacityLayout,
-    Fleet,
-    FleetArgs,
-    capacity_layout,
-    default_weights_s3_uri,
-    drain_heartbeat_s,
-    encoded_user_data,
-    ladder_types,
-)
+from infra.components.endpoint import Endpoint, EndpointArgs
+from infra.components.fleet import Fleet, FleetArgs
 from infra.components.image import root_snapshot_gib
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs, subnet_cidrs
@@ -34,12 +25,23 @@ from infra.config import ImageSection, StackConfig
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import default_catalog
+from infra.plan.capacity import (
+    CapacityLayout,
+    capacity_layout,
+    drain_heartbeat_s,
+    root_volume,
+    scheduled_min_groups,
+)
 from infra.plan.drain import deregistration_delay_s
+from infra.plan.endpoint import check_endpoint
+from infra.plan.iam import default_weights_s3_uri
 from infra.plan.node.serve_args import served_model_name
 from infra.plan.pricing import instance_price
+from infra.plan.scaling import ladder_types, scaling_policy_spec
 from infra.plan.stack import StackPlan
 from infra.plan.tags import plan_id, stack_tags
 from infra.render.stack import monitoring_spec
+from infra.render.userdata import encoded_user_data
 
 # Weight sources a node can reach without internet egress (endpoints-only networks).
 SOURCES_WITHOUT_INTERNET = ("s3", "ebs-initialized", "ebs-lazy", "local-nvme")
@@ -269,10 +271,26 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
     if config.serving.weights_source == "s3":
         repo = config.model.repo or stack_plan.plan.request.arch.hf_repo
         weights_uri = config.serving.weights_s3_uri or default_weights_s3_uri(config, identity.account_id, repo)
+    types = ladder_types(stack_plan)
+    first_node = stack_plan.node_specs[types[0]]
     fleet = Fleet(
         "fleet",
         FleetArgs(
-            stack_plan=stack_plan,
+            stack=config.stack,
+            region=config.region,
+            capacity=capacity,
+            instance_types=types,
+            user_data={t: encoded_user_data(stack_plan, t) for t in types},
+            serving_port=config.serving.port,
+            startup_timeout_s=stack_plan.plan.startup_timeout_s,
+            drain_heartbeat_s=drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s),
+            market=config.capacity.market,
+            capacity_reservation_id=config.capacity.capacity_reservation_id,
+            on_demand_base=config.capacity.on_demand_base,
+            root_volume=root_volume(config.serving.weights_source, stack_plan.plan.weights_bytes),
+            scheduled_min_groups=scheduled_min_groups(stack_plan),
+            hf_token_secret_name=first_node.hf_token_secret_id,
+            metrics_namespace=first_node.scaling_environment["SCALING_NAMESPACE"],
             vpc_id=network.vpc_id,
             subnet_ids=fleet_subnet_ids(config, network.private_subnet_ids, block_zone),
             load_balancer_security_group_id=endpoint.security_group_id,
@@ -285,18 +303,17 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             tags=tags,
             partition=partition,
             account_id=identity.account_id,
-            deregistration_delay_s=deregistration_delay,
             weights_s3_uri=weights_uri,
         ),
     )
-    scaling = FleetScaling("scaling", FleetScalingArgs(stack_plan, fleet.group_names, tags))
+    scaling = FleetScaling("scaling", FleetScalingArgs(scaling_policy_spec(stack_plan), fleet.group_names, tags))
     outputs: dict[str, pulumi.Output[Any]] = {
         "endpointUrl": endpoint.url,
         "servedModelName": pulumi.Output.from_input(served_model_name(config, stack_plan.plan.request.model_name)),
         "apiKeySecretArn": api_key.secret_arn,
         "apiKeySecretName": api_key.secret_name,
         "planId": pulumi.Output.from_input(plan_id(stack_plan)),
-        "planSummary": pulumi.Output.from_input(stack_plan.plan.summary()),
+        "planSummary": pulumi.Output.from_input(stack_plan.plan.summary().as_json()),
         "estimatedHourlyUsd": pulumi.Output.from_input(hourly_estimate(stack_plan, capacity)),
         "autoscalingGroupNames": pulumi.Output.all(*fleet.group_names),
         "loadBalancerArnSuffix": endpoint.load_balancer_arn_suffix,

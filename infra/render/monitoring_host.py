@@ -20,8 +20,6 @@ Facts (versions, checksums, the AMI parameter, the Grafana key) live in
 
 from __future__ import annotations
 
-import base64
-import gzip
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -279,18 +277,6 @@ def render_host_user_data(spec: HostSpec) -> str:
     return _render("user-data.yaml.j2", spec=spec, files=files, install="/" + LIBEXEC + "/install")
 
 
-def gzip_base64(text: str, *, limit_bytes: int) -> str:
-    """User-data as ``user_data_base64`` takes it: gzipped (cloud-init inflates it), then
-    base64. ``mtime=0`` keeps the bytes stable, so an unchanged host shows no diff."""
-    packed = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
-    if len(packed) > limit_bytes:
-        raise FleetError(
-            f"monitoring host user-data: {len(packed)} bytes gzipped ({len(text.encode())} as text); "
-            f"EC2 takes at most {limit_bytes}"
-        )
-    return base64.b64encode(packed).decode("ascii")
-
-
 def config_objects(files: Mapping[str, str]) -> dict[str, str]:
     """S3 object key (relative to the stack's prefix) → content: each monitoring file under
     ``files/``, and ``manifest.sha256`` listing them in ``sha256sum`` format, sorted."""
@@ -305,123 +291,6 @@ def config_objects(files: Mapping[str, str]) -> dict[str, str]:
         objects[f"{FILES_PREFIX}{rel}"] = content
     objects[MANIFEST_NAME] = "".join(lines)
     return objects
-
-
-# ---------------------------------------------------------------------------------------------
-# IAM policy documents (plain dicts; the component serialises them)
-
-
-@dataclass(frozen=True)
-class HostPolicyInputs:
-    partition: str
-    grafana_secret_arn: str
-    config_bucket: str
-    config_prefix: str
-    sns_topic_arn: str | None = None
-
-
-def host_policy_document(p: HostPolicyInputs) -> dict[str, Any]:
-    """The monitoring host's inline policy: exactly the calls its services make."""
-    statements: list[dict[str, Any]] = [
-        {
-            # Prometheus's EC2 service discovery. DescribeInstances has no resource-level
-            # permissions, so "*" is the narrowest it can be.
-            "Sid": "DiscoverFleetNodes",
-            "Effect": "Allow",
-            "Action": ["ec2:DescribeInstances"],
-            "Resource": ["*"],
-        },
-        {
-            # Grafana's CloudWatch datasource (Auto Scaling group metrics); also no resource ARNs.
-            "Sid": "ReadCloudWatchMetrics",
-            "Effect": "Allow",
-            "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics"],
-            "Resource": ["*"],
-        },
-        {
-            "Sid": "ReadGrafanaAdminPassword",
-            "Effect": "Allow",
-            "Action": ["secretsmanager:GetSecretValue"],
-            "Resource": [p.grafana_secret_arn],
-        },
-        {
-            "Sid": "ReadMonitoringConfig",
-            "Effect": "Allow",
-            "Action": ["s3:GetObject"],
-            "Resource": [f"arn:{p.partition}:s3:::{p.config_bucket}/{p.config_prefix}*"],
-        },
-    ]
-    if p.sns_topic_arn:
-        statements.append(
-            {
-                "Sid": "PublishAlerts",
-                "Effect": "Allow",
-                "Action": ["sns:Publish"],
-                "Resource": [p.sns_topic_arn],
-            }
-        )
-    return {"Version": "2012-10-17", "Statement": statements}
-
-
-def remote_write_policy_document(workspace_arn: str) -> dict[str, Any]:
-    """For the GPU nodes' role in managed mode: remote write to this one workspace."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "RemoteWriteMetrics",
-                "Effect": "Allow",
-                "Action": ["aps:RemoteWrite"],
-                "Resource": [workspace_arn],
-            }
-        ],
-    }
-
-
-def grafana_workspace_policy_document(workspace_arn: str) -> dict[str, Any]:
-    """For the Amazon Managed Grafana workspace's role: query this AMP workspace, read CloudWatch."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "QueryFleetMetrics",
-                "Effect": "Allow",
-                "Action": [
-                    "aps:QueryMetrics",
-                    "aps:GetSeries",
-                    "aps:GetLabels",
-                    "aps:GetMetricMetadata",
-                    "aps:DescribeWorkspace",
-                ],
-                "Resource": [workspace_arn],
-            },
-            {
-                # Grafana's AMP datasource picker lists workspaces; List* has no resource ARN.
-                "Sid": "ListWorkspaces",
-                "Effect": "Allow",
-                "Action": ["aps:ListWorkspaces"],
-                "Resource": ["*"],
-            },
-            {
-                "Sid": "ReadCloudWatchMetrics",
-                "Effect": "Allow",
-                "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics", "cloudwatch:DescribeAlarms"],
-                "Resource": ["*"],
-            },
-        ],
-    }
-
-
-def assume_role_policy(service: str, *, source_account: str | None = None) -> dict[str, Any]:
-    statement: dict[str, Any] = {
-        "Effect": "Allow",
-        "Principal": {"Service": service},
-        "Action": "sts:AssumeRole",
-    }
-    if source_account:
-        # Confused-deputy guard for service principals that act for many accounts.
-        statement["Condition"] = {"StringEquals": {"aws:SourceAccount": source_account}}
-    return {"Version": "2012-10-17", "Statement": [statement]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ Design and hardening notes: docs/node.md.
 
 from __future__ import annotations
 
-import base64
-import gzip
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -34,11 +32,6 @@ MIN_KEY_LENGTH = 16
 # Instance tag the lifecycle watcher reads through instance metadata beside TARGET_GROUP_TAG
 # (the target group a gang's head registers in): the group's own tag, set by Auto Scaling.
 ASG_NAME_TAG = "aws:autoscaling:groupName"
-# EC2 takes at most 16 KB of user data before base64 (RequestLaunchTemplateData.UserData,
-# "User data is limited to 16 KB"). Our units and scripts are larger than that as text, so the
-# launch template gets them gzipped: cloud-init decompresses gzip user data before parsing
-# it (help.ubuntu.com/community/CloudInit, "Gzip Compressed Content").
-USER_DATA_LIMIT_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -277,17 +270,3 @@ def render_user_data(spec: NodeSpec) -> str:
         if not content.endswith("\n") or content.endswith("\n\n") or content[:1].isspace():
             raise FleetError(f"rendered {f['path']}: must start with text and end with one newline")
     return _render("user-data.yaml.j2", spec=spec, files=files)
-
-
-def user_data_gzip_base64(spec: NodeSpec) -> str:
-    """The launch template's UserData: base64 of the gzipped cloud-config, byte-stable.
-
-    Pulumi: pass it as ``user_data`` of ``aws.ec2.LaunchTemplate`` (already base64).
-    """
-    # mtime=0 keeps the bytes identical across renders, so Pulumi sees no spurious diff.
-    packed = gzip.compress(render_user_data(spec).encode("utf-8"), compresslevel=9, mtime=0)
-    if len(packed) > USER_DATA_LIMIT_BYTES:
-        raise FleetError(
-            f"user-data for stack {spec.stack} is {len(packed)} bytes gzipped; EC2 allows {USER_DATA_LIMIT_BYTES}"
-        )
-    return base64.b64encode(packed).decode("ascii")

@@ -1,5 +1,6 @@
-"""A stack plan with its artifacts: plans the stack (infra/plan/stack.py), renders each
-fallback instance type's node and user-data and the monitoring config, and writes them out.
+"""A stack plan's artifacts, a value of their own: each fallback instance type's node and
+user-data and the monitoring config, rendered from the plan (infra/plan/stack.py), and
+written out.
 
 Pure apart from the optional import of vLLM for validation; no Pulumi.
 """
@@ -7,33 +8,17 @@ Pure apart from the optional import of vLLM for validation; no Pulumi.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-from infra.config import StackConfig
 from infra.facts.catalog import default_catalog
-from infra.plan.node.from_plan import node_spec
-from infra.plan.node.serve_args import build_serve_argv, served_model_name
-from infra.plan.planner import make_plan
-from infra.plan.stack import StackPlan, sizing_request, validate_argv
+from infra.plan.node.serve_args import served_model_name
+from infra.plan.stack import StackPlan
 from infra.plan.tags import STACK_TAG
 from infra.render.monitoring import MonitoringSpec, render_monitoring
 from infra.render.node import render_node, render_user_data
-
-
-def build_stack_plan(config: StackConfig, *, validate: bool = True) -> StackPlan:
-    plan = make_plan(sizing_request(config))
-    argv = build_serve_argv(config, plan)
-    validation = validate_argv(argv) if validate else "validation not requested"
-    for fallback in plan.fallbacks[1:]:
-        if validate:
-            validate_argv(build_serve_argv(config, plan, fallback))
-    stack_plan = StackPlan(config, plan, argv, validation)
-    for rung in plan.fallbacks:
-        spec = node_spec(config, plan, rung, api_key_secret_id=stack_plan.api_key_secret_name)
-        stack_plan.node_specs[rung.layout.instance_type] = spec
-        stack_plan.user_data[rung.layout.instance_type] = render_user_data(spec)
-    stack_plan.artifacts.update(render_artifacts(stack_plan))
-    return stack_plan
 
 
 def monitoring_spec(stack_plan: StackPlan) -> MonitoringSpec:
@@ -60,10 +45,26 @@ def monitoring_spec(stack_plan: StackPlan) -> MonitoringSpec:
     )
 
 
-def render_artifacts(stack_plan: StackPlan) -> dict[str, str]:
+@dataclass(frozen=True)
+class StackArtifacts:
+    """Files to write under build/<stack>/: relative path → content. Read-only; ``with_files``
+    gives a new value with more (the offline preview's resources.json, for one)."""
+
+    files: Mapping[str, str]
+
+    def with_files(self, more: Mapping[str, str]) -> StackArtifacts:
+        return StackArtifacts(MappingProxyType({**self.files, **more}))
+
+
+def stack_user_data(stack_plan: StackPlan) -> dict[str, str]:
+    """The cloud-init user-data of every type of the fallback ladder, the chosen type first."""
+    return {instance_type: render_user_data(spec) for instance_type, spec in stack_plan.node_specs.items()}
+
+
+def render_artifacts(stack_plan: StackPlan) -> StackArtifacts:
     summary = {
         "stack": stack_plan.config.stack,
-        **stack_plan.plan.summary(),
+        **stack_plan.plan.summary().as_json(),
         "serve_argv": stack_plan.serve_argv,
         "argv_validation": stack_plan.argv_validation,
         "warnings": stack_plan.warnings,
@@ -75,18 +76,18 @@ def render_artifacts(stack_plan: StackPlan) -> dict[str, str]:
     chosen_type = stack_plan.plan.layout.instance_type
     for path, content in render_node(stack_plan.node_specs[chosen_type]).items():
         files[f"node/{path}"] = content
-    for instance_type, user_data in stack_plan.user_data.items():
+    for instance_type, user_data in stack_user_data(stack_plan).items():
         files[f"user-data/{instance_type}.yaml"] = user_data
     if stack_plan.config.monitoring.mode != "none":
         for path, content in render_monitoring(monitoring_spec(stack_plan)).items():
             files[f"monitoring/{path}"] = content
-    return files
+    return StackArtifacts(MappingProxyType(files))
 
 
-def write_artifacts(stack_plan: StackPlan, target: Path) -> list[Path]:
+def write_artifacts(artifacts: StackArtifacts, target: Path) -> list[Path]:
     """Write every artifact under ``target`` (created), returning the paths, sorted."""
     written = []
-    for rel, content in sorted(stack_plan.artifacts.items()):
+    for rel, content in sorted(artifacts.files.items()):
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.config import load_stack_file
-from infra.render.stack import build_stack_plan
+from infra.plan.build import build_stack_plan
 from tests.support.vllm_server import CPU_WARMUP_FLAGS, replace_flags
 
 # flag → why it changes on this machine (None in the replacement drops the flag).

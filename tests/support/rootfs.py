@@ -719,7 +719,7 @@ def cpu_variant(
 def production_node_spec(stack: str) -> NodeSpec:
     """The NodeSpec that ``stack`` deploys on its chosen instance type."""
     from infra.config import load_stack_file
-    from infra.render.stack import build_stack_plan
+    from infra.plan.build import build_stack_plan
 
     stack_plan = build_stack_plan(load_stack_file(stack))
     return stack_plan.node_specs[stack_plan.plan.layout.instance_type]
