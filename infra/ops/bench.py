@@ -1,7 +1,7 @@
 """Load-test an OpenAI-compatible endpoint at a stack's workload shape, over a sweep of rates.
 
 The load generator is vLLM's own ``vllm bench serve`` (vllm/benchmarks/serve.py in the
-pinned vLLM), run once per request rate. Why it rather than AIPerf or GuideLLM: it ships
+pinned vLLM), run once per request rate in one worker interpreter. Why it rather than AIPerf or GuideLLM: it ships
 inside the vLLM the fleet already pins (no second package, and the GPU machine has only
 vLLM), it has the random fixed-length dataset this needs (``--dataset-name random
 --random-input-len --random-output-len`` with ``--ignore-eos``), Poisson arrivals at a
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import time
@@ -42,17 +43,35 @@ PERCENTILES = (50, 95, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")
 # `vllm bench serve` waits for the endpoint to answer before it starts the clock.
 READY_CHECK_TIMEOUT_S = 120
-# What `vllm bench serve ARGS` runs, minus vLLM's top-level parser (see the module docstring).
-BENCH_SERVE_PROGRAM = (
-    "import sys\n"
+# What `vllm bench serve ARGS` runs, minus vLLM's top-level parser (see the module docstring),
+# as a worker that serves every rate of a sweep: importing vLLM takes 15-25 s, which was more
+# than a short rate's own load, so one interpreter runs the rates one after another. Each line
+# on stdin is one run ({"argv": [...], "log": PATH}); its report goes to that log, and a line
+# {"rc": N} on the control pipe (file descriptor argv[1]) says it ended. Not stdout: vLLM's
+# logging handler holds sys.stdout from import time.
+BENCH_SERVE_WORKER = (
+    "import contextlib, json, sys, traceback\n"
     "from vllm.benchmarks.serve import add_cli_args, main\n"
     "try:\n"
     "    from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
     "except ImportError:  # vLLM before the vllm.utils split (the GPU machine's 0.26.0)\n"
     "    from vllm.utils import FlexibleArgumentParser\n"
-    "parser = FlexibleArgumentParser(prog='vllm bench serve')\n"
-    "add_cli_args(parser)\n"
-    "main(parser.parse_args(sys.argv[1:]))\n"
+    "control = open(int(sys.argv[1]), 'w', encoding='utf-8')\n"
+    "for line in sys.stdin:\n"
+    "    job = json.loads(line)\n"
+    "    rc = 0\n"
+    "    with open(job['log'], 'w', encoding='utf-8') as log, contextlib.redirect_stdout(log):\n"
+    "        try:\n"
+    "            parser = FlexibleArgumentParser(prog='vllm bench serve')\n"
+    "            add_cli_args(parser)\n"
+    "            main(parser.parse_args(job['argv']))\n"
+    "        except SystemExit as exc:\n"
+    "            rc = exc.code if isinstance(exc.code, int) else 1\n"
+    "        except BaseException:\n"
+    "            traceback.print_exc(file=log)\n"
+    "            rc = 1\n"
+    "    control.write(json.dumps({'rc': rc}) + '\\n')\n"
+    "    control.flush()\n"
 )
 
 
@@ -179,7 +198,6 @@ def prompts_for_rate(rate: float, duration_s: float, max_requests: int, min_requ
 
 def bench_serve_argv(
     *,
-    python: str,
     base_url: str,
     model: str,
     tokenizer: str,
@@ -192,7 +210,6 @@ def bench_serve_argv(
     seed: int,
 ) -> list[str]:
     argv = [
-        python, "-c", BENCH_SERVE_PROGRAM,
         "--backend", "openai",
         "--base-url", base_url.rstrip("/"),
         "--endpoint", "/v1/completions",
@@ -240,6 +257,48 @@ def point_from_result(rate: float, num_prompts: int, doc: dict[str, Any]) -> Rat
     )
 
 
+class _BenchWorker:
+    """One interpreter running ``vllm bench serve`` for each rate in turn (BENCH_SERVE_WORKER).
+    Its stderr (tqdm's progress bar) passes through, so the operator sees requests complete."""
+
+    def __init__(self, python: str, env: dict[str, str]) -> None:
+        control_read, control_write = os.pipe()
+        self.proc = subprocess.Popen(
+            [python, "-c", BENCH_SERVE_WORKER, str(control_write)], env=env, stdin=subprocess.PIPE,
+            stdout=sys.stderr, stderr=sys.stderr, pass_fds=(control_write,), text=True, encoding="utf-8",
+        )
+        os.close(control_write)
+        self.control = os.fdopen(control_read, "r", encoding="utf-8")
+
+    def run(self, argv: list[str], log_path: Path, limit_s: float) -> int | None:
+        """The run's exit status, or None when it passed ``limit_s`` (the worker is then mid-run)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return self._exit_status()
+        ready, _, _ = select.select([self.control], [], [], limit_s)
+        if not ready:
+            return None
+        line = self.control.readline()
+        if not line:  # the worker died (an import error, say): its exit status is the run's
+            return self._exit_status()
+        return int(json.loads(line)["rc"])
+
+    def _exit_status(self) -> int:
+        code = self.proc.wait()
+        return code if code != 0 else 1
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.control.close()
+
+
 def run_sweep(
     *,
     base_url: str,
@@ -258,57 +317,63 @@ def run_sweep(
     seed: int = 0,
     log: Any = sys.stderr,
 ) -> BenchResult:
-    """Run ``vllm bench serve`` once per rate; each run is bounded by its request count and by
-    a wall-clock limit derived from ``duration_s``."""
+    """Run ``vllm bench serve`` once per rate, in one worker interpreter; each run is bounded by
+    its request count and by a wall-clock limit derived from ``duration_s``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if api_key:
         env["OPENAI_API_KEY"] = api_key  # read by vllm/benchmarks/lib/endpoint_request_func.py
     points: list[RatePoint] = []
-    for i, rate in enumerate(rates, 1):
-        num_prompts = prompts_for_rate(rate, duration_s, max_requests, min_requests)
-        name = f"rate-{'inf' if math.isinf(rate) else f'{rate:g}'}.json"
-        argv = bench_serve_argv(
-            python=python, base_url=base_url, model=model, tokenizer=tokenizer, workload=workload,
-            rate=rate, num_prompts=num_prompts, max_concurrency=max_concurrency,
-            result_dir=out_dir, result_filename=name, seed=seed,
-        )
-        # The limit: the offered duration, then the same again for the backlog to drain,
-        # plus the ready check and the bench's own start (imports, tokenizer, dataset).
-        limit_s = 2 * duration_s + READY_CHECK_TIMEOUT_S + 120
-        print(
-            f"[{i}/{len(rates)}] {_rate_text(rate)}: {num_prompts} requests of "
-            f"{workload.input_tokens} → {workload.output_tokens} tokens (limit {limit_s:.0f} s)",
-            file=log, flush=True,
-        )
-        started = time.monotonic()
-        point = RatePoint(rate, num_prompts)
-        try:
-            # The bench's stdout (its report) goes to a log; its stderr (tqdm's progress
-            # bar) passes through, so the operator sees requests completing.
-            with (out_dir / f"{name}.log").open("w", encoding="utf-8") as stdout_log:
-                proc = subprocess.run(
-                    argv, env=env, stdout=stdout_log, stderr=sys.stderr, timeout=limit_s, check=False
-                )
-            if proc.returncode != 0:
-                tail = (out_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-600:]
-                point.error = f"vllm bench serve exited {proc.returncode}: {tail.strip()}"
+    worker: _BenchWorker | None = None
+    try:
+        for i, rate in enumerate(rates, 1):
+            num_prompts = prompts_for_rate(rate, duration_s, max_requests, min_requests)
+            name = f"rate-{'inf' if math.isinf(rate) else f'{rate:g}'}.json"
+            argv = bench_serve_argv(
+                base_url=base_url, model=model, tokenizer=tokenizer, workload=workload,
+                rate=rate, num_prompts=num_prompts, max_concurrency=max_concurrency,
+                result_dir=out_dir, result_filename=name, seed=seed,
+            )
+            # The limit: the offered duration, then the same again for the backlog to drain,
+            # plus the ready check and the bench's own start (imports, tokenizer, dataset).
+            limit_s = 2 * duration_s + READY_CHECK_TIMEOUT_S + 120
+            print(
+                f"[{i}/{len(rates)}] {_rate_text(rate)}: {num_prompts} requests of "
+                f"{workload.input_tokens} → {workload.output_tokens} tokens (limit {limit_s:.0f} s)",
+                file=log, flush=True,
+            )
+            started = time.monotonic()
+            point = RatePoint(rate, num_prompts)
+            log_path = out_dir / f"{name}.log"
+            if worker is None:
+                worker = _BenchWorker(python, env)
+            rc = worker.run(argv, log_path, limit_s)
+            if rc is None:
+                # A run past its bound leaves the worker mid-run: end it, and the next rate
+                # starts a fresh one.
+                worker.close()
+                worker = None
+                point.error = f"stopped after {limit_s:.0f} s (the run's wall-clock bound)"
+            elif rc != 0:
+                tail = log_path.read_text(encoding="utf-8", errors="replace")[-600:] if log_path.exists() else ""
+                point.error = f"vllm bench serve exited {rc}: {tail.strip()}"
             else:
                 doc = json.loads((out_dir / name).read_text(encoding="utf-8"))
                 point = point_from_result(rate, num_prompts, doc)
-        except subprocess.TimeoutExpired:
-            point.error = f"stopped after {limit_s:.0f} s (the run's wall-clock bound)"
-        points.append(point)
-        elapsed = time.monotonic() - started
-        if point.error:
-            print(f"    failed after {elapsed:.0f} s: {point.error.splitlines()[0]}", file=log, flush=True)
-        else:
-            print(
-                f"    {point.completed} done in {point.duration_s:.1f} s: {point.output_throughput:,.0f} tok/s, "
-                f"TTFT p95 {point.latency_ms['ttft']['p95']:,.0f} ms, TPOT p95 {point.latency_ms['tpot']['p95']:,.1f} ms, "
-                f"goodput {point.request_goodput:.2f} req/s",
-                file=log, flush=True,
-            )
+            points.append(point)
+            elapsed = time.monotonic() - started
+            if point.error:
+                print(f"    failed after {elapsed:.0f} s: {point.error.splitlines()[0]}", file=log, flush=True)
+            else:
+                print(
+                    f"    {point.completed} done in {point.duration_s:.1f} s: {point.output_throughput:,.0f} tok/s, "
+                    f"TTFT p95 {point.latency_ms['ttft']['p95']:,.0f} ms, TPOT p95 {point.latency_ms['tpot']['p95']:,.1f} ms, "
+                    f"goodput {point.request_goodput:.2f} req/s",
+                    file=log, flush=True,
+                )
+    finally:
+        if worker is not None:
+            worker.close()
     return BenchResult(base_url, model, workload, max_concurrency, points, prediction)
 
 
