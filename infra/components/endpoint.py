@@ -144,25 +144,30 @@ class Endpoint(pulumi.ComponentResource):
                 )
             )
 
+        # An ALB answers only the OpenAI API routes and 404s the rest; an NLB forwards TCP/TLS.
         if is_alb:
-            listener = aws.lb.Listener(
-                f"{name}-listener",
-                load_balancer_arn=lb.arn,
-                port=listen_port,
-                protocol="HTTPS" if tls else "HTTP",
-                ssl_policy=facts.alb_tls_policy.value if tls else None,
-                certificate_arn=args.certificate_arn,
-                default_actions=[
-                    aws.lb.ListenerDefaultActionArgs(
-                        type="fixed-response",
-                        fixed_response=aws.lb.ListenerDefaultActionFixedResponseArgs(
-                            content_type="application/json", message_body=NOT_FOUND_BODY, status_code="404"
-                        ),
-                    )
-                ],
-                tags=tags,
-                opts=child,
+            protocol = "HTTPS" if tls else "HTTP"
+            default_action = aws.lb.ListenerDefaultActionArgs(
+                type="fixed-response",
+                fixed_response=aws.lb.ListenerDefaultActionFixedResponseArgs(
+                    content_type="application/json", message_body=NOT_FOUND_BODY, status_code="404"
+                ),
             )
+        else:
+            protocol = "TLS" if tls else "TCP"
+            default_action = aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=target_groups[0].arn)
+        listener = aws.lb.Listener(
+            f"{name}-listener",
+            load_balancer_arn=lb.arn,
+            port=listen_port,
+            protocol=protocol,
+            ssl_policy=facts.alb_tls_policy.value if tls else None,
+            certificate_arn=args.certificate_arn,
+            default_actions=[default_action],
+            tags=tags,
+            opts=child,
+        )
+        if is_alb:
             forward = self._forward_action(target_groups)
             for i, (method, paths) in enumerate(route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value)):
                 aws.lb.ListenerRule(
@@ -181,20 +186,6 @@ class Endpoint(pulumi.ComponentResource):
                     tags=tags,
                     opts=child,
                 )
-        else:
-            listener = aws.lb.Listener(
-                f"{name}-listener",
-                load_balancer_arn=lb.arn,
-                port=listen_port,
-                protocol="TLS" if tls else "TCP",
-                ssl_policy=facts.alb_tls_policy.value if tls else None,
-                certificate_arn=args.certificate_arn,
-                default_actions=[
-                    aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=target_groups[0].arn)
-                ],
-                tags=tags,
-                opts=child,
-            )
 
         scheme = "https" if tls else "http"
         self.dns_name = lb.dns_name

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.instance_role import ssm_instance_role
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import default_catalog
@@ -46,7 +47,7 @@ from infra.plan.capacity import (
     RootVolume,
     group_delete_timeout_s,
 )
-from infra.plan.iam import PolicyInputs, assume_role_policy, node_policy_document
+from infra.plan.iam import PolicyInputs, node_policy_document
 from infra.plan.scaling import log_group_name
 from infra.plan.stack import group_name_prefix
 from infra.plan.tags import (
@@ -175,19 +176,9 @@ class Fleet(pulumi.ComponentResource):
             # The nodes' logs are the record of what happened: never deleted by an update.
             opts=pulumi.ResourceOptions(parent=self, protect=True),
         )
-        role = aws.iam.Role(
-            f"{name}-role",
-            description=f"vLLM nodes of {stack}",
-            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
-            tags={**tags, "Name": f"{stack}-node"},
-            opts=child,
-        )
-        aws.iam.RolePolicyAttachment(
-            f"{name}-ssm",
-            role=role.name,
-            # Session Manager instead of SSH: no key pairs, no port 22.
-            policy_arn=f"arn:{args.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore",
-            opts=child,
+        role = ssm_instance_role(
+            name, description=f"vLLM nodes of {stack}", name_tag=f"{stack}-node", partition=args.partition,
+            tags=tags, opts=child,
         )
         policy = pulumi.Output.all(
             pulumi.Output.from_input(args.api_key_secret_arn),

@@ -30,6 +30,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.generated_secret import GeneratedSecret, GeneratedSecretArgs
+from infra.components.instance_role import ssm_instance_role
 from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
 from infra.errors import FleetError
 from infra.plan.iam import (
@@ -274,19 +275,9 @@ class Monitoring(pulumi.ComponentResource):
         )
 
         # --- identity: exactly what Prometheus, Alertmanager, Grafana and the sync call -----
-        role = aws.iam.Role(
-            f"{name}-host-role",
-            description=f"Monitoring host of {stack}",
-            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
-            tags={**tags, "Name": f"{stack}-monitoring"},
-            opts=child,
-        )
-        aws.iam.RolePolicyAttachment(
-            f"{name}-host-ssm",
-            role=role.name,
-            # Session Manager: shell and port forwarding without SSH or open ports.
-            policy_arn=f"arn:{args.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore",
-            opts=child,
+        role = ssm_instance_role(
+            f"{name}-host", description=f"Monitoring host of {stack}", name_tag=f"{stack}-monitoring",
+            partition=args.partition, tags=tags, opts=child,
         )
         policy = aws.iam.RolePolicy(
             f"{name}-host-policy",

@@ -140,6 +140,22 @@ class Network(pulumi.ComponentResource):
             opts=child,
         )
 
+        def subnet_in(tier: str, i: int, az: str, cidr: str, route_table_id: pulumi.Input[str]) -> pulumi.Output[str]:
+            """One subnet of a tier in one AZ, associated with that tier's route table."""
+            subnet = aws.ec2.Subnet(
+                f"{name}-{tier}-{i}",
+                vpc_id=vpc.id,
+                cidr_block=cidr,
+                availability_zone=az,
+                map_public_ip_on_launch=False,
+                tags={**tags, "Name": f"{args.stack}-{tier}-{az}", "vllm-fleet:tier": tier},
+                opts=child,
+            )
+            aws.ec2.RouteTableAssociation(
+                f"{name}-{tier}-{i}-rta", subnet_id=subnet.id, route_table_id=route_table_id, opts=child
+            )
+            return subnet.id
+
         need_public = args.public_subnets or args.egress == "nat"
         public_ids: list[pulumi.Output[str]] = []
         public_route_table: aws.ec2.RouteTable | None = None
@@ -156,19 +172,7 @@ class Network(pulumi.ComponentResource):
                 opts=child,
             )
             for i, (az, cidr) in enumerate(zip(azs, public_cidrs, strict=True)):
-                subnet = aws.ec2.Subnet(
-                    f"{name}-public-{i}",
-                    vpc_id=vpc.id,
-                    cidr_block=cidr,
-                    availability_zone=az,
-                    map_public_ip_on_launch=False,
-                    tags={**tags, "Name": f"{args.stack}-public-{az}", "vllm-fleet:tier": "public"},
-                    opts=child,
-                )
-                aws.ec2.RouteTableAssociation(
-                    f"{name}-public-{i}-rta", subnet_id=subnet.id, route_table_id=public_route_table.id, opts=child
-                )
-                public_ids.append(subnet.id)
+                public_ids.append(subnet_in("public", i, az, cidr, public_route_table.id))
 
         private_ids: list[pulumi.Output[str]] = []
         private_route_tables: list[pulumi.Output[str]] = []
@@ -198,19 +202,7 @@ class Network(pulumi.ComponentResource):
                 tags={**tags, "Name": f"{args.stack}-private-{az}"},
                 opts=child,
             )
-            subnet = aws.ec2.Subnet(
-                f"{name}-private-{i}",
-                vpc_id=vpc.id,
-                cidr_block=cidr,
-                availability_zone=az,
-                map_public_ip_on_launch=False,
-                tags={**tags, "Name": f"{args.stack}-private-{az}", "vllm-fleet:tier": "private"},
-                opts=child,
-            )
-            aws.ec2.RouteTableAssociation(
-                f"{name}-private-{i}-rta", subnet_id=subnet.id, route_table_id=route_table.id, opts=child
-            )
-            private_ids.append(subnet.id)
+            private_ids.append(subnet_in("private", i, az, cidr, route_table.id))
             private_route_tables.append(route_table.id)
 
         if args.egress == "endpoints-only":
@@ -241,25 +233,21 @@ class Network(pulumi.ComponentResource):
             tags={**tags, "Name": f"{args.stack}-endpoints", "vllm-fleet:role": "vpc-endpoints"},
             opts=child,
         )
-        for service in args.interface_endpoint_services:
+        endpoints = [(s, "Interface") for s in args.interface_endpoint_services]
+        endpoints += [(s, "Gateway") for s in args.gateway_endpoint_services]
+        for service, kind in endpoints:
+            interface = kind == "Interface"
             aws.ec2.VpcEndpoint(
                 f"{name}-{service.replace('.', '-')}",
                 vpc_id=vpc.id,
                 service_name=f"com.amazonaws.{args.region}.{service}",
-                vpc_endpoint_type="Interface",
-                private_dns_enabled=True,
-                subnet_ids=private_ids,
-                security_group_ids=[endpoint_sg.id],
-                tags={**tags, "Name": f"{args.stack}-{service}"},
-                opts=child,
-            )
-        for service in args.gateway_endpoint_services:
-            aws.ec2.VpcEndpoint(
-                f"{name}-{service.replace('.', '-')}",
-                vpc_id=vpc.id,
-                service_name=f"com.amazonaws.{args.region}.{service}",
-                vpc_endpoint_type="Gateway",
-                route_table_ids=route_table_ids,
+                vpc_endpoint_type=kind,
+                # Interface endpoints sit in the private subnets behind their group; gateway
+                # endpoints are routes in the private route tables.
+                private_dns_enabled=True if interface else None,
+                subnet_ids=private_ids if interface else None,
+                security_group_ids=[endpoint_sg.id] if interface else None,
+                route_table_ids=None if interface else route_table_ids,
                 tags={**tags, "Name": f"{args.stack}-{service}"},
                 opts=child,
             )
