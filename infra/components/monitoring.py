@@ -19,12 +19,10 @@ that group next to its own, so the Fleet needs no rule for it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_aws as aws
@@ -40,6 +38,7 @@ from infra.plan.iam import (
     host_policy_document,
     remote_write_policy_document,
 )
+from infra.plan.network import HTTPS_PORT, check_allowed_cidrs, egress_ports
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.render.monitoring_host import (
@@ -60,7 +59,6 @@ from infra.render.monitoring_host import (
 from infra.render.userdata import encode_user_data
 
 MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
-HTTPS_PORT = 443
 # S3 allows at most 10 tags on an object; objects carry only the required ones.
 S3_OBJECT_TAG_LIMIT = 10
 
@@ -104,35 +102,6 @@ class MonitoringArgs:
     nodes_per_replica: int = 1
     secret_recovery_window_days: int = 7
     extra_host_tags: Mapping[str, str] = field(default_factory=dict)
-
-
-def check_allowed_cidrs(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """The CIDRs that may reach Grafana and Prometheus: never the whole internet."""
-    networks = []
-    for i, cidr in enumerate(cidrs):
-        try:
-            network = ipaddress.ip_network(cidr, strict=True)
-        except ValueError:
-            raise FleetError(
-                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: not a CIDR block like 10.0.0.0/8"
-            ) from None
-        if network.prefixlen == 0:
-            raise FleetError(
-                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: Grafana and Prometheus must not be open to "
-                "the internet; name your networks, or leave the list empty and use an SSM port forward"
-            )
-        networks.append(network)
-    return networks
-
-
-def egress_ports(spec: MonitoringSpec) -> list[int]:
-    """TCP ports the host opens connections to outside the VPC: HTTPS (AWS APIs, SNS, the
-    release downloads, Grafana's repository) and the webhook's port if it names another."""
-    ports = {HTTPS_PORT}
-    if spec.webhook_url:
-        parts = urlsplit(spec.webhook_url)
-        ports.add(parts.port or (HTTPS_PORT if parts.scheme == "https" else 80))
-    return sorted(ports)
 
 
 def host_tags(tags: Mapping[str, str], spec: MonitoringSpec) -> dict[str, str]:
@@ -325,7 +294,7 @@ class Monitoring(pulumi.ComponentResource):
                     tags=tags,
                     opts=child,
                 )
-        for port in egress_ports(spec):
+        for port in egress_ports(spec.webhook_url):
             aws.vpc.SecurityGroupEgressRule(
                 f"{name}-out-{port}",
                 security_group_id=sg.id,

@@ -12,7 +12,6 @@ scrapes the nodes; the fleet admits metrics ports only from it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,13 +20,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.errors import FleetError
-
-# Subnets are carved as 16 equal blocks of the VPC: the first 8 for private subnets, the
-# last 8 for public ones, so up to 6 AZs fit and a later AZ never renumbers the others.
-SUBNET_SPLIT_BITS = 4
-PUBLIC_BLOCK_OFFSET = 8
-# The smallest subnet worth having: a /26 is 59 usable addresses after AWS's 5.
-SMALLEST_SUBNET_PREFIX = 26
+from infra.plan.network import subnet_cidrs
 
 
 @dataclass(frozen=True)
@@ -45,19 +38,6 @@ class NetworkArgs:
     existing_public_subnet_ids: list[str] = field(default_factory=list)
     interface_endpoint_services: Sequence[str] = ()
     gateway_endpoint_services: Sequence[str] = ()
-
-
-def subnet_cidrs(vpc_cidr: str, azs: int) -> tuple[list[str], list[str]]:
-    """(private, public) CIDRs, one per AZ, carved from the VPC CIDR."""
-    vpc = ipaddress.ip_network(vpc_cidr)
-    new_prefix = vpc.prefixlen + SUBNET_SPLIT_BITS
-    if new_prefix > SMALLEST_SUBNET_PREFIX:
-        raise FleetError(
-            f"vllm-fleet:network.vpcCidr = {vpc_cidr!r}: too small; needs /{SMALLEST_SUBNET_PREFIX - SUBNET_SPLIT_BITS} "
-            f"or larger (16 subnets of at least /{SMALLEST_SUBNET_PREFIX})"
-        )
-    blocks = [str(b) for b in vpc.subnets(new_prefix=new_prefix)]
-    return blocks[:azs], blocks[PUBLIC_BLOCK_OFFSET : PUBLIC_BLOCK_OFFSET + azs]
 
 
 class Network(pulumi.ComponentResource):

@@ -23,10 +23,11 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.image import VllmImage, VllmImageArgs
-from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.components.network import Network, NetworkArgs
 from infra.config import PROJECT, ImagesStackConfig, NetworkSection
 from infra.errors import FleetError
 from infra.plan.images import ImagePlan, image_spec, plan_bake
+from infra.plan.network import subnet_cidrs
 from infra.plan.tags import IMAGE_TAG, STACK_TAG
 
 # NetworkSection keys that shape a fleet's network and mean nothing for one build instance.

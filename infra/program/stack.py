@@ -17,9 +17,8 @@ import pulumi_aws as aws
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import Endpoint, EndpointArgs
 from infra.components.fleet import Fleet, FleetArgs
-from infra.components.image import root_snapshot_gib
 from infra.components.monitoring import Monitoring, MonitoringArgs
-from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.components.network import Network, NetworkArgs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection, StackConfig
 from infra.errors import FleetError
@@ -29,12 +28,14 @@ from infra.plan.capacity import (
     CapacityLayout,
     capacity_layout,
     drain_heartbeat_s,
+    root_snapshot_gib,
     root_volume,
     scheduled_min_groups,
 )
 from infra.plan.drain import deregistration_delay_s
 from infra.plan.endpoint import check_endpoint
 from infra.plan.iam import default_weights_s3_uri
+from infra.plan.network import subnet_cidrs
 from infra.plan.node.serve_args import served_model_name
 from infra.plan.pricing import instance_price
 from infra.plan.scaling import ladder_types, scaling_policy_spec
