@@ -21,6 +21,7 @@ from typing import Literal
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.security_group import SecurityGroupRules, security_group
 from infra.facts.aws import aws_fleet_facts
 from infra.plan.endpoint import check_endpoint, route_rules
 from infra.plan.public_api import NOT_FOUND_BODY
@@ -69,35 +70,16 @@ class Endpoint(pulumi.ComponentResource):
         listen_port = 443 if tls else 80
         last_port = args.app_port + args.replica_slots - 1
 
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-sg", vpc_id=args.vpc_id, name_tag=f"{args.stack}-endpoint", tags=tags, opts=child,
             description=f"{args.stack} API load balancer: clients in allowedCidrs on {listen_port} only",
-            tags={**tags, "Name": f"{args.stack}-endpoint"},
-            opts=child,
         )
+        rules = SecurityGroupRules(name, sg.id, tags, child)
         for i, cidr in enumerate(args.allowed_cidrs):
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-in-{i}",
-                security_group_id=sg.id,
-                ip_protocol="tcp",
-                from_port=listen_port,
-                to_port=listen_port,
-                cidr_ipv4=cidr,
-                description=f"API clients {cidr}",
-                tags=tags,
-                opts=child,
-            )
-        aws.vpc.SecurityGroupEgressRule(
-            f"{name}-out-nodes",
-            security_group_id=sg.id,
-            ip_protocol="tcp",
-            from_port=args.app_port,
-            to_port=last_port,
-            cidr_ipv4=args.vpc_cidr,
-            description="vLLM servers on the nodes (requests and health checks)",
-            tags=tags,
-            opts=child,
+            rules.ingress(str(i), f"API clients {cidr}", ports=listen_port, cidr=cidr)
+        rules.egress(
+            "nodes", "vLLM servers on the nodes (requests and health checks)",
+            ports=(args.app_port, last_port), cidr=args.vpc_cidr,
         )
 
         is_alb = args.lb_type == "alb"

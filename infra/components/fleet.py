@@ -37,6 +37,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.instance_role import ssm_instance_role
+from infra.components.security_group import SecurityGroupRules, security_group
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import default_catalog
@@ -212,55 +213,24 @@ class Fleet(pulumi.ComponentResource):
         )
 
         # --- network access: the API from the load balancer, metrics from the scrapers ----
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-sg", vpc_id=args.vpc_id, name_tag=f"{stack}-nodes", tags=node_tags, opts=child,
             description=f"vLLM nodes of {stack}: API from the load balancer, metrics from scrapers, no SSH",
-            tags={**node_tags, "Name": f"{stack}-nodes"},
-            opts=child,
         )
-
-        def ingress(key: str, source: pulumi.Input[str], low: int, high: int, what: str, protocol: str = "tcp") -> None:
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-in-{key}",
-                security_group_id=sg.id,
-                referenced_security_group_id=source,
-                ip_protocol=protocol,
-                from_port=None if protocol == "-1" else low,
-                to_port=None if protocol == "-1" else high,
-                description=what,
-                tags=node_tags,
-                opts=child,
-            )
-
-        ingress("api", args.load_balancer_security_group_id, port, last_port, "vLLM API and health checks from the load balancer")
-        ingress("vllm-metrics", args.scraper_security_group_id, port, last_port, "vLLM /metrics from the scrapers")
+        rules = SecurityGroupRules(name, sg.id, node_tags, child)
+        lb, scrapers = args.load_balancer_security_group_id, args.scraper_security_group_id
+        rules.ingress("api", "vLLM API and health checks from the load balancer", ports=(port, last_port), peer=lb)
+        rules.ingress("vllm-metrics", "vLLM /metrics from the scrapers", ports=(port, last_port), peer=scrapers)
         exporters = facts.exporter_ports.value
-        ingress("node-metrics", args.scraper_security_group_id, exporters.node_exporter, exporters.node_exporter, "node_exporter")
-        ingress("gpu-metrics", args.scraper_security_group_id, exporters.dcgm_exporter, exporters.dcgm_exporter, "dcgm-exporter")
+        rules.ingress("node-metrics", "node_exporter", ports=exporters.node_exporter, peer=scrapers)
+        rules.ingress("gpu-metrics", "dcgm-exporter", ports=exporters.dcgm_exporter, peer=scrapers)
         if capacity.gangs:
             # EFA and Ray/NCCL between the members of a gang: all traffic within the group, both
             # ways. EFA's OS-bypass traffic matches only rules that name the group itself, never
             # a CIDR rule (aws_fleet.yaml efa_security_group), so the egress below is not enough.
-            ingress("gang", sg.id, 0, 0, "gang members (EFA, NCCL, Ray)", protocol="-1")
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-out-gang",
-                security_group_id=sg.id,
-                referenced_security_group_id=sg.id,
-                ip_protocol="-1",
-                description="gang members (EFA, NCCL, Ray)",
-                tags=node_tags,
-                opts=child,
-            )
-        aws.vpc.SecurityGroupEgressRule(
-            f"{name}-out",
-            security_group_id=sg.id,
-            ip_protocol="-1",
-            cidr_ipv4="0.0.0.0/0",
-            description="AWS APIs, weights, model hub",
-            tags=node_tags,
-            opts=child,
-        )
+            rules.ingress("gang", "gang members (EFA, NCCL, Ray)", ports=None, peer=sg.id)
+            rules.egress("gang", "gang members (EFA, NCCL, Ray)", ports=None, peer=sg.id)
+        rules.egress(None, "AWS APIs, weights, model hub", ports=None, cidr="0.0.0.0/0")
 
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value

@@ -30,6 +30,7 @@ import pulumi_aws as aws
 from infra.components.generated_secret import GeneratedSecret, GeneratedSecretArgs
 from infra.components.instance_role import ssm_instance_role
 from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
+from infra.components.security_group import SecurityGroupRules, security_group
 from infra.errors import FleetError
 from infra.plan.iam import (
     HostPolicyInputs,
@@ -272,42 +273,22 @@ class Monitoring(pulumi.ComponentResource):
         )
 
         # --- network: Grafana and Prometheus from the allowed CIDRs only -----------------
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-host-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-host-sg", vpc_id=args.vpc_id, name_tag=f"{stack}-monitoring", tags=tags, opts=child,
             description=f"Monitoring host of {stack}: Grafana and Prometheus from allowed CIDRs, no SSH",
-            tags={**tags, "Name": f"{stack}-monitoring"},
-            opts=child,
         )
+        rules = SecurityGroupRules(name, sg.id, tags, child)
         for network in networks:
             for service, port in (("grafana", ports.grafana), ("prometheus", ports.prometheus)):
                 key = f"{service}-{str(network).replace('/', '-').replace(':', '-').replace('.', '-')}"
-                aws.vpc.SecurityGroupIngressRule(
-                    f"{name}-in-{key}",
-                    security_group_id=sg.id,
-                    ip_protocol="tcp",
-                    from_port=port,
-                    to_port=port,
-                    cidr_ipv4=str(network) if network.version == 4 else None,
-                    cidr_ipv6=str(network) if network.version == 6 else None,
-                    description=f"{service} from {network}",
-                    tags=tags,
-                    opts=child,
+                rules.ingress(
+                    key, f"{service} from {network}", ports=port, cidr=str(network), ipv6=network.version == 6
                 )
         for port in egress_ports(spec.webhook_url):
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-out-{port}",
-                security_group_id=sg.id,
-                ip_protocol="tcp",
-                from_port=port,
-                to_port=port,
-                cidr_ipv4="0.0.0.0/0",
-                description="AWS APIs, SNS, release downloads, Grafana repository"
-                if port == HTTPS_PORT
-                else "alert webhook",
-                tags=tags,
-                opts=child,
+            what = (
+                "AWS APIs, SNS, release downloads, Grafana repository" if port == HTTPS_PORT else "alert webhook"
             )
+            rules.egress(str(port), what, ports=port, cidr="0.0.0.0/0")
 
         # --- the host --------------------------------------------------------------------
         instance_facts = facts.instance_type.value

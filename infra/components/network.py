@@ -19,8 +19,10 @@ from typing import Literal
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.security_group import TcpRule, security_group
 from infra.errors import FleetError
-from infra.plan.network import subnet_cidrs
+from infra.plan.network import HTTPS_PORT, subnet_cidrs
+from infra.plan.tags import ROLE_TAG
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,11 @@ class Network(pulumi.ComponentResource):
             self._adopt_existing(name, args)
         else:
             self._create_vpc(name, args)
-        scrapers = aws.ec2.SecurityGroup(
-            f"{name}-scrapers",
-            vpc_id=self.vpc_id,
+        scrapers = security_group(
+            f"{name}-scrapers", vpc_id=self.vpc_id, name_tag=f"{args.stack}-scrapers",
+            tags={**args.tags, ROLE_TAG: "scrapers"}, opts=pulumi.ResourceOptions(parent=self),
             description="Attach to whatever scrapes the fleet's metrics; nodes admit metrics ports only from it",
-            egress=[
-                aws.ec2.SecurityGroupEgressArgs(
-                    protocol="tcp", from_port=0, to_port=65535, cidr_blocks=[self.vpc_cidr],
-                    description="scrape targets inside the VPC",
-                )
-            ],
-            tags={**args.tags, "Name": f"{args.stack}-scrapers", "vllm-fleet:role": "scrapers"},
-            opts=pulumi.ResourceOptions(parent=self),
+            egress=[TcpRule(0, 65535, self.vpc_cidr, "scrape targets inside the VPC")],
         )
         self.scraper_security_group_id = scrapers.id
         self.register_outputs(
@@ -200,18 +195,11 @@ class Network(pulumi.ComponentResource):
     ) -> None:
         child = pulumi.ResourceOptions(parent=self)
         tags = dict(args.tags)
-        endpoint_sg = aws.ec2.SecurityGroup(
-            f"{name}-endpoints",
-            vpc_id=vpc.id,
+        endpoint_sg = security_group(
+            f"{name}-endpoints", vpc_id=vpc.id, name_tag=f"{args.stack}-endpoints",
+            tags={**tags, ROLE_TAG: "vpc-endpoints"}, opts=child,
             description="HTTPS from inside the VPC to the AWS service endpoints",
-            ingress=[
-                aws.ec2.SecurityGroupIngressArgs(
-                    protocol="tcp", from_port=443, to_port=443, cidr_blocks=[args.vpc_cidr],
-                    description="AWS APIs from the VPC",
-                )
-            ],
-            tags={**tags, "Name": f"{args.stack}-endpoints", "vllm-fleet:role": "vpc-endpoints"},
-            opts=child,
+            ingress=[TcpRule(HTTPS_PORT, HTTPS_PORT, args.vpc_cidr, "AWS APIs from the VPC")],
         )
         endpoints = [(s, "Interface") for s in args.interface_endpoint_services]
         endpoints += [(s, "Gateway") for s in args.gateway_endpoint_services]
