@@ -177,7 +177,7 @@ class Fleet(pulumi.ComponentResource):
             # The nodes' logs are the record of what happened: never deleted by an update.
             opts=pulumi.ResourceOptions(parent=self, protect=True),
         )
-        role = ssm_instance_role(
+        role, profile = ssm_instance_role(
             name, description=f"vLLM nodes of {stack}", name_tag=f"{stack}-node", partition=args.partition,
             tags=tags, opts=child,
         )
@@ -208,9 +208,6 @@ class Fleet(pulumi.ComponentResource):
         )
         node_policy = aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
         self._node_policy = node_policy
-        profile = aws.iam.InstanceProfile(
-            f"{name}-profile", role=role.name, tags={**tags, "Name": f"{stack}-node"}, opts=child
-        )
 
         # --- network access: the API from the load balancer, metrics from the scrapers ----
         sg = security_group(

@@ -245,7 +245,7 @@ class Monitoring(pulumi.ComponentResource):
         )
 
         # --- identity: exactly what Prometheus, Alertmanager, Grafana and the sync call -----
-        role = ssm_instance_role(
+        role, profile = ssm_instance_role(
             f"{name}-host", description=f"Monitoring host of {stack}", name_tag=f"{stack}-monitoring",
             partition=args.partition, tags=tags, opts=child,
         )
@@ -267,9 +267,6 @@ class Monitoring(pulumi.ComponentResource):
                 )
             ),
             opts=child,
-        )
-        profile = aws.iam.InstanceProfile(
-            f"{name}-host-profile", role=role.name, tags={**tags, "Name": f"{stack}-monitoring"}, opts=child
         )
 
         # --- network: Grafana and Prometheus from the allowed CIDRs only -----------------
