@@ -32,6 +32,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -422,18 +423,10 @@ class Fleet(pulumi.ComponentResource):
             )
         else:
             launch_template = aws.autoscaling.GroupLaunchTemplateArgs(id=first.id, version=first.latest_version.apply(str))
-        startup_wait = f"{startup + CAPACITY_SEARCH_S}s"
-        return aws.autoscaling.Group(
-            f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
-            vpc_zone_identifiers=list(args.subnet_ids),
-            min_size=spec.min_size,
-            max_size=spec.max_size,
-            desired_capacity=spec.desired,
+        return self._group(
+            name, args, spec, subnets=args.subnet_ids, tags=group_tags, startup=startup, drain_s=drain_s,
+            # Behind the target groups: a node is healthy while the load balancer finds it so.
             health_check_type="ELB",
-            # A loading node fails /health for minutes; it is judged only after the planned start-up.
-            health_check_grace_period=startup,
-            default_instance_warmup=startup,
             target_group_arns=list(args.target_group_arns),
             launch_template=launch_template,
             mixed_instances_policy=mixed,
@@ -449,24 +442,11 @@ class Fleet(pulumi.ComponentResource):
             instance_maintenance_policy=aws.autoscaling.GroupInstanceMaintenancePolicyArgs(
                 min_healthy_percentage=MIN_HEALTHY_PERCENT, max_healthy_percentage=MAX_HEALTHY_PERCENT
             ),
-            wait_for_capacity_timeout=startup_wait,
             # On create, `pulumi up` returns only once this many nodes pass the target groups'
             # health checks (the deploy's smoke test runs right after). min_elb_capacity, not
             # wait_for_elb_capacity: the latter also waits on every update, which would hang a
             # deploy while the night schedule holds the group at zero.
             min_elb_capacity=spec.min_size or None,
-            # The Fleet dashboard's group panels read these; a group publishes none by default.
-            enabled_metrics=group_metrics(),
-            metrics_granularity="1Minute",
-            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
-            opts=pulumi.ResourceOptions(
-                parent=self,
-                # A node that boots before its role's inline policy exists fails its first
-                # calls (the API key, the lifecycle hook): the policy comes first.
-                depends_on=[self._node_policy],
-                ignore_changes=self._ignored_group_changes(spec),
-                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
-            ),
         )
 
     def _gang_group(
@@ -497,34 +477,62 @@ class Fleet(pulumi.ComponentResource):
             default_result="ABANDON",
         )
         gang_tags = {**group_tags, GANG_TAG: str(spec.gang_index), TARGET_GROUP_TAG: args.target_group_arns[0]}
-        return aws.autoscaling.Group(
-            f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
-            vpc_zone_identifiers=[subnet],
-            placement_group=placement.name,
-            min_size=spec.min_size,
-            max_size=spec.max_size,
-            desired_capacity=spec.desired,
+        return self._group(
+            name, args, spec, subnets=[subnet], tags=gang_tags, startup=startup, drain_s=drain_s,
             # Not attached to the target group (only the head serves): the nodes report
             # their gang's health themselves (SetInstanceHealth).
             health_check_type="EC2",
-            health_check_grace_period=startup,
-            default_instance_warmup=startup,
+            # A new template version means a new gang, created before the old one goes.
+            replace_on_changes=["launchTemplate"],
+            delete_before_replace=False,
+            placement_group=placement.name,
             launch_template=aws.autoscaling.GroupLaunchTemplateArgs(
                 id=template.id, version=template.latest_version.apply(str)
             ),
             initial_lifecycle_hooks=[ready_hook],
+        )
+
+    def _group(
+        self,
+        name: str,
+        args: FleetArgs,
+        spec: GroupSpec,
+        *,
+        subnets: Sequence[pulumi.Input[str]],
+        tags: Mapping[str, pulumi.Input[str]],
+        startup: int,
+        drain_s: int,
+        replace_on_changes: list[str] | None = None,
+        delete_before_replace: bool | None = None,
+        **own: Any,
+    ) -> aws.autoscaling.Group:
+        """What the fleet group and a gang's group share: name, size, start-up timing, metrics,
+        tags and options; ``own`` holds the rest of one kind's inputs (aws.autoscaling.Group's),
+        its health check type among them."""
+        return aws.autoscaling.Group(
+            f"{name}-{spec.key}",
+            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
+            vpc_zone_identifiers=list(subnets),
+            min_size=spec.min_size,
+            max_size=spec.max_size,
+            desired_capacity=spec.desired,
+            # A loading node is unhealthy for minutes; it is judged only after the planned start-up.
+            health_check_grace_period=startup,
+            default_instance_warmup=startup,
+            wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
+            # The Fleet dashboard's group panels read these; a group publishes none by default.
             enabled_metrics=group_metrics(),
             metrics_granularity="1Minute",
-            wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
-            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
+            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
+                # A node that boots before its role's inline policy exists fails its first
+                # calls (the API key, the lifecycle hook): the policy comes first.
                 depends_on=[self._node_policy],
-                # A new template version means a new gang, created before the old one goes.
-                replace_on_changes=["launchTemplate"],
-                delete_before_replace=False,
+                replace_on_changes=replace_on_changes,
+                delete_before_replace=delete_before_replace,
                 ignore_changes=self._ignored_group_changes(spec),
                 custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
+            **own,
         )
