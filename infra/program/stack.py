@@ -59,12 +59,7 @@ def checked_capacity_layout(stack_plan: StackPlan) -> CapacityLayout:
     deregistration_delay = deregistration_delay_s(config)
     drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s)
     check_endpoint(
-        lb_type=config.endpoint.type,
-        internal=config.endpoint.internal,
-        certificate_arn=config.endpoint.certificate_arn,
-        allowed_cidrs=config.endpoint.allowed_cidrs,
-        replica_slots=layout.replicas_per_node,
-        deregistration_delay_s=deregistration_delay,
+        config.endpoint, replica_slots=layout.replicas_per_node, deregistration_delay_s=deregistration_delay
     )
     if config.network.egress == "endpoints-only" and config.serving.weights_source not in SOURCES_WITHOUT_INTERNET:
         raise FleetError(
@@ -258,13 +253,9 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             subnet_ids=network.private_subnet_ids if config.endpoint.internal else network.public_subnet_ids,
             tags=tags,
             app_port=config.serving.port,
+            endpoint=config.endpoint,
             replica_slots=layout.replicas_per_node,
             deregistration_delay_s=deregistration_delay,
-            lb_type=config.endpoint.type,
-            internal=config.endpoint.internal,
-            allowed_cidrs=config.endpoint.allowed_cidrs,
-            certificate_arn=config.endpoint.certificate_arn,
-            idle_timeout_s=config.endpoint.idle_timeout_s,
         ),
     )
     image_id, root_device, snapshot_gib = resolve_image(config.image)
