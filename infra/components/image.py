@@ -35,6 +35,7 @@ import pulumi_aws as aws
 from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
 from infra.facts.images import ImageFacts, default_facts
 from infra.plan.capacity import root_snapshot_gib
+from infra.plan.iam import policy_document
 from infra.plan.images import SCRIPTS_PREFIX_PARAMETER, ImagePlan, ImageSpec, plan_image, root_volume_gib
 from infra.plan.names import fit_prefix
 from infra.plan.tags import IMAGE_TAG
@@ -71,7 +72,7 @@ class VllmImageArgs:
 
 
 def _policy(statements: list[dict[str, Any]]) -> str:
-    return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
+    return json.dumps(policy_document(*statements), sort_keys=True)
 
 
 class VllmImage(pulumi.ComponentResource):

@@ -38,6 +38,7 @@ from infra.plan.iam import (
     grafana_workspace_policy_document,
     host_policy_document,
     remote_write_policy_document,
+    tls_only_bucket_policy,
 )
 from infra.plan.network import HTTPS_PORT, check_allowed_cidrs, egress_ports
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
@@ -206,7 +207,7 @@ class Monitoring(pulumi.ComponentResource):
         aws.s3.BucketPolicy(
             f"{name}-config-tls-only",
             bucket=bucket.id,
-            policy=bucket.arn.apply(lambda arn: json.dumps(_tls_only_bucket_policy(arn))),
+            policy=bucket.arn.apply(lambda arn: json.dumps(tls_only_bucket_policy(arn))),
             # S3 answers OperationAborted to a bucket policy written while the bucket's public
             # access block is still being applied: one after the other.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access_block]),
@@ -455,19 +456,3 @@ def _content_type(key: str) -> str:
         if key.endswith((".yml", ".yaml"))
         else "text/plain"
     )
-
-
-def _tls_only_bucket_policy(bucket_arn: str) -> dict[str, Any]:
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "DenyInsecureTransport",
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": "s3:*",
-                "Resource": [bucket_arn, f"{bucket_arn}/*"],
-                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-            }
-        ],
-    }
