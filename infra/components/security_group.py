@@ -18,7 +18,8 @@ from typing import TypeVar
 import pulumi
 import pulumi_aws as aws
 
-# The two rule resources take the same arguments.
+# The inline rule types take the same arguments, and so do the two rule resources.
+_Inline = TypeVar("_Inline", aws.ec2.SecurityGroupIngressArgs, aws.ec2.SecurityGroupEgressArgs)
 _Rule = TypeVar("_Rule", aws.vpc.SecurityGroupIngressRule, aws.vpc.SecurityGroupEgressRule)
 
 
@@ -47,23 +48,18 @@ def security_group(
         resource_name,
         vpc_id=vpc_id,
         description=description,
-        ingress=[
-            aws.ec2.SecurityGroupIngressArgs(
-                protocol="tcp", from_port=r.low, to_port=r.high, cidr_blocks=[r.cidr], description=r.description
-            )
-            for r in ingress
-        ]
-        or None,
-        egress=[
-            aws.ec2.SecurityGroupEgressArgs(
-                protocol="tcp", from_port=r.low, to_port=r.high, cidr_blocks=[r.cidr], description=r.description
-            )
-            for r in egress
-        ]
-        or None,
+        ingress=_inline(aws.ec2.SecurityGroupIngressArgs, ingress),
+        egress=_inline(aws.ec2.SecurityGroupEgressArgs, egress),
         tags={**tags, "Name": name_tag},
         opts=opts,
     )
+
+
+def _inline(kind: type[_Inline], rules: Sequence[TcpRule]) -> list[_Inline] | None:
+    return [
+        kind(protocol="tcp", from_port=r.low, to_port=r.high, cidr_blocks=[r.cidr], description=r.description)
+        for r in rules
+    ] or None
 
 
 @dataclass(frozen=True)
