@@ -27,11 +27,12 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.components.image import COMPONENT_TYPE, VllmImage, VllmImageArgs, root_snapshot_gib
+from infra.components.image import COMPONENT_TYPE, VllmImage, VllmImageArgs
 from infra.errors import FleetError
 from infra.facts.images import PinnedVllm, default_facts, default_pin
 from infra.facts.vllm_pin import vllm_facts
 from infra.plan import images
+from infra.plan.capacity import root_snapshot_gib
 from infra.plan.images import (
     COMPONENTS_DIR,
     SCRIPTS_DIR,

@@ -41,13 +41,12 @@ from infra.components.monitoring import (
     OUTPUT_SECURITY_GROUP_ID,
     Monitoring,
     MonitoringArgs,
-    check_allowed_cidrs,
-    egress_ports,
 )
 from infra.config import STACKS_DIR, load_stack_file
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.plan.build import build_stack_plan
+from infra.plan.network import check_allowed_cidrs, egress_ports
 from infra.plan.stack import StackPlan
 from infra.plan.tags import stack_tags
 from infra.preview.offline import MOCK_ACCOUNT_ID
@@ -274,7 +273,7 @@ def test_ingress_only_from_the_allowed_cidrs(pulumi_mocks: Any, stack: str, prev
     sg = the(harness, "aws:ec2/securityGroup:SecurityGroup").engine_inputs
     assert not sg.get("ingress")
     egress = {(r.engine_inputs["fromPort"], r.engine_inputs["cidrIpv4"]) for r in harness.records(EGRESS)}
-    assert egress == {(port, "0.0.0.0/0") for port in egress_ports(spec_of(stack))}
+    assert egress == {(port, "0.0.0.0/0") for port in egress_ports(spec_of(stack).webhook_url)}
     # The guardrails the policy pack enforces on ingress hold for every resource.
     network_policies = {"no-world-ingress", "no-ssh"}
     violations = [
@@ -320,7 +319,7 @@ def test_ipv6_cidrs_become_ipv6_rules(pulumi_mocks: Any) -> None:
 
 def test_a_webhook_on_another_port_opens_only_that_port() -> None:
     spec = dataclasses.replace(spec_of(STACKS[0]), webhook_url="https://hooks.example.com:8443/alerts")
-    assert egress_ports(spec) == [443, 8443]
+    assert egress_ports(spec.webhook_url) == [443, 8443]
 
 
 # --- self-hosted: the admin password --------------------------------------------------------

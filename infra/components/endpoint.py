@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.security_group import SecurityGroupRules, security_group
+from infra.config import EndpointSection
 from infra.facts.aws import aws_fleet_facts
 from infra.plan.endpoint import check_endpoint, route_rules
 from infra.plan.public_api import NOT_FOUND_BODY
@@ -34,13 +35,10 @@ class EndpointArgs:
     subnet_ids: Sequence[pulumi.Input[str]]
     tags: Mapping[str, str]
     app_port: int
+    # The stack file's section: load balancer type, internal, allowed CIDRs, certificate, idle timeout.
+    endpoint: EndpointSection
     replica_slots: int
     deregistration_delay_s: int
-    lb_type: Literal["alb", "nlb"] = "alb"
-    internal: bool = True
-    allowed_cidrs: Sequence[str] = ()
-    certificate_arn: str | None = None
-    idle_timeout_s: int = 600
 
 
 class Endpoint(pulumi.ComponentResource):
@@ -54,60 +52,35 @@ class Endpoint(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: EndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:endpoint:Endpoint", name, None, opts)
-        check_endpoint(
-            lb_type=args.lb_type,
-            internal=args.internal,
-            certificate_arn=args.certificate_arn,
-            allowed_cidrs=args.allowed_cidrs,
-            replica_slots=args.replica_slots,
-            deregistration_delay_s=args.deregistration_delay_s,
-        )
+        section = args.endpoint
+        check_endpoint(section, replica_slots=args.replica_slots, deregistration_delay_s=args.deregistration_delay_s)
         facts = aws_fleet_facts()
         child = pulumi.ResourceOptions(parent=self)
         tags = {**args.tags, "vllm-fleet:role": "endpoint"}
-        tls = args.certificate_arn is not None
+        tls = section.certificate_arn is not None
         listen_port = 443 if tls else 80
         last_port = args.app_port + args.replica_slots - 1
 
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-sg", vpc_id=args.vpc_id, name_tag=f"{args.stack}-endpoint", tags=tags, opts=child,
             description=f"{args.stack} API load balancer: clients in allowedCidrs on {listen_port} only",
-            tags={**tags, "Name": f"{args.stack}-endpoint"},
-            opts=child,
         )
-        for i, cidr in enumerate(args.allowed_cidrs):
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-in-{i}",
-                security_group_id=sg.id,
-                ip_protocol="tcp",
-                from_port=listen_port,
-                to_port=listen_port,
-                cidr_ipv4=cidr,
-                description=f"API clients {cidr}",
-                tags=tags,
-                opts=child,
-            )
-        aws.vpc.SecurityGroupEgressRule(
-            f"{name}-out-nodes",
-            security_group_id=sg.id,
-            ip_protocol="tcp",
-            from_port=args.app_port,
-            to_port=last_port,
-            cidr_ipv4=args.vpc_cidr,
-            description="vLLM servers on the nodes (requests and health checks)",
-            tags=tags,
-            opts=child,
+        rules = SecurityGroupRules(name, sg.id, tags, child)
+        for i, cidr in enumerate(section.allowed_cidrs):
+            rules.ingress(str(i), f"API clients {cidr}", ports=listen_port, cidr=cidr)
+        rules.egress(
+            "nodes", "vLLM servers on the nodes (requests and health checks)",
+            ports=(args.app_port, last_port), cidr=args.vpc_cidr,
         )
 
-        is_alb = args.lb_type == "alb"
+        is_alb = section.type == "alb"
         lb = aws.lb.LoadBalancer(
             f"{name}-lb",
             load_balancer_type="application" if is_alb else "network",
-            internal=args.internal,
+            internal=section.internal,
             subnets=list(args.subnet_ids),
             security_groups=[sg.id],
-            idle_timeout=args.idle_timeout_s if is_alb else None,
+            idle_timeout=section.idle_timeout_s if is_alb else None,
             drop_invalid_header_fields=True if is_alb else None,
             tags={**tags, "Name": f"{args.stack}-api"},
             opts=child,
@@ -144,25 +117,30 @@ class Endpoint(pulumi.ComponentResource):
                 )
             )
 
+        # An ALB answers only the OpenAI API routes and 404s the rest; an NLB forwards TCP/TLS.
         if is_alb:
-            listener = aws.lb.Listener(
-                f"{name}-listener",
-                load_balancer_arn=lb.arn,
-                port=listen_port,
-                protocol="HTTPS" if tls else "HTTP",
-                ssl_policy=facts.alb_tls_policy.value if tls else None,
-                certificate_arn=args.certificate_arn,
-                default_actions=[
-                    aws.lb.ListenerDefaultActionArgs(
-                        type="fixed-response",
-                        fixed_response=aws.lb.ListenerDefaultActionFixedResponseArgs(
-                            content_type="application/json", message_body=NOT_FOUND_BODY, status_code="404"
-                        ),
-                    )
-                ],
-                tags=tags,
-                opts=child,
+            protocol = "HTTPS" if tls else "HTTP"
+            default_action = aws.lb.ListenerDefaultActionArgs(
+                type="fixed-response",
+                fixed_response=aws.lb.ListenerDefaultActionFixedResponseArgs(
+                    content_type="application/json", message_body=NOT_FOUND_BODY, status_code="404"
+                ),
             )
+        else:
+            protocol = "TLS" if tls else "TCP"
+            default_action = aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=target_groups[0].arn)
+        listener = aws.lb.Listener(
+            f"{name}-listener",
+            load_balancer_arn=lb.arn,
+            port=listen_port,
+            protocol=protocol,
+            ssl_policy=facts.alb_tls_policy.value if tls else None,
+            certificate_arn=section.certificate_arn,
+            default_actions=[default_action],
+            tags=tags,
+            opts=child,
+        )
+        if is_alb:
             forward = self._forward_action(target_groups)
             for i, (method, paths) in enumerate(route_rules(facts.vllm_api_routes.value, facts.alb_rule_limits.value)):
                 aws.lb.ListenerRule(
@@ -181,20 +159,6 @@ class Endpoint(pulumi.ComponentResource):
                     tags=tags,
                     opts=child,
                 )
-        else:
-            listener = aws.lb.Listener(
-                f"{name}-listener",
-                load_balancer_arn=lb.arn,
-                port=listen_port,
-                protocol="TLS" if tls else "TCP",
-                ssl_policy=facts.alb_tls_policy.value if tls else None,
-                certificate_arn=args.certificate_arn,
-                default_actions=[
-                    aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=target_groups[0].arn)
-                ],
-                tags=tags,
-                opts=child,
-            )
 
         scheme = "https" if tls else "http"
         self.dns_name = lb.dns_name

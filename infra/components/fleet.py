@@ -32,10 +32,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.instance_role import ssm_instance_role
+from infra.components.security_group import SecurityGroupRules, security_group
 from infra.errors import FleetError
 from infra.facts.aws import aws_fleet_facts
 from infra.facts.catalog import default_catalog
@@ -46,7 +49,7 @@ from infra.plan.capacity import (
     RootVolume,
     group_delete_timeout_s,
 )
-from infra.plan.iam import PolicyInputs, assume_role_policy, node_policy_document
+from infra.plan.iam import PolicyInputs, node_policy_document
 from infra.plan.scaling import log_group_name
 from infra.plan.stack import group_name_prefix
 from infra.plan.tags import (
@@ -175,19 +178,9 @@ class Fleet(pulumi.ComponentResource):
             # The nodes' logs are the record of what happened: never deleted by an update.
             opts=pulumi.ResourceOptions(parent=self, protect=True),
         )
-        role = aws.iam.Role(
-            f"{name}-role",
-            description=f"vLLM nodes of {stack}",
-            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
-            tags={**tags, "Name": f"{stack}-node"},
-            opts=child,
-        )
-        aws.iam.RolePolicyAttachment(
-            f"{name}-ssm",
-            role=role.name,
-            # Session Manager instead of SSH: no key pairs, no port 22.
-            policy_arn=f"arn:{args.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore",
-            opts=child,
+        role, profile = ssm_instance_role(
+            name, description=f"vLLM nodes of {stack}", name_tag=f"{stack}-node", partition=args.partition,
+            tags=tags, opts=child,
         )
         policy = pulumi.Output.all(
             pulumi.Output.from_input(args.api_key_secret_arn),
@@ -216,60 +209,26 @@ class Fleet(pulumi.ComponentResource):
         )
         node_policy = aws.iam.RolePolicy(f"{name}-node-policy", role=role.id, policy=policy, opts=child)
         self._node_policy = node_policy
-        profile = aws.iam.InstanceProfile(
-            f"{name}-profile", role=role.name, tags={**tags, "Name": f"{stack}-node"}, opts=child
-        )
 
         # --- network access: the API from the load balancer, metrics from the scrapers ----
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-sg", vpc_id=args.vpc_id, name_tag=f"{stack}-nodes", tags=node_tags, opts=child,
             description=f"vLLM nodes of {stack}: API from the load balancer, metrics from scrapers, no SSH",
-            tags={**node_tags, "Name": f"{stack}-nodes"},
-            opts=child,
         )
-
-        def ingress(key: str, source: pulumi.Input[str], low: int, high: int, what: str, protocol: str = "tcp") -> None:
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-in-{key}",
-                security_group_id=sg.id,
-                referenced_security_group_id=source,
-                ip_protocol=protocol,
-                from_port=None if protocol == "-1" else low,
-                to_port=None if protocol == "-1" else high,
-                description=what,
-                tags=node_tags,
-                opts=child,
-            )
-
-        ingress("api", args.load_balancer_security_group_id, port, last_port, "vLLM API and health checks from the load balancer")
-        ingress("vllm-metrics", args.scraper_security_group_id, port, last_port, "vLLM /metrics from the scrapers")
+        rules = SecurityGroupRules(name, sg.id, node_tags, child)
+        lb, scrapers = args.load_balancer_security_group_id, args.scraper_security_group_id
+        rules.ingress("api", "vLLM API and health checks from the load balancer", ports=(port, last_port), peer=lb)
+        rules.ingress("vllm-metrics", "vLLM /metrics from the scrapers", ports=(port, last_port), peer=scrapers)
         exporters = facts.exporter_ports.value
-        ingress("node-metrics", args.scraper_security_group_id, exporters.node_exporter, exporters.node_exporter, "node_exporter")
-        ingress("gpu-metrics", args.scraper_security_group_id, exporters.dcgm_exporter, exporters.dcgm_exporter, "dcgm-exporter")
+        rules.ingress("node-metrics", "node_exporter", ports=exporters.node_exporter, peer=scrapers)
+        rules.ingress("gpu-metrics", "dcgm-exporter", ports=exporters.dcgm_exporter, peer=scrapers)
         if capacity.gangs:
             # EFA and Ray/NCCL between the members of a gang: all traffic within the group, both
             # ways. EFA's OS-bypass traffic matches only rules that name the group itself, never
             # a CIDR rule (aws_fleet.yaml efa_security_group), so the egress below is not enough.
-            ingress("gang", sg.id, 0, 0, "gang members (EFA, NCCL, Ray)", protocol="-1")
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-out-gang",
-                security_group_id=sg.id,
-                referenced_security_group_id=sg.id,
-                ip_protocol="-1",
-                description="gang members (EFA, NCCL, Ray)",
-                tags=node_tags,
-                opts=child,
-            )
-        aws.vpc.SecurityGroupEgressRule(
-            f"{name}-out",
-            security_group_id=sg.id,
-            ip_protocol="-1",
-            cidr_ipv4="0.0.0.0/0",
-            description="AWS APIs, weights, model hub",
-            tags=node_tags,
-            opts=child,
-        )
+            rules.ingress("gang", "gang members (EFA, NCCL, Ray)", ports=None, peer=sg.id)
+            rules.egress("gang", "gang members (EFA, NCCL, Ray)", ports=None, peer=sg.id)
+        rules.egress(None, "AWS APIs, weights, model hub", ports=None, cidr="0.0.0.0/0")
 
         # --- one launch template per ladder type -------------------------------------------
         gp3 = facts.gp3_volume.value
@@ -464,18 +423,10 @@ class Fleet(pulumi.ComponentResource):
             )
         else:
             launch_template = aws.autoscaling.GroupLaunchTemplateArgs(id=first.id, version=first.latest_version.apply(str))
-        startup_wait = f"{startup + CAPACITY_SEARCH_S}s"
-        return aws.autoscaling.Group(
-            f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
-            vpc_zone_identifiers=list(args.subnet_ids),
-            min_size=spec.min_size,
-            max_size=spec.max_size,
-            desired_capacity=spec.desired,
+        return self._group(
+            name, args, spec, subnets=args.subnet_ids, tags=group_tags, startup=startup, drain_s=drain_s,
+            # Behind the target groups: a node is healthy while the load balancer finds it so.
             health_check_type="ELB",
-            # A loading node fails /health for minutes; it is judged only after the planned start-up.
-            health_check_grace_period=startup,
-            default_instance_warmup=startup,
             target_group_arns=list(args.target_group_arns),
             launch_template=launch_template,
             mixed_instances_policy=mixed,
@@ -491,24 +442,11 @@ class Fleet(pulumi.ComponentResource):
             instance_maintenance_policy=aws.autoscaling.GroupInstanceMaintenancePolicyArgs(
                 min_healthy_percentage=MIN_HEALTHY_PERCENT, max_healthy_percentage=MAX_HEALTHY_PERCENT
             ),
-            wait_for_capacity_timeout=startup_wait,
             # On create, `pulumi up` returns only once this many nodes pass the target groups'
             # health checks (the deploy's smoke test runs right after). min_elb_capacity, not
             # wait_for_elb_capacity: the latter also waits on every update, which would hang a
             # deploy while the night schedule holds the group at zero.
             min_elb_capacity=spec.min_size or None,
-            # The Fleet dashboard's group panels read these; a group publishes none by default.
-            enabled_metrics=group_metrics(),
-            metrics_granularity="1Minute",
-            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in group_tags.items()],
-            opts=pulumi.ResourceOptions(
-                parent=self,
-                # A node that boots before its role's inline policy exists fails its first
-                # calls (the API key, the lifecycle hook): the policy comes first.
-                depends_on=[self._node_policy],
-                ignore_changes=self._ignored_group_changes(spec),
-                custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
-            ),
         )
 
     def _gang_group(
@@ -539,34 +477,62 @@ class Fleet(pulumi.ComponentResource):
             default_result="ABANDON",
         )
         gang_tags = {**group_tags, GANG_TAG: str(spec.gang_index), TARGET_GROUP_TAG: args.target_group_arns[0]}
-        return aws.autoscaling.Group(
-            f"{name}-{spec.key}",
-            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
-            vpc_zone_identifiers=[subnet],
-            placement_group=placement.name,
-            min_size=spec.min_size,
-            max_size=spec.max_size,
-            desired_capacity=spec.desired,
+        return self._group(
+            name, args, spec, subnets=[subnet], tags=gang_tags, startup=startup, drain_s=drain_s,
             # Not attached to the target group (only the head serves): the nodes report
             # their gang's health themselves (SetInstanceHealth).
             health_check_type="EC2",
-            health_check_grace_period=startup,
-            default_instance_warmup=startup,
+            # A new template version means a new gang, created before the old one goes.
+            replace_on_changes=["launchTemplate"],
+            delete_before_replace=False,
+            placement_group=placement.name,
             launch_template=aws.autoscaling.GroupLaunchTemplateArgs(
                 id=template.id, version=template.latest_version.apply(str)
             ),
             initial_lifecycle_hooks=[ready_hook],
+        )
+
+    def _group(
+        self,
+        name: str,
+        args: FleetArgs,
+        spec: GroupSpec,
+        *,
+        subnets: Sequence[pulumi.Input[str]],
+        tags: Mapping[str, pulumi.Input[str]],
+        startup: int,
+        drain_s: int,
+        replace_on_changes: list[str] | None = None,
+        delete_before_replace: bool | None = None,
+        **own: Any,
+    ) -> aws.autoscaling.Group:
+        """What the fleet group and a gang's group share: name, size, start-up timing, metrics,
+        tags and options; ``own`` holds the rest of one kind's inputs (aws.autoscaling.Group's),
+        its health check type among them."""
+        return aws.autoscaling.Group(
+            f"{name}-{spec.key}",
+            name_prefix=f"{group_name_prefix(args.stack)}{spec.key}-",
+            vpc_zone_identifiers=list(subnets),
+            min_size=spec.min_size,
+            max_size=spec.max_size,
+            desired_capacity=spec.desired,
+            # A loading node is unhealthy for minutes; it is judged only after the planned start-up.
+            health_check_grace_period=startup,
+            default_instance_warmup=startup,
+            wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
+            # The Fleet dashboard's group panels read these; a group publishes none by default.
             enabled_metrics=group_metrics(),
             metrics_granularity="1Minute",
-            wait_for_capacity_timeout=f"{startup + CAPACITY_SEARCH_S}s",
-            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in gang_tags.items()],
+            tags=[aws.autoscaling.GroupTagArgs(key=k, value=v, propagate_at_launch=True) for k, v in tags.items()],
             opts=pulumi.ResourceOptions(
                 parent=self,
+                # A node that boots before its role's inline policy exists fails its first
+                # calls (the API key, the lifecycle hook): the policy comes first.
                 depends_on=[self._node_policy],
-                # A new template version means a new gang, created before the old one goes.
-                replace_on_changes=["launchTemplate"],
-                delete_before_replace=False,
+                replace_on_changes=replace_on_changes,
+                delete_before_replace=delete_before_replace,
                 ignore_changes=self._ignored_group_changes(spec),
                 custom_timeouts=pulumi.CustomTimeouts(delete=f"{group_delete_timeout_s(drain_s)}s"),
             ),
+            **own,
         )

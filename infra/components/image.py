@@ -33,8 +33,9 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
-from infra.errors import FleetError
 from infra.facts.images import ImageFacts, default_facts
+from infra.plan.capacity import root_snapshot_gib
+from infra.plan.iam import policy_document
 from infra.plan.images import SCRIPTS_PREFIX_PARAMETER, ImagePlan, ImageSpec, plan_image, root_volume_gib
 from infra.plan.names import fit_prefix
 from infra.plan.tags import IMAGE_TAG
@@ -70,18 +71,8 @@ class VllmImageArgs:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def root_snapshot_gib(root_device_name: str, block_device_mappings: Sequence[Any]) -> int:
-    """Size of the AMI's root EBS snapshot, from ``ec2.get_ami``'s block device mappings."""
-    for mapping in block_device_mappings:
-        device = mapping["device_name"] if isinstance(mapping, Mapping) else mapping.device_name
-        ebs = mapping["ebs"] if isinstance(mapping, Mapping) else mapping.ebs
-        if device == root_device_name and ebs and ebs.get("volume_size"):
-            return int(ebs["volume_size"])
-    raise FleetError(f"base AMI: no EBS volume size for its root device {root_device_name!r}")
-
-
 def _policy(statements: list[dict[str, Any]]) -> str:
-    return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
+    return json.dumps(policy_document(*statements), sort_keys=True)
 
 
 class VllmImage(pulumi.ComponentResource):

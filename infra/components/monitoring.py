@@ -19,18 +19,18 @@ that group next to its own, so the Fleet needs no rule for it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_aws as aws
 
 from infra.components.generated_secret import GeneratedSecret, GeneratedSecretArgs
+from infra.components.instance_role import ssm_instance_role
 from infra.components.private_bucket import PrivateBucket, PrivateBucketArgs
+from infra.components.security_group import SecurityGroupRules, security_group
 from infra.errors import FleetError
 from infra.plan.iam import (
     HostPolicyInputs,
@@ -38,7 +38,9 @@ from infra.plan.iam import (
     grafana_workspace_policy_document,
     host_policy_document,
     remote_write_policy_document,
+    tls_only_bucket_policy,
 )
+from infra.plan.network import HTTPS_PORT, check_allowed_cidrs, egress_ports
 from infra.plan.tags import REQUIRED_TAG_KEYS, ROLE_TAG
 from infra.render.monitoring import RULES_FILE, MonitoringSpec, render_monitoring
 from infra.render.monitoring_host import (
@@ -59,7 +61,6 @@ from infra.render.monitoring_host import (
 from infra.render.userdata import encode_user_data
 
 MonitoringMode = Literal["self-hosted", "managed", "shared", "none"]
-HTTPS_PORT = 443
 # S3 allows at most 10 tags on an object; objects carry only the required ones.
 S3_OBJECT_TAG_LIMIT = 10
 
@@ -103,35 +104,6 @@ class MonitoringArgs:
     nodes_per_replica: int = 1
     secret_recovery_window_days: int = 7
     extra_host_tags: Mapping[str, str] = field(default_factory=dict)
-
-
-def check_allowed_cidrs(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """The CIDRs that may reach Grafana and Prometheus: never the whole internet."""
-    networks = []
-    for i, cidr in enumerate(cidrs):
-        try:
-            network = ipaddress.ip_network(cidr, strict=True)
-        except ValueError:
-            raise FleetError(
-                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: not a CIDR block like 10.0.0.0/8"
-            ) from None
-        if network.prefixlen == 0:
-            raise FleetError(
-                f"vllm-fleet:monitoring.allowedCidrs[{i}] = {cidr!r}: Grafana and Prometheus must not be open to "
-                "the internet; name your networks, or leave the list empty and use an SSM port forward"
-            )
-        networks.append(network)
-    return networks
-
-
-def egress_ports(spec: MonitoringSpec) -> list[int]:
-    """TCP ports the host opens connections to outside the VPC: HTTPS (AWS APIs, SNS, the
-    release downloads, Grafana's repository) and the webhook's port if it names another."""
-    ports = {HTTPS_PORT}
-    if spec.webhook_url:
-        parts = urlsplit(spec.webhook_url)
-        ports.add(parts.port or (HTTPS_PORT if parts.scheme == "https" else 80))
-    return sorted(ports)
 
 
 def host_tags(tags: Mapping[str, str], spec: MonitoringSpec) -> dict[str, str]:
@@ -235,7 +207,7 @@ class Monitoring(pulumi.ComponentResource):
         aws.s3.BucketPolicy(
             f"{name}-config-tls-only",
             bucket=bucket.id,
-            policy=bucket.arn.apply(lambda arn: json.dumps(_tls_only_bucket_policy(arn))),
+            policy=bucket.arn.apply(lambda arn: json.dumps(tls_only_bucket_policy(arn))),
             # S3 answers OperationAborted to a bucket policy written while the bucket's public
             # access block is still being applied: one after the other.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access_block]),
@@ -274,19 +246,9 @@ class Monitoring(pulumi.ComponentResource):
         )
 
         # --- identity: exactly what Prometheus, Alertmanager, Grafana and the sync call -----
-        role = aws.iam.Role(
-            f"{name}-host-role",
-            description=f"Monitoring host of {stack}",
-            assume_role_policy=json.dumps(assume_role_policy("ec2.amazonaws.com")),
-            tags={**tags, "Name": f"{stack}-monitoring"},
-            opts=child,
-        )
-        aws.iam.RolePolicyAttachment(
-            f"{name}-host-ssm",
-            role=role.name,
-            # Session Manager: shell and port forwarding without SSH or open ports.
-            policy_arn=f"arn:{args.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore",
-            opts=child,
+        role, profile = ssm_instance_role(
+            f"{name}-host", description=f"Monitoring host of {stack}", name_tag=f"{stack}-monitoring",
+            partition=args.partition, tags=tags, opts=child,
         )
         policy = aws.iam.RolePolicy(
             f"{name}-host-policy",
@@ -307,47 +269,24 @@ class Monitoring(pulumi.ComponentResource):
             ),
             opts=child,
         )
-        profile = aws.iam.InstanceProfile(
-            f"{name}-host-profile", role=role.name, tags={**tags, "Name": f"{stack}-monitoring"}, opts=child
-        )
 
         # --- network: Grafana and Prometheus from the allowed CIDRs only -----------------
-        sg = aws.ec2.SecurityGroup(
-            f"{name}-host-sg",
-            vpc_id=args.vpc_id,
+        sg = security_group(
+            f"{name}-host-sg", vpc_id=args.vpc_id, name_tag=f"{stack}-monitoring", tags=tags, opts=child,
             description=f"Monitoring host of {stack}: Grafana and Prometheus from allowed CIDRs, no SSH",
-            tags={**tags, "Name": f"{stack}-monitoring"},
-            opts=child,
         )
+        rules = SecurityGroupRules(name, sg.id, tags, child)
         for network in networks:
             for service, port in (("grafana", ports.grafana), ("prometheus", ports.prometheus)):
                 key = f"{service}-{str(network).replace('/', '-').replace(':', '-').replace('.', '-')}"
-                aws.vpc.SecurityGroupIngressRule(
-                    f"{name}-in-{key}",
-                    security_group_id=sg.id,
-                    ip_protocol="tcp",
-                    from_port=port,
-                    to_port=port,
-                    cidr_ipv4=str(network) if network.version == 4 else None,
-                    cidr_ipv6=str(network) if network.version == 6 else None,
-                    description=f"{service} from {network}",
-                    tags=tags,
-                    opts=child,
+                rules.ingress(
+                    key, f"{service} from {network}", ports=port, cidr=str(network), ipv6=network.version == 6
                 )
-        for port in egress_ports(spec):
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-out-{port}",
-                security_group_id=sg.id,
-                ip_protocol="tcp",
-                from_port=port,
-                to_port=port,
-                cidr_ipv4="0.0.0.0/0",
-                description="AWS APIs, SNS, release downloads, Grafana repository"
-                if port == HTTPS_PORT
-                else "alert webhook",
-                tags=tags,
-                opts=child,
+        for port in egress_ports(spec.webhook_url):
+            what = (
+                "AWS APIs, SNS, release downloads, Grafana repository" if port == HTTPS_PORT else "alert webhook"
             )
+            rules.egress(str(port), what, ports=port, cidr="0.0.0.0/0")
 
         # --- the host --------------------------------------------------------------------
         instance_facts = facts.instance_type.value
@@ -517,19 +456,3 @@ def _content_type(key: str) -> str:
         if key.endswith((".yml", ".yaml"))
         else "text/plain"
     )
-
-
-def _tls_only_bucket_policy(bucket_arn: str) -> dict[str, Any]:
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "DenyInsecureTransport",
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": "s3:*",
-                "Resource": [bucket_arn, f"{bucket_arn}/*"],
-                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-            }
-        ],
-    }

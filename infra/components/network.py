@@ -12,7 +12,6 @@ scrapes the nodes; the fleet admits metrics ports only from it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,14 +19,10 @@ from typing import Literal
 import pulumi
 import pulumi_aws as aws
 
+from infra.components.security_group import TcpRule, security_group
 from infra.errors import FleetError
-
-# Subnets are carved as 16 equal blocks of the VPC: the first 8 for private subnets, the
-# last 8 for public ones, so up to 6 AZs fit and a later AZ never renumbers the others.
-SUBNET_SPLIT_BITS = 4
-PUBLIC_BLOCK_OFFSET = 8
-# The smallest subnet worth having: a /26 is 59 usable addresses after AWS's 5.
-SMALLEST_SUBNET_PREFIX = 26
+from infra.plan.network import HTTPS_PORT, subnet_cidrs
+from infra.plan.tags import ROLE_TAG
 
 
 @dataclass(frozen=True)
@@ -47,19 +42,6 @@ class NetworkArgs:
     gateway_endpoint_services: Sequence[str] = ()
 
 
-def subnet_cidrs(vpc_cidr: str, azs: int) -> tuple[list[str], list[str]]:
-    """(private, public) CIDRs, one per AZ, carved from the VPC CIDR."""
-    vpc = ipaddress.ip_network(vpc_cidr)
-    new_prefix = vpc.prefixlen + SUBNET_SPLIT_BITS
-    if new_prefix > SMALLEST_SUBNET_PREFIX:
-        raise FleetError(
-            f"vllm-fleet:network.vpcCidr = {vpc_cidr!r}: too small; needs /{SMALLEST_SUBNET_PREFIX - SUBNET_SPLIT_BITS} "
-            f"or larger (16 subnets of at least /{SMALLEST_SUBNET_PREFIX})"
-        )
-    blocks = [str(b) for b in vpc.subnets(new_prefix=new_prefix)]
-    return blocks[:azs], blocks[PUBLIC_BLOCK_OFFSET : PUBLIC_BLOCK_OFFSET + azs]
-
-
 class Network(pulumi.ComponentResource):
     vpc_id: pulumi.Output[str]
     vpc_cidr: pulumi.Output[str]
@@ -74,18 +56,11 @@ class Network(pulumi.ComponentResource):
             self._adopt_existing(name, args)
         else:
             self._create_vpc(name, args)
-        scrapers = aws.ec2.SecurityGroup(
-            f"{name}-scrapers",
-            vpc_id=self.vpc_id,
+        scrapers = security_group(
+            f"{name}-scrapers", vpc_id=self.vpc_id, name_tag=f"{args.stack}-scrapers",
+            tags={**args.tags, ROLE_TAG: "scrapers"}, opts=pulumi.ResourceOptions(parent=self),
             description="Attach to whatever scrapes the fleet's metrics; nodes admit metrics ports only from it",
-            egress=[
-                aws.ec2.SecurityGroupEgressArgs(
-                    protocol="tcp", from_port=0, to_port=65535, cidr_blocks=[self.vpc_cidr],
-                    description="scrape targets inside the VPC",
-                )
-            ],
-            tags={**args.tags, "Name": f"{args.stack}-scrapers", "vllm-fleet:role": "scrapers"},
-            opts=pulumi.ResourceOptions(parent=self),
+            egress=[TcpRule(0, 65535, self.vpc_cidr, "scrape targets inside the VPC")],
         )
         self.scraper_security_group_id = scrapers.id
         self.register_outputs(
@@ -140,6 +115,22 @@ class Network(pulumi.ComponentResource):
             opts=child,
         )
 
+        def subnet_in(tier: str, i: int, az: str, cidr: str, route_table_id: pulumi.Input[str]) -> pulumi.Output[str]:
+            """One subnet of a tier in one AZ, associated with that tier's route table."""
+            subnet = aws.ec2.Subnet(
+                f"{name}-{tier}-{i}",
+                vpc_id=vpc.id,
+                cidr_block=cidr,
+                availability_zone=az,
+                map_public_ip_on_launch=False,
+                tags={**tags, "Name": f"{args.stack}-{tier}-{az}", "vllm-fleet:tier": tier},
+                opts=child,
+            )
+            aws.ec2.RouteTableAssociation(
+                f"{name}-{tier}-{i}-rta", subnet_id=subnet.id, route_table_id=route_table_id, opts=child
+            )
+            return subnet.id
+
         need_public = args.public_subnets or args.egress == "nat"
         public_ids: list[pulumi.Output[str]] = []
         public_route_table: aws.ec2.RouteTable | None = None
@@ -156,19 +147,7 @@ class Network(pulumi.ComponentResource):
                 opts=child,
             )
             for i, (az, cidr) in enumerate(zip(azs, public_cidrs, strict=True)):
-                subnet = aws.ec2.Subnet(
-                    f"{name}-public-{i}",
-                    vpc_id=vpc.id,
-                    cidr_block=cidr,
-                    availability_zone=az,
-                    map_public_ip_on_launch=False,
-                    tags={**tags, "Name": f"{args.stack}-public-{az}", "vllm-fleet:tier": "public"},
-                    opts=child,
-                )
-                aws.ec2.RouteTableAssociation(
-                    f"{name}-public-{i}-rta", subnet_id=subnet.id, route_table_id=public_route_table.id, opts=child
-                )
-                public_ids.append(subnet.id)
+                public_ids.append(subnet_in("public", i, az, cidr, public_route_table.id))
 
         private_ids: list[pulumi.Output[str]] = []
         private_route_tables: list[pulumi.Output[str]] = []
@@ -198,19 +177,7 @@ class Network(pulumi.ComponentResource):
                 tags={**tags, "Name": f"{args.stack}-private-{az}"},
                 opts=child,
             )
-            subnet = aws.ec2.Subnet(
-                f"{name}-private-{i}",
-                vpc_id=vpc.id,
-                cidr_block=cidr,
-                availability_zone=az,
-                map_public_ip_on_launch=False,
-                tags={**tags, "Name": f"{args.stack}-private-{az}", "vllm-fleet:tier": "private"},
-                opts=child,
-            )
-            aws.ec2.RouteTableAssociation(
-                f"{name}-private-{i}-rta", subnet_id=subnet.id, route_table_id=route_table.id, opts=child
-            )
-            private_ids.append(subnet.id)
+            private_ids.append(subnet_in("private", i, az, cidr, route_table.id))
             private_route_tables.append(route_table.id)
 
         if args.egress == "endpoints-only":
@@ -228,38 +195,27 @@ class Network(pulumi.ComponentResource):
     ) -> None:
         child = pulumi.ResourceOptions(parent=self)
         tags = dict(args.tags)
-        endpoint_sg = aws.ec2.SecurityGroup(
-            f"{name}-endpoints",
-            vpc_id=vpc.id,
+        endpoint_sg = security_group(
+            f"{name}-endpoints", vpc_id=vpc.id, name_tag=f"{args.stack}-endpoints",
+            tags={**tags, ROLE_TAG: "vpc-endpoints"}, opts=child,
             description="HTTPS from inside the VPC to the AWS service endpoints",
-            ingress=[
-                aws.ec2.SecurityGroupIngressArgs(
-                    protocol="tcp", from_port=443, to_port=443, cidr_blocks=[args.vpc_cidr],
-                    description="AWS APIs from the VPC",
-                )
-            ],
-            tags={**tags, "Name": f"{args.stack}-endpoints", "vllm-fleet:role": "vpc-endpoints"},
-            opts=child,
+            ingress=[TcpRule(HTTPS_PORT, HTTPS_PORT, args.vpc_cidr, "AWS APIs from the VPC")],
         )
-        for service in args.interface_endpoint_services:
+        endpoints = [(s, "Interface") for s in args.interface_endpoint_services]
+        endpoints += [(s, "Gateway") for s in args.gateway_endpoint_services]
+        for service, kind in endpoints:
+            interface = kind == "Interface"
             aws.ec2.VpcEndpoint(
                 f"{name}-{service.replace('.', '-')}",
                 vpc_id=vpc.id,
                 service_name=f"com.amazonaws.{args.region}.{service}",
-                vpc_endpoint_type="Interface",
-                private_dns_enabled=True,
-                subnet_ids=private_ids,
-                security_group_ids=[endpoint_sg.id],
-                tags={**tags, "Name": f"{args.stack}-{service}"},
-                opts=child,
-            )
-        for service in args.gateway_endpoint_services:
-            aws.ec2.VpcEndpoint(
-                f"{name}-{service.replace('.', '-')}",
-                vpc_id=vpc.id,
-                service_name=f"com.amazonaws.{args.region}.{service}",
-                vpc_endpoint_type="Gateway",
-                route_table_ids=route_table_ids,
+                vpc_endpoint_type=kind,
+                # Interface endpoints sit in the private subnets behind their group; gateway
+                # endpoints are routes in the private route tables.
+                private_dns_enabled=True if interface else None,
+                subnet_ids=private_ids if interface else None,
+                security_group_ids=[endpoint_sg.id] if interface else None,
+                route_table_ids=None if interface else route_table_ids,
                 tags={**tags, "Name": f"{args.stack}-{service}"},
                 opts=child,
             )

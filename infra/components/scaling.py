@@ -182,17 +182,15 @@ class FleetScaling(pulumi.ComponentResource):
             ],
             opts=self._child,
         )
-        alarm = aws.cloudwatch.MetricAlarm(
+        alarm = self._alarm(
             f"{name}-burst",
-            alarm_description=(
-                f"{spec.stack}: a burst — at least {threshold:g} vLLM requests waiting per instance "
-                f"for {spec.burst_evaluation_periods} minute(s)"
-            ),
+            f"{spec.stack}: a burst — at least {threshold:g} vLLM requests waiting per instance "
+            f"for {spec.burst_evaluation_periods} minute(s)",
+            policy,
             comparison_operator="GreaterThanOrEqualToThreshold",
             threshold=threshold,
-            evaluation_periods=spec.burst_evaluation_periods,
-            datapoints_to_alarm=spec.burst_evaluation_periods,
-            metric_queries=[
+            periods=spec.burst_evaluation_periods,
+            queries=[
                 _alarm_stat(spec, WAITING_ID, "waiting", "Average", spec.group_dimension, group),
                 aws.cloudwatch.MetricAlarmMetricQueryArgs(
                     id=RESULT_ID,
@@ -202,10 +200,7 @@ class FleetScaling(pulumi.ComponentResource):
                 ),
             ],
             # No data: no replica serves yet, which is no burst.
-            treat_missing_data="notBreaching",
-            alarm_actions=[policy.arn],
-            tags=self._tags,
-            opts=self._child,
+            missing="notBreaching",
         )
         self.policy_arns["burst"] = policy.arn
         self.alarm_arns["burst"] = alarm.arn
@@ -261,24 +256,49 @@ class FleetScaling(pulumi.ComponentResource):
                 ],
                 opts=self._child,
             )
-            alarm = aws.cloudwatch.MetricAlarm(
+            above_below = "above" if action == "on" else "below"
+            alarm = self._alarm(
                 f"{name}-gang-{k}-{action}",
-                alarm_description=(
-                    f"{spec.stack}: gang {k} {action} — fleet load {'above' if action == 'on' else 'below'} "
-                    f"{threshold:g} for {periods} minute(s)"
-                ),
+                f"{spec.stack}: gang {k} {action} — fleet load {above_below} {threshold:g} for {periods} minute(s)",
+                policy,
                 comparison_operator=operator,
                 threshold=threshold,
-                evaluation_periods=periods,
-                datapoints_to_alarm=periods,
-                metric_queries=self._fleet_load_queries(),
-                treat_missing_data=missing,
-                alarm_actions=[policy.arn],
-                tags=self._tags,
-                opts=self._child,
+                periods=periods,
+                queries=self._fleet_load_queries(),
+                missing=missing,
             )
             self.policy_arns[f"gang-{k}-{action}"] = policy.arn
             self.alarm_arns[f"gang-{k}-{action}"] = alarm.arn
+
+    # --- alarms -------------------------------------------------------------------------------
+
+    def _alarm(
+        self,
+        resource_name: str,
+        description: str,
+        policy: aws.autoscaling.Policy,
+        *,
+        comparison_operator: str,
+        threshold: float,
+        periods: int,
+        queries: list[aws.cloudwatch.MetricAlarmMetricQueryArgs],
+        missing: str,
+    ) -> aws.cloudwatch.MetricAlarm:
+        """An alarm that runs ``policy`` once ``queries``' result crosses ``threshold`` in each of
+        ``periods`` periods in a row."""
+        return aws.cloudwatch.MetricAlarm(
+            resource_name,
+            alarm_description=description,
+            comparison_operator=comparison_operator,
+            threshold=threshold,
+            evaluation_periods=periods,
+            datapoints_to_alarm=periods,
+            metric_queries=queries,
+            treat_missing_data=missing,
+            alarm_actions=[policy.arn],
+            tags=self._tags,
+            opts=self._child,
+        )
 
     # --- night --------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ timeouts. Pure values the Fleet component (infra/components/fleet.py) declares a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from infra.config import StackConfig
 from infra.errors import FleetError
@@ -168,3 +170,13 @@ def group_delete_timeout_s(drain_s: int) -> int:
     (up to ``drain_s``), then EC2 terminates it. The provider's default (10 min, group.go
     Timeouts.Delete) is shorter than a gang's drain plus termination."""
     return drain_s + TERMINATION_MARGIN_S
+
+
+def root_snapshot_gib(root_device_name: str, block_device_mappings: Sequence[Any]) -> int:
+    """Size of the AMI's root EBS snapshot, from ``ec2.get_ami``'s block device mappings."""
+    for mapping in block_device_mappings:
+        device = mapping["device_name"] if isinstance(mapping, Mapping) else mapping.device_name
+        ebs = mapping["ebs"] if isinstance(mapping, Mapping) else mapping.ebs
+        if device == root_device_name and ebs and ebs.get("volume_size"):
+            return int(ebs["volume_size"])
+    raise FleetError(f"base AMI: no EBS volume size for its root device {root_device_name!r}")

@@ -7,21 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from infra.config import EndpointSection
 from infra.errors import FleetError
 from infra.facts.aws import ApiRoute, RuleLimits, aws_fleet_facts
 
 
-def check_endpoint(
-    *,
-    lb_type: str,
-    internal: bool,
-    certificate_arn: str | None,
-    allowed_cidrs: Sequence[str],
-    replica_slots: int,
-    deregistration_delay_s: int,
-) -> None:
-    """Preview-time checks: refuse an endpoint that would expose more than the API."""
+def check_endpoint(section: EndpointSection, *, replica_slots: int, deregistration_delay_s: int) -> None:
+    """Preview-time checks of the stack's endpoint section, with the plan's vLLM servers per node
+    (one target group each) and drain: refuse an endpoint that would expose more than the API."""
     facts = aws_fleet_facts()
+    lb_type, internal, certificate_arn = section.type, section.internal, section.certificate_arn
     if not internal and not certificate_arn:
         raise FleetError(
             "vllm-fleet:endpoint.certificateArn: required when endpoint.internal is false "
@@ -44,7 +39,7 @@ def check_endpoint(
             "target groups (one per server port): allow larger tensor parallelism or fewer GPUs per node "
             "(vllm-fleet:capacity.instanceTypes)"
         )
-    if not allowed_cidrs:
+    if not section.allowed_cidrs:
         raise FleetError("vllm-fleet:endpoint.allowedCidrs: empty; list the client CIDRs that may call the API")
     if deregistration_delay_s > facts.lb_deregistration_delay_max_s.value:
         raise FleetError(

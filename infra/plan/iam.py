@@ -13,6 +13,13 @@ from infra.config import StackConfig
 from infra.errors import FleetError
 from infra.plan.stack import group_name_prefix
 
+# The current IAM policy language version, the one every document here is written in.
+POLICY_VERSION = "2012-10-17"
+
+
+def policy_document(*statements: dict[str, Any]) -> dict[str, Any]:
+    return {"Version": POLICY_VERSION, "Statement": list(statements)}
+
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     match = re.match(r"^s3://([^/]+)/?(.*)$", uri)
@@ -154,7 +161,7 @@ def node_policy_document(p: PolicyInputs) -> dict[str, Any]:
                 "Resource": list(p.target_group_arns),
             },
         ]
-    return {"Version": "2012-10-17", "Statement": statements}
+    return policy_document(*statements)
 
 
 # --- the monitoring host and the managed-mode workspaces ------------------------------------
@@ -209,56 +216,59 @@ def host_policy_document(p: HostPolicyInputs) -> dict[str, Any]:
                 "Resource": [p.sns_topic_arn],
             }
         )
-    return {"Version": "2012-10-17", "Statement": statements}
+    return policy_document(*statements)
 
 
 def remote_write_policy_document(workspace_arn: str) -> dict[str, Any]:
     """For the GPU nodes' role in managed mode: remote write to this one workspace."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "RemoteWriteMetrics",
-                "Effect": "Allow",
-                "Action": ["aps:RemoteWrite"],
-                "Resource": [workspace_arn],
-            }
-        ],
-    }
+    return policy_document(
+        {"Sid": "RemoteWriteMetrics", "Effect": "Allow", "Action": ["aps:RemoteWrite"], "Resource": [workspace_arn]}
+    )
 
 
 def grafana_workspace_policy_document(workspace_arn: str) -> dict[str, Any]:
     """For the Amazon Managed Grafana workspace's role: query this AMP workspace, read CloudWatch."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "QueryFleetMetrics",
-                "Effect": "Allow",
-                "Action": [
-                    "aps:QueryMetrics",
-                    "aps:GetSeries",
-                    "aps:GetLabels",
-                    "aps:GetMetricMetadata",
-                    "aps:DescribeWorkspace",
-                ],
-                "Resource": [workspace_arn],
-            },
-            {
-                # Grafana's AMP datasource picker lists workspaces; List* has no resource ARN.
-                "Sid": "ListWorkspaces",
-                "Effect": "Allow",
-                "Action": ["aps:ListWorkspaces"],
-                "Resource": ["*"],
-            },
-            {
-                "Sid": "ReadCloudWatchMetrics",
-                "Effect": "Allow",
-                "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics", "cloudwatch:DescribeAlarms"],
-                "Resource": ["*"],
-            },
-        ],
-    }
+    return policy_document(
+        {
+            "Sid": "QueryFleetMetrics",
+            "Effect": "Allow",
+            "Action": [
+                "aps:QueryMetrics",
+                "aps:GetSeries",
+                "aps:GetLabels",
+                "aps:GetMetricMetadata",
+                "aps:DescribeWorkspace",
+            ],
+            "Resource": [workspace_arn],
+        },
+        {
+            # Grafana's AMP datasource picker lists workspaces; List* has no resource ARN.
+            "Sid": "ListWorkspaces",
+            "Effect": "Allow",
+            "Action": ["aps:ListWorkspaces"],
+            "Resource": ["*"],
+        },
+        {
+            "Sid": "ReadCloudWatchMetrics",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics", "cloudwatch:DescribeAlarms"],
+            "Resource": ["*"],
+        },
+    )
+
+
+def tls_only_bucket_policy(bucket_arn: str) -> dict[str, Any]:
+    """For a bucket: refuse every request that does not come over TLS."""
+    return policy_document(
+        {
+            "Sid": "DenyInsecureTransport",
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": "s3:*",
+            "Resource": [bucket_arn, f"{bucket_arn}/*"],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }
+    )
 
 
 def assume_role_policy(service: str, *, source_account: str | None = None) -> dict[str, Any]:
@@ -270,4 +280,4 @@ def assume_role_policy(service: str, *, source_account: str | None = None) -> di
     if source_account:
         # Confused-deputy guard for service principals that act for many accounts.
         statement["Condition"] = {"StringEquals": {"aws:SourceAccount": source_account}}
-    return {"Version": "2012-10-17", "Statement": [statement]}
+    return policy_document(statement)

@@ -23,11 +23,13 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.components.image import VllmImage, VllmImageArgs
-from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.components.network import Network, NetworkArgs
+from infra.components.security_group import TcpRule, security_group
 from infra.config import PROJECT, ImagesStackConfig, NetworkSection
 from infra.errors import FleetError
 from infra.plan.images import ImagePlan, image_spec, plan_bake
-from infra.plan.tags import IMAGE_TAG, STACK_TAG
+from infra.plan.network import subnet_cidrs
+from infra.plan.tags import IMAGE_TAG, ROLE_TAG, STACK_TAG
 
 # NetworkSection keys that shape a fleet's network and mean nothing for one build instance.
 FLEET_ONLY_NETWORK_KEYS = {"availability_zones": "availabilityZones", "public_subnet_ids": "publicSubnetIds"}
@@ -114,22 +116,15 @@ class BuildNetwork(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
-        security_group = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            vpc_id=network.vpc_id,
+        build_group = security_group(
+            f"{name}-sg", vpc_id=network.vpc_id, name_tag=f"{args.stack}-build",
+            tags={**args.tags, ROLE_TAG: "image-build"}, opts=pulumi.ResourceOptions(parent=self),
             description="Image Builder build/test instances: no inbound; outbound HTTPS and HTTP only",
-            egress=[
-                aws.ec2.SecurityGroupEgressArgs(
-                    protocol="tcp", from_port=port, to_port=port, cidr_blocks=["0.0.0.0/0"], description=what
-                )
-                for port, what in sorted(BUILD_EGRESS_PORTS.items())
-            ],
-            tags={**args.tags, "Name": f"{args.stack}-build", "vllm-fleet:role": "image-build"},
-            opts=pulumi.ResourceOptions(parent=self),
+            egress=[TcpRule(port, port, "0.0.0.0/0", what) for port, what in sorted(BUILD_EGRESS_PORTS.items())],
         )
         self.vpc_id = network.vpc_id
         self.subnet_id = network.private_subnet_ids[0]
-        self.security_group_id = security_group.id
+        self.security_group_id = build_group.id
         self.register_outputs(
             {"vpcId": self.vpc_id, "subnetId": self.subnet_id, "securityGroupId": self.security_group_id}
         )

@@ -17,9 +17,8 @@ import pulumi_aws as aws
 from infra.components.api_key import ApiKey, ApiKeyArgs
 from infra.components.endpoint import Endpoint, EndpointArgs
 from infra.components.fleet import Fleet, FleetArgs
-from infra.components.image import root_snapshot_gib
 from infra.components.monitoring import Monitoring, MonitoringArgs
-from infra.components.network import Network, NetworkArgs, subnet_cidrs
+from infra.components.network import Network, NetworkArgs
 from infra.components.scaling import FleetScaling, FleetScalingArgs
 from infra.config import ImageSection, StackConfig
 from infra.errors import FleetError
@@ -29,12 +28,14 @@ from infra.plan.capacity import (
     CapacityLayout,
     capacity_layout,
     drain_heartbeat_s,
+    root_snapshot_gib,
     root_volume,
     scheduled_min_groups,
 )
 from infra.plan.drain import deregistration_delay_s
 from infra.plan.endpoint import check_endpoint
 from infra.plan.iam import default_weights_s3_uri
+from infra.plan.network import subnet_cidrs
 from infra.plan.node.serve_args import served_model_name
 from infra.plan.pricing import instance_price
 from infra.plan.scaling import ladder_types, scaling_policy_spec
@@ -58,12 +59,7 @@ def checked_capacity_layout(stack_plan: StackPlan) -> CapacityLayout:
     deregistration_delay = deregistration_delay_s(config)
     drain_heartbeat_s(deregistration_delay, config.serving.shutdown_timeout_s)
     check_endpoint(
-        lb_type=config.endpoint.type,
-        internal=config.endpoint.internal,
-        certificate_arn=config.endpoint.certificate_arn,
-        allowed_cidrs=config.endpoint.allowed_cidrs,
-        replica_slots=layout.replicas_per_node,
-        deregistration_delay_s=deregistration_delay,
+        config.endpoint, replica_slots=layout.replicas_per_node, deregistration_delay_s=deregistration_delay
     )
     if config.network.egress == "endpoints-only" and config.serving.weights_source not in SOURCES_WITHOUT_INTERNET:
         raise FleetError(
@@ -257,13 +253,9 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             subnet_ids=network.private_subnet_ids if config.endpoint.internal else network.public_subnet_ids,
             tags=tags,
             app_port=config.serving.port,
+            endpoint=config.endpoint,
             replica_slots=layout.replicas_per_node,
             deregistration_delay_s=deregistration_delay,
-            lb_type=config.endpoint.type,
-            internal=config.endpoint.internal,
-            allowed_cidrs=config.endpoint.allowed_cidrs,
-            certificate_arn=config.endpoint.certificate_arn,
-            idle_timeout_s=config.endpoint.idle_timeout_s,
         ),
     )
     image_id, root_device, snapshot_gib = resolve_image(config.image)
