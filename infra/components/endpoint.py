@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pulumi
 import pulumi_aws as aws
 
 from infra.components.security_group import SecurityGroupRules, security_group
-from infra.config import EndpointSection
 from infra.facts.aws import aws_fleet_facts
-from infra.plan.endpoint import check_endpoint, route_rules
+from infra.plan.endpoint import route_rules
 from infra.plan.public_api import NOT_FOUND_BODY
 
 
@@ -35,10 +35,13 @@ class EndpointArgs:
     subnet_ids: Sequence[pulumi.Input[str]]
     tags: Mapping[str, str]
     app_port: int
-    # The stack file's section: load balancer type, internal, allowed CIDRs, certificate, idle timeout.
-    endpoint: EndpointSection
     replica_slots: int
     deregistration_delay_s: int
+    lb_type: Literal["alb", "nlb"]
+    internal: bool
+    allowed_cidrs: Sequence[str]
+    certificate_arn: str | None
+    idle_timeout_s: int
 
 
 class Endpoint(pulumi.ComponentResource):
@@ -52,12 +55,12 @@ class Endpoint(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: EndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("vllm-fleet:endpoint:Endpoint", name, None, opts)
-        section = args.endpoint
-        check_endpoint(section, replica_slots=args.replica_slots, deregistration_delay_s=args.deregistration_delay_s)
+        # The program checked these values (infra/plan/endpoint.py check_endpoint) before declaring
+        # any resource, so a refused endpoint leaves nothing half-created.
         facts = aws_fleet_facts()
         child = pulumi.ResourceOptions(parent=self)
         tags = {**args.tags, "vllm-fleet:role": "endpoint"}
-        tls = section.certificate_arn is not None
+        tls = args.certificate_arn is not None
         listen_port = 443 if tls else 80
         last_port = args.app_port + args.replica_slots - 1
 
@@ -66,21 +69,21 @@ class Endpoint(pulumi.ComponentResource):
             description=f"{args.stack} API load balancer: clients in allowedCidrs on {listen_port} only",
         )
         rules = SecurityGroupRules(name, sg.id, tags, child)
-        for i, cidr in enumerate(section.allowed_cidrs):
+        for i, cidr in enumerate(args.allowed_cidrs):
             rules.ingress(str(i), f"API clients {cidr}", ports=listen_port, cidr=cidr)
         rules.egress(
             "nodes", "vLLM servers on the nodes (requests and health checks)",
             ports=(args.app_port, last_port), cidr=args.vpc_cidr,
         )
 
-        is_alb = section.type == "alb"
+        is_alb = args.lb_type == "alb"
         lb = aws.lb.LoadBalancer(
             f"{name}-lb",
             load_balancer_type="application" if is_alb else "network",
-            internal=section.internal,
+            internal=args.internal,
             subnets=list(args.subnet_ids),
             security_groups=[sg.id],
-            idle_timeout=section.idle_timeout_s if is_alb else None,
+            idle_timeout=args.idle_timeout_s if is_alb else None,
             drop_invalid_header_fields=True if is_alb else None,
             tags={**tags, "Name": f"{args.stack}-api"},
             opts=child,
@@ -135,7 +138,7 @@ class Endpoint(pulumi.ComponentResource):
             port=listen_port,
             protocol=protocol,
             ssl_policy=facts.alb_tls_policy.value if tls else None,
-            certificate_arn=section.certificate_arn,
+            certificate_arn=args.certificate_arn,
             default_actions=[default_action],
             tags=tags,
             opts=child,

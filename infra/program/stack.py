@@ -253,9 +253,13 @@ def deploy(stack_plan: StackPlan) -> dict[str, pulumi.Output[Any]]:
             subnet_ids=network.private_subnet_ids if config.endpoint.internal else network.public_subnet_ids,
             tags=tags,
             app_port=config.serving.port,
-            endpoint=config.endpoint,
             replica_slots=layout.replicas_per_node,
             deregistration_delay_s=deregistration_delay,
+            lb_type=config.endpoint.type,
+            internal=config.endpoint.internal,
+            allowed_cidrs=config.endpoint.allowed_cidrs,
+            certificate_arn=config.endpoint.certificate_arn,
+            idle_timeout_s=config.endpoint.idle_timeout_s,
         ),
     )
     image_id, root_device, snapshot_gib = resolve_image(config.image)
