@@ -12,21 +12,44 @@ import sys
 from collections import defaultdict
 
 
-def main(paths: list[str]) -> None:
-    by_model: dict[str, list[dict]] = defaultdict(list)
+def merged(paths: list[str]) -> dict[str, list[dict]]:
+    """Results per model, one per (label, flags): a config run again in a later call (other rates,
+    or the same rate again) adds its points to the earlier ones; the later measurement of a rate wins."""
+    by_config: dict[tuple, dict] = {}
     for path in paths:
         with open(path, encoding="utf-8") as lines:
             for line in lines:
                 result = json.loads(line)
-                if result.get("bench") and not result.get("error"):
-                    by_model[result["model"]].append(result)
-    for model, results in by_model.items():
+                if not result.get("bench") or result.get("error"):
+                    continue
+                key = (result["model"], result["label"], result["max_num_seqs"], result["max_num_batched_tokens"])
+                if key not in by_config:
+                    by_config[key] = result
+                    continue
+                earlier = by_config[key]
+                points = {p["request_rate"]: p for p in earlier["bench"]["points"]}
+                points.update({p["request_rate"]: p for p in result["bench"]["points"]})
+                later = dict(result, bench=dict(result["bench"], points=list(points.values())))
+                if not later["bench"].get("prediction_vs_measurement"):
+                    later["bench"]["prediction_vs_measurement"] = earlier["bench"].get("prediction_vs_measurement")
+                by_config[key] = later
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for (model, *_), result in by_config.items():
+        by_model[model].append(result)
+    return by_model
+
+
+def main(paths: list[str]) -> None:
+    for model, results in merged(paths).items():
         # Only rates every config ran count, so each best goodput is over the same ladder.
         common = set.intersection(*(
             {p["request_rate"] for p in r["bench"]["points"] if p.get("completed") and p["request_rate"] != "inf"}
             for r in results
         ))
         print(f"{model}: best goodput (req/s) at the SLO over offered rates {sorted(common)}")
+        if not common:
+            print("  no offered rate that every config ran")
+            continue
         best: dict[str, float] = {}
         for r in results:
             points = [p for p in r["bench"]["points"] if p["request_rate"] in common]
