@@ -82,6 +82,27 @@ def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Pat
     assert "SLO: TTFT p95 ≤ 5000 ms" in table and "predicted 100 tok/s" in table
 
 
+def test_a_worker_that_dies_is_replaced_for_the_next_rate(
+    vllm_server: VllmServer, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """The worker interpreter serves every rate; one that dies (a crash, the OOM killer) fails its
+    own rate only. The interpreter given is a wrapper whose first start exits 3, as a worker that
+    died would, and whose later starts are the real Python."""
+    marker = tmp_path / "started-once"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\n[ -e {marker} ] || {{ touch {marker}; exit 3; }}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    workload = Workload(input_tokens=32, output_tokens=16, ttft_p95_ms=5000, itl_p95_ms=500)
+    result = run_sweep(
+        base_url=vllm_server.base_url, model=vllm_server.served_model_name, tokenizer=str(tiny_llama_dir),
+        workload=workload, rates=[math.inf, math.inf], out_dir=tmp_path / "out", duration_s=2, max_requests=4,
+        min_requests=4, api_key=vllm_server.api_key, python=str(wrapper),
+    )
+    first, second = result.points
+    assert first.error is not None and first.error.startswith("vllm bench serve exited 3")
+    assert second.error is None and second.completed == 4
+
+
 def test_vllm_fleet_bench_uses_the_stacks_workload_and_prediction(
     vllm_server: VllmServer, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:

@@ -286,6 +286,9 @@ class _BenchWorker:
             return self._exit_status()
         return int(json.loads(line)["rc"])
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def _exit_status(self) -> int:
         code = self.proc.wait()
         return code if code != 0 else 1
@@ -348,11 +351,12 @@ def run_sweep(
             if worker is None:
                 worker = _BenchWorker(python, env)
             rc = worker.run(argv, log_path, limit_s)
-            if rc is None:
-                # A run past its bound leaves the worker mid-run: end it, and the next rate
-                # starts a fresh one.
+            if rc is None or not worker.alive():
+                # A run past its bound leaves the worker mid-run, and one that failed may have
+                # taken the worker with it: end it, and the next rate starts a fresh one.
                 worker.close()
                 worker = None
+            if rc is None:
                 point.error = f"stopped after {limit_s:.0f} s (the run's wall-clock bound)"
             elif rc != 0:
                 tail = log_path.read_text(encoding="utf-8", errors="replace")[-600:] if log_path.exists() else ""
