@@ -183,6 +183,17 @@ def summary(result: dict) -> dict:
     return keep
 
 
+def gpu_model_name() -> str | None:
+    """The GPU the results come from (the lent machine may be an H200 or an H100)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.splitlines()[0].strip() if out.stdout.strip() else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", required=True)
@@ -209,11 +220,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    gpu_name = gpu_model_name()
     for config in args.config:
         if time.monotonic() - start > args.deadline_s - args.min_left_s:
             result = {"model": args.served_name, **config, "skipped": "device time"}
         else:
             result = run_config(args, config, out)
+        result["gpu_name"] = gpu_name
         with Path(args.results).open("a") as f:
             f.write(json.dumps(result) + "\n")
         print("SWEEP " + json.dumps(summary(result)), flush=True)

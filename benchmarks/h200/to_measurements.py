@@ -14,6 +14,16 @@ import sys
 import yaml
 
 
+def gpu_key(name: str | None) -> str:
+    """gpu_measurements.yaml's GPU key from nvidia-smi's name; results written before sweep.py
+    recorded the name all came from the lent H200."""
+    if name is None or "H200" in name:
+        return "h200"
+    if "H100" in name:
+        return "h100"
+    raise SystemExit(f"no GPU key for {name!r}")
+
+
 def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
     bench = result["bench"]
     workload = bench["workload"]
@@ -37,7 +47,7 @@ def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
     return {
         "model": result["model"],
         "quantization": quant,
-        "gpu": "h200",
+        "gpu": gpu_key(result.get("gpu_name")),
         "tensor_parallel_size": 1,
         "vllm_version": "0.26.0",
         "weights": "dummy",
@@ -64,6 +74,8 @@ def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or "--source" not in sys.argv or "--read" not in sys.argv:
+        raise SystemExit(f"usage: {sys.argv[0]} RESULTS.jsonl LABEL=FLAGS_FROM... --source TEXT --read DATE")
     path, *rest = sys.argv[1:]
     source = rest[rest.index("--source") + 1]
     read = rest[rest.index("--read") + 1]
