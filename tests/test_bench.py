@@ -14,8 +14,10 @@ import pytest
 from infra.facts.workload import Workload
 from infra.ops.bench import (
     Prediction,
+    bench_serve_argv,
     parse_rates,
     prompts_for_rate,
+    rate_seed,
     run_sweep,
     table_text,
     write_outputs,
@@ -49,6 +51,47 @@ def test_rates_and_request_bounds() -> None:
     assert prompts_for_rate(math.inf, 30, 500, 10) == 500
 
 
+def _dataset_prompts(argv: list[str]) -> list[str]:
+    """The prompts `vllm bench serve ARGV` sends: vLLM's own parser, tokenizer and dataset code
+    (vllm/benchmarks/serve.py main builds input_requests the same way)."""
+    from vllm.benchmarks.datasets import get_samples
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.tokenizers import get_tokenizer
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    return [r.prompt for r in get_samples(args, get_tokenizer(args.tokenizer))]
+
+
+def test_no_rate_of_a_sweep_resends_an_earlier_rates_prompts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Each run starts with the same random dataset when the seed is shared, so a later rate's
+    prefills would come from the server's prefix cache (measured on the H100: 48% hits at
+    the third rate). The prompts are what vLLM's dataset code builds from the argv we pass."""
+    workload = Workload(input_tokens=64, output_tokens=8, ttft_p95_ms=1000, itl_p95_ms=100)
+
+    def prompts(rate: float, num_prompts: int, seed: int) -> list[str]:
+        return _dataset_prompts(bench_serve_argv(
+            base_url="http://127.0.0.1:1", model="m", tokenizer=str(tiny_llama_dir), workload=workload,
+            rate=rate, num_prompts=num_prompts, max_concurrency=None, result_dir=tmp_path,
+            result_filename="r.json", seed=seed,
+        ))
+
+    def heads(texts: list[str]) -> list[str]:
+        # What a prefix cache matches: the start (vLLM may trim a prompt's tail to fit its length).
+        return [t[:24] for t in texts]
+
+    first, second = heads(prompts(2.0, 6, rate_seed(0, 0))), heads(prompts(4.0, 12, rate_seed(0, 1)))
+    assert len(first) == 6 and len(second) == 12
+    # Each prompt is a run of token ids from a random offset: two runs share a prompt only when
+    # two offsets coincide, which this tiny tokenizer's few hundred ids allow now and then
+    # (Llama 3's 128,256 do not).
+    assert second[:6] != first and len(set(first) & set(second)) <= 2
+    # The mechanism, shown with one seed for both: the longer run opens with the shorter's prompts.
+    assert heads(prompts(4.0, 12, rate_seed(0, 0)))[:6] == first
+
+
 def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Path, tmp_path: Path) -> None:
     workload = Workload(input_tokens=32, output_tokens=16, ttft_p95_ms=5000, itl_p95_ms=500)
     prediction = Prediction(max_num_seqs=4, output_tokens_per_s=100.0, requests_per_s=6.0, ttft_ms=200.0, itl_ms=20.0)
@@ -60,6 +103,7 @@ def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Pat
     assert [p.error for p in result.points] == [None, None]
     low, high = result.points
     assert (low.num_prompts, high.num_prompts) == (6, 8)
+    assert (low.seed, high.seed) == (0, 1)
     for point in result.points:
         assert point.completed == point.num_prompts and point.failed == 0
         assert point.output_throughput > 0
