@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from infra.errors import FleetError
 from infra.facts.catalog import default_catalog
@@ -219,7 +220,7 @@ def test_gpu_measurements_file_validates() -> None:
     entry = {
         "model": "llama-3.1-8b", "quantization": "bf16", "gpu": "h200", "tensor_parallel_size": 1,
         "vllm_version": "0.26.0", "weights": "dummy", "server_flags": {"max_num_seqs": 256, "max_num_batched_tokens": 8192},
-        "flags_from": "planner",
+        "flags_from": "planner", "prompts": "fresh-per-rate",
         "workload": {"input_tokens": 1024, "output_tokens": 256, "ttft_p95_ms": 2000, "itl_p95_ms": 40},
         "predicted": {"output_tokens_per_s": 6414, "ttft_ms": 434, "itl_ms": 38.2},
         "points": [{"request_rate": "inf", "output_tokens_per_s": 5900, "requests_per_s": 23, "goodput_requests_per_s": 22,
@@ -227,6 +228,9 @@ def test_gpu_measurements_file_validates() -> None:
         "source": "build/bench-8b/bench.json (example)", "read": "2026-12-04",
     }
     assert GpuMeasurements.model_validate({"runs": [entry]}).runs[0].points[0].request_rate == "inf"
+    # A run must say whether its rates reused each other's prompts (the prefix-cache artifact).
+    with pytest.raises(ValidationError, match="prompts"):
+        GpuMeasurements.model_validate({"runs": [{k: v for k, v in entry.items() if k != "prompts"}]})
 
 
 def test_without_aiconfigurator_the_plan_is_memory_only_and_says_so() -> None:

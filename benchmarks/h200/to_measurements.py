@@ -24,6 +24,15 @@ def gpu_key(name: str | None) -> str:
     raise SystemExit(f"no GPU key for {name!r}")
 
 
+def prompts_of(points: list[dict]) -> str:
+    """fresh-per-rate when each rate's run had its own dataset seed (bench.py records it since
+    rate_seed); results from before then gave every rate one seed and so reused prompts."""
+    seeds = [p.get("seed") for p in points]
+    if None not in seeds and len(set(seeds)) == len(seeds):
+        return "fresh-per-rate"
+    return "reused-across-rates"
+
+
 def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
     bench = result["bench"]
     workload = bench["workload"]
@@ -56,6 +65,7 @@ def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
             "max_num_batched_tokens": result["max_num_batched_tokens"],
         },
         "flags_from": flags_from,
+        "prompts": prompts_of(bench["points"]),
         "workload": {
             "input_tokens": workload["input_tokens"],
             "output_tokens": workload["output_tokens"],

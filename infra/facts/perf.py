@@ -102,7 +102,11 @@ class GpuMeasurement(Cited):
     vllm_version: str
     weights: Literal["dummy", "real"]
     server_flags: dict[str, int | None]
-    flags_from: Literal["planner", "vllm-defaults", "sweep"]
+    flags_from: Literal["planner", "vllm-defaults", "seed-guide", "sweep"]
+    # reused-across-rates: every rate's run opened with the earlier rates' prompts (one dataset
+    # seed for the whole sweep, before infra/ops/bench.py rate_seed), so after the first rate the
+    # server's prefix cache served part of the prefill and the point overstates the replica.
+    prompts: Literal["fresh-per-rate", "reused-across-rates"]
     workload: dict[str, float]
     predicted: dict[str, float] | None = None
     points: list[MeasuredPoint]
