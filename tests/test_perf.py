@@ -17,6 +17,7 @@ from infra.facts.perf import (
     GpuMeasurements,
     MeasuredPoint,
     ServedCalibration,
+    fitted_runs,
     gpu_measurements,
     perf_facts,
     vllm_server_defaults,
@@ -66,15 +67,7 @@ def test_prediction_within_15_percent_of_the_h200_measurements(isl: int, osl: in
 
 
 def _fitted_runs(cal: ServedCalibration) -> list[GpuMeasurement]:
-    runs = []
-    for fit in cal.fitted_from:
-        named = [r for r in gpu_measurements().runs
-                 if (r.model, r.quantization, r.gpu) == (fit["model"], fit["quantization"], fit["gpu"])
-                 and r.server_flags == {"max_num_seqs": fit["max_num_seqs"], "max_num_batched_tokens": fit["max_num_batched_tokens"]}
-                 and fit["source"] in r.source]
-        assert len(named) == 1, fit
-        runs.append(named[0])
-    return runs
+    return fitted_runs(cal, gpu_measurements())
 
 
 def _saturated(run: GpuMeasurement) -> MeasuredPoint:
@@ -94,7 +87,6 @@ def test_served_calibrations_are_the_recorded_runs_ratios() -> None:
     gpu_measurements.yaml, of measured ÷ raw predicted at saturation (rate inf): output tok/s,
     and TPOT p95 over the predicted ITL (over the runs that kept TPOT)."""
     facts = perf_facts()
-    assert facts.served_calibrations
     for cal in facts.served_calibrations:
         runs = _fitted_runs(cal)
         assert all(facts.gemm_quant_modes[r.quantization] == cal.gemm_mode for r in runs)
@@ -103,6 +95,22 @@ def test_served_calibrations_are_the_recorded_runs_ratios() -> None:
         assert itl, cal
         assert cal.output_tokens_per_s == pytest.approx(math.prod(tok) ** (1 / len(tok)), abs=1e-4)
         assert cal.itl == pytest.approx(math.prod(itl) ** (1 / len(itl)), abs=1e-4)
+
+
+def test_no_calibration_can_be_fitted_to_runs_that_reused_prompts() -> None:
+    """The 2026-12-04 calibrations (8B ×1.38 tok/s) were fitted to saturated points served
+    partly from the prefix cache; the runs they named are still recorded and are refused."""
+    fit = {"model": "llama-3.1-8b", "quantization": "bf16", "gpu": "h200", "max_num_seqs": 256,
+           "max_num_batched_tokens": 8192, "source": "call1-8b.jsonl"}
+    cal = ServedCalibration(gpus=["h200"], gemm_mode="bfloat16", fitted_from=[fit], output_tokens_per_s=1.38,
+                            itl=0.96, source="the 2026-12-04 fit", read="2026-12-04")
+    with pytest.raises(ValueError, match="reused each other's prompts"):
+        fitted_runs(cal, gpu_measurements())
+    with pytest.raises(ValueError, match="names 0 runs"):
+        fitted_runs(cal.model_copy(update={"fitted_from": [{**fit, "source": "no such call"}]}), gpu_measurements())
+    # A run with fresh prompts per rate is accepted.
+    clean = gpu_measurements().runs[0].model_copy(update={"prompts": "fresh-per-rate"})
+    assert fitted_runs(cal, GpuMeasurements(runs=[clean])) == [clean]
 
 
 def test_served_predictions_within_15_percent_of_every_run_they_were_fitted_on() -> None:
@@ -128,7 +136,8 @@ def test_uncalibrated_gpus_keep_the_raw_prediction_and_say_so() -> None:
     assert predict_served(LLAMA_8B, "bf16", "l40s", 1, 1, work, 2048, 16) == raw
     point = serving_point(LLAMA_8B, "bf16", "l40s", l40s, 1, 1, 200_000, work)
     assert "not calibrated" in point.reason
-    assert "calibrated by 2 served llama-3.1-8b runs" in serving_point(LLAMA_8B, "bf16", "h200", H200, 1, 1, 900_000, work).reason
+    # No served calibration stands today (perf_model.yaml), so Hopper says so as well.
+    assert "not calibrated" in serving_point(LLAMA_8B, "bf16", "h200", H200, 1, 1, 900_000, work).reason
 
 
 def test_a_bigger_batch_buys_throughput_with_latency() -> None:

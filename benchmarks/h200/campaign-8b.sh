@@ -11,7 +11,7 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$gpu" in
   # The planner's batch for one GPU (predict.py) and rates at and past its clean capacity.
   *H200*) seqs=256; prediction=$here/prediction-llama-3.1-8b.json; rates=22,27,32,inf ;;
-  *H100*) seqs=240; prediction=$here/prediction-llama-3.1-8b-h100.json; rates=16,20,24,inf ;;
+  *H100*) seqs=224; prediction=$here/prediction-llama-3.1-8b-h100.json; rates=16,20,24,inf ;;
   *) echo "no 8B campaign for GPU '$gpu'" >&2; exit 2 ;;
 esac
 case "$part" in

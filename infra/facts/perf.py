@@ -122,9 +122,36 @@ def gpu_measurements() -> GpuMeasurements:
     return GpuMeasurements.model_validate(read_yaml(DATA_DIR / "gpu_measurements.yaml"))
 
 
+def fitted_runs(cal: ServedCalibration, measurements: GpuMeasurements) -> list[GpuMeasurement]:
+    """The recorded runs a calibration names (each by model, quantization, GPU, flags and a
+    part of its `source`). A run whose rates reused each other's prompts cannot be one: its
+    saturated point was served partly from the prefix cache (gpu_measurements.yaml)."""
+    runs = []
+    for fit in cal.fitted_from:
+        named = [
+            r for r in measurements.runs
+            if (r.model, r.quantization, r.gpu) == (fit["model"], fit["quantization"], fit["gpu"])
+            and r.server_flags == {"max_num_seqs": fit["max_num_seqs"], "max_num_batched_tokens": fit["max_num_batched_tokens"]}
+            and fit["source"] in r.source
+        ]
+        if len(named) != 1:
+            raise ValueError(f"served_calibrations fitted_from {fit}: names {len(named)} runs of gpu_measurements.yaml, not 1")
+        if named[0].prompts != "fresh-per-rate":
+            raise ValueError(
+                f"served_calibrations fitted_from {fit}: that run's rates reused each other's prompts "
+                "(prompts: reused-across-rates), so its saturated point was served partly from the prefix cache"
+            )
+        runs.append(named[0])
+    return runs
+
+
 @cache
 def perf_facts() -> PerfModelFacts:
-    return PerfModelFacts.model_validate(read_yaml(DATA_DIR / "perf_model.yaml"))
+    facts = PerfModelFacts.model_validate(read_yaml(DATA_DIR / "perf_model.yaml"))
+    measurements = gpu_measurements()
+    for cal in facts.served_calibrations:
+        fitted_runs(cal, measurements)
+    return facts
 
 
 @cache
