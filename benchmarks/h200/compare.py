@@ -1,6 +1,6 @@
-"""Compare the configs of sweep.py's --results files: each config's best goodput at the SLO over
-the rates they all ran, the planner's share of the best and of vLLM's defaults, and the
-planner's saturated tokens/s against its prediction.
+"""Compare the configs of sweep.py's --results files: each config's goodput at the SLO per
+offered rate, the planner's best goodput against each other config's over the rates both ran,
+and the planner's saturated tokens/s against its prediction.
 
 Usage: python benchmarks/h200/compare.py RESULTS.jsonl [RESULTS.jsonl ...]
 """
@@ -39,39 +39,52 @@ def merged(paths: list[str]) -> dict[str, list[dict]]:
     return by_model
 
 
+def offered(result: dict) -> dict[float, dict]:
+    """A config's completed points at a finite offered rate, by rate."""
+    return {p["request_rate"]: p for p in result["bench"]["points"]
+            if p.get("completed") and p["request_rate"] != "inf"}
+
+
+def best_at(points: dict[float, dict], rates: set[float]) -> dict:
+    return max((points[r] for r in rates), key=lambda p: p["request_goodput"])
+
+
 def main(paths: list[str]) -> None:
     for model, results in merged(paths).items():
-        # Only rates every config ran count, so each best goodput is over the same ladder.
-        common = set.intersection(*(
-            {p["request_rate"] for p in r["bench"]["points"] if p.get("completed") and p["request_rate"] != "inf"}
-            for r in results
-        ))
-        print(f"{model}: best goodput (req/s) at the SLO over offered rates {sorted(common)}")
-        if not common:
-            print("  no offered rate that every config ran")
-            continue
-        best: dict[str, float] = {}
+        print(f"{model}: goodput (req/s) at the SLO per offered rate")
         for r in results:
-            points = [p for p in r["bench"]["points"] if p["request_rate"] in common]
-            good = max(points, key=lambda p: p["request_goodput"])
-            best[r["label"]] = good["request_goodput"]
+            points = offered(r)
             cells = ", ".join(
-                f"{p['request_rate']:g}: {p['request_goodput']:.2f}{'' if p['slo_met'] else ' (SLO missed)'}"
-                for p in sorted(points, key=lambda p: p["request_rate"])
+                f"{rate:g}: {p['request_goodput']:.2f}{'' if p['slo_met'] else ' (SLO missed)'}"
+                for rate, p in sorted(points.items())
             )
             flags = f"{r['max_num_seqs'] or 'default'}/{r['max_num_batched_tokens'] or 'default'}"
-            print(f"  {r['label']:<10} {flags:<17} best {good['request_goodput']:.2f} at {good['request_rate']:g}  [{cells}]")
-        top = max(best.values())
-        if "planner" in best:
-            line = f"  planner: {best['planner'] / top:.1%} of the best"
-            if "defaults" in best:
-                line += f", {best['planner'] / best['defaults']:.1%} of vLLM's defaults"
-            print(line)
+            print(f"  {r['label']:<10} {flags:<17} [{cells}]")
+        planner = next((r for r in results if r["label"] == "planner"), None)
+        if planner is None:
+            continue
+        # Each config against the planner over the rates both ran: a best goodput is only
+        # comparable over the same ladder, and calls ran different ladders.
+        shares = []
         for r in results:
-            cmp = r["bench"].get("prediction_vs_measurement")
-            if r["label"] == "planner" and cmp and cmp["at_request_rate"] in ("inf", float("inf")):
-                print(f"  planner saturated: {cmp['measured_output_tokens_per_s']:,.0f} tok/s measured vs "
-                      f"{cmp['predicted_output_tokens_per_s']:,.0f} predicted ({cmp['output_tokens_per_s_error']:+.1%})")
+            if r is planner:
+                continue
+            common = set(offered(planner)) & set(offered(r))
+            if not common:
+                print(f"  planner vs {r['label']}: no offered rate both ran")
+                continue
+            mine, theirs = best_at(offered(planner), common), best_at(offered(r), common)
+            share = mine["request_goodput"] / theirs["request_goodput"]
+            shares.append((share, r["label"]))
+            print(f"  planner vs {r['label']:<9} over {sorted(common)}: {mine['request_goodput']:.2f} "
+                  f"vs {theirs['request_goodput']:.2f} ({share:.1%})")
+        if shares:
+            share, label = min(shares)
+            print(f"  planner's lowest share: {share:.1%} (of {label})")
+        cmp = planner["bench"].get("prediction_vs_measurement")
+        if cmp and cmp["at_request_rate"] in ("inf", float("inf")):
+            print(f"  planner saturated: {cmp['measured_output_tokens_per_s']:,.0f} tok/s measured vs "
+                  f"{cmp['predicted_output_tokens_per_s']:,.0f} predicted ({cmp['output_tokens_per_s_error']:+.1%})")
 
 
 if __name__ == "__main__":
