@@ -118,7 +118,7 @@ def test_no_calibration_can_be_fitted_to_runs_that_reused_prompts() -> None:
 def test_served_predictions_within_15_percent_of_every_run_they_were_fitted_on() -> None:
     """In-sample: the calibrated prediction of each fitted run's saturated output tok/s. (Out of
     sample the 70B fp8 prediction of the 96-sequence run from the 64-sequence one alone was 28 %
-    high; README, "Proof on one H200".)"""
+    high; README, "Proof on one GPU".)"""
     for cal in perf_facts().served_calibrations:
         for run in _fitted_runs(cal):
             work = Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
