@@ -5,9 +5,7 @@ ranking by $ per 1M output tokens."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -72,12 +70,17 @@ def _fitted_runs(cal: ServedCalibration) -> list[GpuMeasurement]:
     return fitted_runs(cal, gpu_measurements())
 
 
+def _workload(run: GpuMeasurement) -> Workload:
+    """A run's request shape, with no SLO: the predictions compared here are not searched."""
+    return Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
+
+
 def _saturated(run: GpuMeasurement) -> MeasuredPoint:
     return next(p for p in run.points if p.request_rate == "inf")
 
 
 def _raw(run: GpuMeasurement) -> Performance:
-    work = Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
+    work = _workload(run)
     flags = run.server_flags
     assert flags["max_num_seqs"] and flags["max_num_batched_tokens"]
     return predict(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work,
@@ -121,7 +124,7 @@ def test_served_predictions_within_15_percent_of_every_run_they_were_fitted_on()
     high; README, "Proof on one GPU".)"""
     for cal in perf_facts().served_calibrations:
         for run in _fitted_runs(cal):
-            work = Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
+            work = _workload(run)
             flags = run.server_flags
             assert flags["max_num_seqs"] and flags["max_num_batched_tokens"]
             served = predict_served(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work,
@@ -133,13 +136,9 @@ def test_served_predictions_within_15_percent_of_every_run_they_were_fitted_on()
 
 def _saturated_batch(run: GpuMeasurement) -> int:
     """The batch a run's rate-inf point ran at: every request at once, up to the server's cap
-    (vLLM's own default where the flag was left out). The request count is in the raw results
-    file the run's `source` names."""
-    path = Path(__file__).resolve().parents[1] / run.source.split()[0]
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    result = next(r for r in lines if r.get("bench") and r["max_num_seqs"] == run.server_flags["max_num_seqs"]
-                  and r["max_num_batched_tokens"] == run.server_flags["max_num_batched_tokens"])
-    sent = next(p["num_prompts"] for p in result["bench"]["points"] if p["request_rate"] == "inf")
+    (vLLM's own default where the flag was left out)."""
+    sent = _saturated(run).num_prompts
+    assert sent, f"{run.source}: the saturated point does not record num_prompts"
     cap = run.server_flags["max_num_seqs"] or vllm_server_defaults(CATALOG.gpus[run.gpu])[0]
     return min(sent, cap)
 
@@ -155,7 +154,7 @@ def test_prediction_within_15_percent_of_every_clean_saturated_served_run() -> N
         if run.prompts != "fresh-per-rate" or not any(p.request_rate == "inf" for p in run.points):
             continue
         gpu = CATALOG.gpus[run.gpu]
-        work = Workload(int(run.workload["input_tokens"]), int(run.workload["output_tokens"]), 1e9, 1e9)
+        work = _workload(run)
         batched = run.server_flags["max_num_batched_tokens"] or vllm_server_defaults(gpu)[1]
         batch = _saturated_batch(run)
         served = predict_served(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work, batched, batch)

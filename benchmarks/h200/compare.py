@@ -66,14 +66,16 @@ def main(paths: list[str]) -> None:
         # Each config against the planner over the rates both ran: a best goodput is only
         # comparable over the same ladder, and calls ran different ladders.
         shares = []
+        ours = offered(planner)
         for r in results:
             if r is planner:
                 continue
-            common = set(offered(planner)) & set(offered(r))
+            theirs_points = offered(r)
+            common = set(ours) & set(theirs_points)
             if not common:
                 print(f"  planner vs {r['label']}: no offered rate both ran")
                 continue
-            mine, theirs = best_at(offered(planner), common), best_at(offered(r), common)
+            mine, theirs = best_at(ours, common), best_at(theirs_points, common)
             share = mine["request_goodput"] / theirs["request_goodput"]
             shares.append((share, r["label"]))
             print(f"  planner vs {r['label']:<9} over {sorted(common)}: {mine['request_goodput']:.2f} "

@@ -43,6 +43,7 @@ def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
         rate = p["request_rate"]
         points.append({
             "request_rate": rate if rate == "inf" else float(rate),
+            "num_prompts": p["num_prompts"],
             "output_tokens_per_s": round(p["output_throughput"], 1),
             "requests_per_s": round(p["request_throughput"], 3),
             "goodput_requests_per_s": round(p["request_goodput"], 3),

@@ -83,6 +83,9 @@ class MeasuredPoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_rate: float | Literal["inf"]
+    # The requests the rate offered (bench.py prompts_for_rate); at inf all of them at once, so
+    # the saturated batch is this or the server's cap, whichever is smaller.
+    num_prompts: int | None = Field(default=None, ge=1)
     output_tokens_per_s: float | None = Field(default=None, ge=0)
     requests_per_s: float | None = Field(default=None, ge=0)
     goodput_requests_per_s: float | None = Field(default=None, ge=0)
