@@ -257,7 +257,7 @@ def test_weight_sources_are_ordered_by_how_fast_they_read(catalog: Catalog) -> N
 
 
 def test_a_layer_proxy_is_the_config_json_with_fewer_layers(catalog: Catalog) -> None:
-    """The H100's stand-in for the 70B fp8 (benchmarks/h200/campaign-70b-40l-h100.sh): the
+    """The H100's stand-in for the 70B fp8 (benchmarks/h200/campaign-70b.sh): the
     catalog's 70B with 40 layers has the parameters, KV shape and config of the 40-layer
     config.json the GPU served."""
     served = json.loads((DATA_DIR.parents[2] / "benchmarks/h200/models/llama-3.1-70b-40l.json").read_text())
