@@ -13,7 +13,9 @@ import pytest
 
 from infra.facts.workload import Workload
 from infra.ops.bench import (
+    BenchResult,
     Prediction,
+    RatePoint,
     bench_serve_argv,
     parse_rates,
     prompts_for_rate,
@@ -49,6 +51,48 @@ def test_rates_and_request_bounds() -> None:
     assert prompts_for_rate(2.0, 30, 1000, 10) == 60
     assert prompts_for_rate(0.1, 30, 1000, 10) == 10
     assert prompts_for_rate(math.inf, 30, 500, 10) == 500
+
+
+def _point(rate: float, completed: int, in_slo: int, duration_s: float) -> RatePoint:
+    """A rate's result as vLLM reports it: throughput and goodput both over the run's duration."""
+    return RatePoint(rate, completed, completed=completed, duration_s=duration_s,
+                     request_throughput=completed / duration_s, request_goodput=in_slo / duration_s)
+
+
+def test_goodput_at_attainment_is_the_highest_rate_with_90_percent_in_slo() -> None:
+    """DistServe's goodput, on the H200's 70B fp8 run (2026-12-06): the planner kept 61 of 66
+    requests in SLO at 5.5 req/s and drained its queue later; vLLM's defaults kept 57 of 66 and
+    finished sooner, so vLLM's per-run goodput ranks them the other way round."""
+    work = Workload(1024, 256, 2000, 60)
+    planner = BenchResult("u", "m", work, None, [_point(4, 48, 48, 19.4), _point(5.5, 66, 61, 22.8),
+                                                  _point(7, 84, 59, 26.1), _point(math.inf, 140, 9, 37.3)])
+    defaults = BenchResult("u", "m", work, None, [_point(4, 48, 48, 19.4), _point(5.5, 66, 57, 20.8),
+                                                   _point(7, 84, 52, 21.3), _point(math.inf, 140, 0, 31.7)])
+    assert planner.points[1].slo_attainment == pytest.approx(61 / 66)
+    assert (planner.goodput_at_attainment(), defaults.goodput_at_attainment()) == (5.5, 4)
+    assert planner.points[1].request_goodput < defaults.points[1].request_goodput
+    # Every lower rate must attain it too; a sweep whose first rate misses has none.
+    assert BenchResult("u", "m", work, None, [_point(1, 10, 5, 5), _point(2, 10, 10, 5)]).goodput_at_attainment() is None
+    assert planner.goodput_at_attainment(goal=0.95) == 4
+    # A rate that failed outright has no attainment.
+    assert RatePoint(3.0, 10, error="refused").slo_attainment is None
+
+
+def test_a_result_reads_back_from_its_json(tmp_path: Path) -> None:
+    work = Workload(1024, 256, 2000, 60)
+    lat = {m: {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5} for m in ("ttft", "tpot", "itl", "e2el")}
+    result = BenchResult("http://x", "m", work, 8, [_point(4, 48, 40, 20), _point(math.inf, 100, 0, 30)],
+                         Prediction(64, 1000.0, 3.9, 1600.0, 57.0))
+    for p in result.points:
+        p.latency_ms = lat
+    doc = json.loads(json.dumps(result.to_json()))
+    back = BenchResult.from_json(doc)
+    assert back.to_json() == doc
+    assert doc["points"][0]["slo_attainment"] == pytest.approx(40 / 48, abs=1e-4)
+    # A bench.json written before slo_attainment existed (results/2026-12-04-*.jsonl) still reads.
+    for p in doc["points"]:
+        del p["slo_attainment"]
+    assert BenchResult.from_json(doc).points[0].slo_attainment == pytest.approx(40 / 48)
 
 
 def _dataset_prompts(argv: list[str]) -> list[str]:
@@ -124,6 +168,10 @@ def test_sweep_against_the_cpu_vllm(vllm_server: VllmServer, tiny_llama_dir: Pat
     assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = table_text(result)
     assert "SLO: TTFT p95 ≤ 5000 ms" in table and "predicted 100 tok/s" in table
+    for point, written_point in zip(result.points, doc["points"], strict=True):
+        assert written_point["slo_attainment"] == pytest.approx(point.request_goodput / point.request_throughput, abs=1e-4)
+    assert doc["goodput_at_attainment_requests_per_s"] == result.goodput_at_attainment()
+    assert "goodput at 90% in SLO (DistServe's): " in table
 
 
 def test_a_worker_that_dies_is_replaced_for_the_next_rate(

@@ -1,6 +1,7 @@
-"""Compare the configs of sweep.py's --results files: each config's goodput at the SLO per
-offered rate, the planner's best goodput against each other config's over the rates both ran,
-and the planner's saturated tokens/s against its prediction.
+"""Compare the configs of sweep.py's --results files: each config's goodput at the SLO and the
+share of requests within it per offered rate, the planner against each other config over the
+rates both ran (vLLM's per-run goodput, and DistServe's: the highest rate with 90 % of the
+requests in SLO), and the planner's saturated tokens/s against its prediction.
 
 Usage: python benchmarks/h200/compare.py RESULTS.jsonl [RESULTS.jsonl ...]
 """
@@ -10,6 +11,10 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from infra.ops.bench import ATTAINMENT_GOAL, BenchResult
 
 
 def merged(paths: list[str]) -> dict[str, list[dict]]:
@@ -49,13 +54,21 @@ def best_at(points: dict[float, dict], rates: set[float]) -> dict:
     return max((points[r] for r in rates), key=lambda p: p["request_goodput"])
 
 
+def attainment_goodput(result: dict, rates: set[float]) -> float | None:
+    """DistServe's goodput over the given rates of a config (BenchResult.goodput_at_attainment)."""
+    bench = BenchResult.from_json(result["bench"])
+    bench.points = [p for p in bench.points if p.request_rate in rates]
+    return bench.goodput_at_attainment()
+
+
 def main(paths: list[str]) -> None:
     for model, results in merged(paths).items():
-        print(f"{model}: goodput (req/s) at the SLO per offered rate")
+        print(f"{model}: goodput (req/s) at the SLO, and the share of requests in SLO, per offered rate")
         for r in results:
             points = offered(r)
+            attained = {p.request_rate: p.slo_attainment for p in BenchResult.from_json(r["bench"]).points}
             cells = ", ".join(
-                f"{rate:g}: {p['request_goodput']:.2f}{'' if p['slo_met'] else ' (SLO missed)'}"
+                f"{rate:g}: {p['request_goodput']:.2f} {attained[rate]:.0%}{'' if p['slo_met'] else ' (p95 missed)'}"
                 for rate, p in sorted(points.items())
             )
             flags = f"{r['max_num_seqs'] or 'default'}/{r['max_num_batched_tokens'] or 'default'}"
@@ -80,6 +93,8 @@ def main(paths: list[str]) -> None:
             shares.append((share, r["label"]))
             print(f"  planner vs {r['label']:<9} over {sorted(common)}: {mine['request_goodput']:.2f} "
                   f"vs {theirs['request_goodput']:.2f} ({share:.1%})")
+            ours_at, theirs_at = attainment_goodput(planner, common), attainment_goodput(r, common)
+            print(f"  {'':<21} goodput at {ATTAINMENT_GOAL:.0%} in SLO: {ours_at} vs {theirs_at} req/s offered")
         if shares:
             share, label = min(shares)
             print(f"  planner's lowest share: {share:.1%} (of {label})")

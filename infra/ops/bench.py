@@ -33,13 +33,17 @@ import select
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from infra.facts.workload import Workload
 
 PERCENTILES = (50, 95, 99)
+# DistServe's goodput is "the maximum request rate that can be served adhering to the SLO
+# attainment goal (say, 90%)" (Zhong et al., OSDI 2024, arXiv:2401.09670 §1), the paper
+# vLLM's --goodput help cites (vllm/benchmarks/serve.py).
+ATTAINMENT_GOAL = 0.9
 METRICS = ("ttft", "tpot", "itl", "e2el")
 # `vllm bench serve` waits for the endpoint to answer before it starts the clock.
 READY_CHECK_TIMEOUT_S = 120
@@ -100,6 +104,14 @@ class RatePoint:
     error: str | None = None
     seed: int | None = None  # the random dataset's seed for this rate (rate_seed)
 
+    @property
+    def slo_attainment(self) -> float | None:
+        """The share of completed requests that met both targets (DistServe's SLO attainment).
+        vLLM divides goodput and throughput by the same run duration, so it is their ratio."""
+        if self.error or not self.completed or not self.request_throughput:
+            return None
+        return min(1.0, self.request_goodput / self.request_throughput)
+
     def slo_met(self, workload: Workload) -> bool:
         if self.error or not self.completed:
             return False
@@ -122,6 +134,34 @@ class BenchResult:
     def best_goodput(self) -> RatePoint | None:
         done = [p for p in self.points if p.completed]
         return max(done, key=lambda p: p.request_goodput) if done else None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> BenchResult:
+        """A result back from its bench.json (``to_json``), also one written before a field
+        existed: the derived keys (slo_met, slo_attainment) are recomputed, not read."""
+        kept = {f.name for f in fields(RatePoint)}
+        points = [
+            RatePoint(**{k: v for k, v in p.items() if k in kept and k != "request_rate"},
+                      request_rate=math.inf if p["request_rate"] == "inf" else float(p["request_rate"]))
+            for p in doc["points"]
+        ]
+        prediction = Prediction(**doc["prediction"]) if doc.get("prediction") else None
+        return cls(doc["base_url"], doc["model"], Workload(**doc["workload"]), doc.get("max_concurrency"),
+                   points, prediction)
+
+    def goodput_at_attainment(self, goal: float = ATTAINMENT_GOAL) -> float | None:
+        """DistServe's goodput: the highest offered rate at which at least ``goal`` of the requests
+        met the SLO, every lower rate of the sweep included; None when the lowest rate misses.
+        vLLM's per-run goodput (requests in SLO ÷ run duration) also charges a config for the
+        time it takes to drain a queue, so on a short run past capacity it can rank a config
+        that kept more requests within the SLO below one that finished sooner."""
+        best = None
+        for point in sorted((p for p in self.points if not math.isinf(p.request_rate)), key=lambda p: p.request_rate):
+            attained = point.slo_attainment
+            if attained is None or attained < goal:
+                break
+            best = point.request_rate
+        return best
 
     @property
     def saturated(self) -> RatePoint | None:
@@ -157,11 +197,14 @@ class BenchResult:
             "max_concurrency": self.max_concurrency,
             "load_generator": "vllm bench serve (vllm.benchmarks.serve, the pinned vLLM's)",
             "points": [
-                {**asdict(p), "request_rate": _rate_json(p.request_rate), "slo_met": p.slo_met(self.workload)}
+                {**asdict(p), "request_rate": _rate_json(p.request_rate), "slo_met": p.slo_met(self.workload),
+                 "slo_attainment": None if p.slo_attainment is None else round(p.slo_attainment, 4)}
                 for p in self.points
             ],
             "best_goodput_requests_per_s": round(best.request_goodput, 4) if best else None,
             "best_goodput_at_rate": _rate_json(best.request_rate) if best else None,
+            "attainment_goal": ATTAINMENT_GOAL,
+            "goodput_at_attainment_requests_per_s": self.goodput_at_attainment(),
             "prediction": asdict(self.prediction) if self.prediction else None,
             "prediction_vs_measurement": self.comparison(),
         }
@@ -397,6 +440,10 @@ def run_sweep(
     return BenchResult(base_url, model, workload, max_concurrency, points, prediction)
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
 def _rate_text(rate: float) -> str:
     return "all at once" if math.isinf(rate) else f"{rate:g} req/s"
 
@@ -404,7 +451,7 @@ def _rate_text(rate: float) -> str:
 def table_text(result: BenchResult) -> str:
     """The sweep as a fixed-width table, one row per offered rate."""
     head = (
-        f"{'rate':>8} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>10} {'goodput':>8} "
+        f"{'rate':>8} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>10} {'goodput':>8} {'in SLO':>6} "
         f"{'TTFT p50/p95/p99 ms':>22} {'TPOT p50/p95/p99 ms':>21} {'ITL p50/p95/p99 ms':>21} "
         f"{'E2E p50/p95/p99 s':>20} {'SLO':>4}"
     )
@@ -421,12 +468,17 @@ def table_text(result: BenchResult) -> str:
         e2e = "/".join(f"{lat['e2el'][f'p{q}'] / 1000:.1f}" for q in PERCENTILES)
         lines.append(
             f"{rate:>8} {p.completed:>5} {p.failed:>4} {p.request_throughput:>7.2f} {p.output_throughput:>10,.0f} "
-            f"{p.request_goodput:>8.2f} {ttft:>22} {tpot:>21} {itl:>21} {e2e:>20} {'yes' if p.slo_met(result.workload) else 'no':>4}"
+            f"{p.request_goodput:>8.2f} {_percent(p.slo_attainment):>6} {ttft:>22} {tpot:>21} {itl:>21} {e2e:>20} {'yes' if p.slo_met(result.workload) else 'no':>4}"
         )
     wl = result.workload
     lines.append(
         f"SLO: TTFT p95 ≤ {wl.ttft_p95_ms:g} ms, inter-token p95 ≤ {wl.itl_p95_ms:g} ms per request (TPOT); "
-        "goodput = requests/s meeting both"
+        "goodput = requests/s meeting both; in SLO = their share of the requests"
+    )
+    served = result.goodput_at_attainment()
+    lines.append(
+        f"goodput at {ATTAINMENT_GOAL:.0%} in SLO (DistServe's): "
+        + (f"{served:g} req/s offered" if served is not None else "below the lowest rate offered")
     )
     comparison = result.comparison()
     if comparison:
