@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from infra.facts.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, arch_from_hf_config, load_catalog
+from infra.facts.catalog import CATALOG_FILES, DATA_DIR, Catalog, ModelArch, load_catalog
 from infra.facts.fact import read_yaml
 
 GIB = 1024**3
@@ -254,17 +254,3 @@ def test_weight_sources_are_ordered_by_how_fast_they_read(catalog: Catalog) -> N
     )
     assert ws["ebs-lazy"].throughput_mb_s == pytest.approx(100 * 1.048576)
     assert ws["ebs-initialized"].throughput_mb_s == pytest.approx(1000 * 1.048576)
-
-
-def test_a_layer_proxy_is_the_config_json_with_fewer_layers(catalog: Catalog) -> None:
-    """The H100's stand-in for the 70B fp8 (benchmarks/h200/campaign-70b.sh): the
-    catalog's 70B with 40 layers has the parameters, KV shape and config of the 40-layer
-    config.json the GPU served."""
-    served = json.loads((DATA_DIR.parents[2] / "benchmarks/h200/models/llama-3.1-70b-40l.json").read_text())
-    from_config = arch_from_hf_config(served, source="benchmarks/h200/models", hf_repo="meta-llama/Llama-3.1-70B")
-    proxy = catalog.models["llama-3.1-70b"].with_layers(40)
-    assert proxy.num_layers == from_config.num_layers == 40
-    assert proxy.params == pytest.approx(from_config.params, rel=0.005)
-    assert proxy.params == pytest.approx(catalog.models["llama-3.1-70b"].params / 2, rel=0.05)
-    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size")
-    assert [getattr(proxy, f) for f in shape] == [getattr(from_config, f) for f in shape]

@@ -83,7 +83,7 @@ def _raw(run: GpuMeasurement) -> Performance:
     work = _workload(run)
     flags = run.server_flags
     assert flags["max_num_seqs"] and flags["max_num_batched_tokens"]
-    return predict(run.arch(CATALOG.models), run.quantization, run.gpu, 1, 1, work,
+    return predict(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work,
                    flags["max_num_batched_tokens"], flags["max_num_seqs"])
 
 
@@ -127,7 +127,7 @@ def test_served_predictions_within_15_percent_of_every_run_they_were_fitted_on()
             work = _workload(run)
             flags = run.server_flags
             assert flags["max_num_seqs"] and flags["max_num_batched_tokens"]
-            served = predict_served(run.arch(CATALOG.models), run.quantization, run.gpu, 1, 1, work,
+            served = predict_served(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work,
                                     flags["max_num_batched_tokens"], flags["max_num_seqs"])
             measured = _saturated(run).output_tokens_per_s
             print(f"{run.model} {flags}: predicted {served.output_tokens_per_s:,.0f} tok/s, measured {measured:,.0f}")
@@ -158,7 +158,7 @@ def test_prediction_within_15_percent_of_every_clean_saturated_served_run() -> N
         work = _workload(run)
         batched = run.server_flags["max_num_batched_tokens"] or vllm_server_defaults(gpu)[1]
         batch = _saturated_batch(run)
-        served = predict_served(run.arch(CATALOG.models), run.quantization, run.gpu, 1, 1, work, batched, batch)
+        served = predict_served(CATALOG.models[run.model], run.quantization, run.gpu, 1, 1, work, batched, batch)
         measured = _saturated(run)
         print(f"{run.model} {run.gpu} {run.server_flags} at batch {batch}: predicted "
               f"{served.output_tokens_per_s:,.0f} tok/s, ITL {served.itl_ms:.1f} ms; measured "

@@ -6,17 +6,13 @@ the calibrated performance model), and prints the same `performance` block as `s
 which `python -m infra.ops.bench --prediction` reads.
 
   python benchmarks/h200/predict.py llama-3.1-70b fp8 60 > benchmarks/h200/prediction-llama-3.1-70b.json
-  python benchmarks/h200/predict.py llama-3.1-8b bf16 40 --gpu h100 > benchmarks/h200/prediction-llama-3.1-8b-h100.json
-  python benchmarks/h200/predict.py llama-3.1-70b fp8 30 --gpu h100 --layers 40 > benchmarks/h200/prediction-llama-3.1-70b-40l-h100.json
-
---layers predicts a proxy: the model's architecture with that many layers (ModelArch.with_layers),
-for a model the GPU cannot hold (the 70B fp8 on one H100).
+  python benchmarks/h200/predict.py llama-3.1-8b bf16 40 h100 > benchmarks/h200/prediction-llama-3.1-8b-h100.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 
 from infra.facts.catalog import default_catalog
 from infra.facts.workload import Workload
@@ -26,13 +22,11 @@ from infra.plan.planner import Layout, SizingRequest, evaluate, performance_json
 INSTANCES = {"h200": "p5en.48xlarge", "h100": "p5.48xlarge"}
 
 
-def main(model: str, quantization: str, itl_p95_ms: float, gpu: str = "h200", layers: int | None = None,
-         ttft_p95_ms: float = 2000) -> dict:
+def main(model: str, quantization: str, itl_p95_ms: float, gpu: str = "h200", ttft_p95_ms: float = 2000) -> dict:
     instance = INSTANCES[gpu]
     catalog = default_catalog()
     workload = Workload(1024, 256, ttft_p95_ms, itl_p95_ms)
-    arch = catalog.models[model] if layers is None else catalog.models[model].with_layers(layers)
-    req = SizingRequest(model, arch, quantization, 8192, 1, (instance,), 1, workload=workload)
+    req = SizingRequest(model, catalog.models[model], quantization, 8192, 1, (instance,), 1, workload=workload)
     # One server on the node: the per-node server limit (an ALB's) is a fleet rule, not the
     # GPU's, and memory and performance are per GPU (the $ figures are then the whole node's).
     cand = evaluate(req, Layout(instance, 1, 1, 1, 1), catalog)
@@ -40,19 +34,11 @@ def main(model: str, quantization: str, itl_p95_ms: float, gpu: str = "h200", la
         raise SystemExit(f"{model} {quantization} on one {gpu.upper()}: {cand.reason}")
     cand = with_serving(req, cand, catalog)
     return {
-        "model": model, "num_hidden_layers": arch.num_layers, "quantization": quantization, "gpu": gpu,
-        "tensor_parallel_size": 1,
+        "model": model, "quantization": quantization, "gpu": gpu, "tensor_parallel_size": 1,
         "max_model_len": 8192, "kv_cache_tokens": cand.kv_cache_tokens,
         "workload": workload.__dict__, "performance": performance_json(cand),
     }
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("quantization")
-    parser.add_argument("itl_p95_ms", type=float)
-    parser.add_argument("--gpu", choices=sorted(INSTANCES), default="h200")
-    parser.add_argument("--layers", type=int, help="predict a proxy with this many decoder layers")
-    args = parser.parse_args()
-    print(json.dumps(main(args.model, args.quantization, args.itl_p95_ms, args.gpu, args.layers), indent=2))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), *sys.argv[4:5]), indent=2))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 
 import yaml
@@ -55,12 +54,8 @@ def run_entry(result: dict, flags_from: str, source: str, read: str) -> dict:
         })
     pred = bench.get("prediction")
     quant = "fp8" if "--quantization" in result["serve_argv"] else "bf16"
-    # A proxy's served name (device.sh 70b-40l) ends in its layer count: llama-3.1-70b-40l.
-    proxy = re.fullmatch(r"(.+)-(\d+)l", result["model"])
-    model, layers = (proxy.group(1), int(proxy.group(2))) if proxy else (result["model"], None)
     return {
-        "model": model,
-        **({"num_hidden_layers": layers} if layers else {}),
+        "model": result["model"],
         "quantization": quant,
         "gpu": gpu_key(result.get("gpu_name")),
         "tensor_parallel_size": 1,

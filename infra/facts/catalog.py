@@ -65,15 +65,6 @@ class ModelArch(Cited):
     def context_limit(self) -> int:
         return self.max_context or self.max_position_embeddings
 
-    def with_layers(self, num_layers: int) -> ModelArch:
-        """The same architecture with ``num_layers`` decoder layers: a proxy of a model that
-        does not fit the GPU at hand (every layer's kernels are the full model's, and decode
-        time scales with the layer count). Embeddings stay whole; the other parameters scale."""
-        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        per_layer = (self.params - embeddings - self.hidden_size) / self.num_layers
-        params = round(num_layers * per_layer) + embeddings + self.hidden_size
-        return self.model_copy(update={"num_layers": num_layers, "params": params})
-
     @property
     def embedding_params(self) -> int:
         """Input embeddings plus the LM head (unless tied): these stay 16-bit when quantized."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.facts.catalog import DATA_DIR, Gpu, ModelArch
+from infra.facts.catalog import DATA_DIR, Gpu
 from infra.facts.fact import Cited, read_yaml
 from infra.facts.workload import Workload
 
@@ -99,9 +99,6 @@ class GpuMeasurement(Cited):
     """One server configuration measured with infra/ops/bench.py (gpu_measurements.yaml)."""
 
     model: str
-    # A proxy run: the model's architecture with this many layers (ModelArch.with_layers), for a
-    # model whose weights the GPU cannot hold (the 70B fp8 on one H100).
-    num_hidden_layers: int | None = Field(default=None, ge=1)
     quantization: str
     gpu: str
     tensor_parallel_size: int = Field(ge=1)
@@ -116,11 +113,6 @@ class GpuMeasurement(Cited):
     workload: dict[str, float]
     predicted: dict[str, float] | None = None
     points: list[MeasuredPoint]
-
-    def arch(self, models: dict[str, ModelArch]) -> ModelArch:
-        """The architecture this run served: the catalog's, or its proxy with fewer layers."""
-        base = models[self.model]
-        return base if self.num_hidden_layers is None else base.with_layers(self.num_hidden_layers)
 
 
 class GpuMeasurements(BaseModel):
@@ -142,7 +134,6 @@ def fitted_runs(cal: ServedCalibration, measurements: GpuMeasurements) -> list[G
         named = [
             r for r in measurements.runs
             if (r.model, r.quantization, r.gpu) == (fit["model"], fit["quantization"], fit["gpu"])
-            and r.num_hidden_layers == fit.get("num_hidden_layers")
             and r.server_flags == {"max_num_seqs": fit["max_num_seqs"], "max_num_batched_tokens": fit["max_num_batched_tokens"]}
             and fit["source"] in r.source
         ]
