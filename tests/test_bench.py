@@ -78,7 +78,7 @@ def test_goodput_at_attainment_is_the_highest_rate_with_90_percent_in_slo() -> N
     assert RatePoint(3.0, 10, error="refused").slo_attainment is None
 
 
-def test_a_result_reads_back_from_its_json(tmp_path: Path) -> None:
+def test_a_result_reads_back_from_its_json() -> None:
     work = Workload(1024, 256, 2000, 60)
     lat = {m: {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5} for m in ("ttft", "tpot", "itl", "e2el")}
     result = BenchResult("http://x", "m", work, 8, [_point(4, 48, 40, 20), _point(math.inf, 100, 0, 30)],
@@ -215,3 +215,28 @@ def test_vllm_fleet_bench_uses_the_stacks_workload_and_prediction(
     assert doc["prediction"]["output_tokens_per_s"] > 0  # the plan's g6e.xlarge prediction
     assert doc["prediction_vs_measurement"]["measured_output_tokens_per_s"] > 0
     assert (tmp_path / "bench.png").is_file() and (tmp_path / "bench.txt").is_file()
+
+
+def _compare(*names: str) -> str:
+    results = [str(REPO / "benchmarks/h200/results" / n) for n in names]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/h200/compare.py"), *results],
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_compare_ranks_the_h200_campaign_by_both_goodputs() -> None:
+    """The README's H200 claims, from the raw files: by vLLM's per-run goodput the planner is
+    at 97.9 % / 98.0 % of vLLM's defaults; by DistServe's it is at or above them."""
+    out = _compare("2026-12-06-call5-h200-70b.jsonl", "2026-12-06-call6-h200-8b.jsonl")
+    assert "planner vs defaults  over [4.0, 5.5, 7.0]: 2.68 vs 2.74 (97.9%)" in out
+    assert "planner vs defaults  over [25.0, 31.0, 37.0]: 22.37 vs 22.82 (98.0%)" in out
+    goodputs = [line.split("in SLO: ")[1] for line in out.splitlines() if "goodput at 90% in SLO" in line]
+    assert goodputs == ["5.5 vs 4.0 req/s offered", "31.0 vs 31.0 req/s offered", "31.0 vs 25.0 req/s offered"]
+    assert "5.5: 2.68 92%, 7: 2.26 70% (p95 missed)" in out
+
+
+def test_compare_keeps_one_label_run_with_different_flags_apart() -> None:
+    """Calls of 2026-12-04 and 05 ran the planner at 256 (H200) and 240 (H100) sequences."""
+    out = _compare("2026-12-04-call1-8b.jsonl", "2026-12-04-call2-8b.jsonl", "2026-12-05-call1-h100-8b.jsonl")
+    assert "planner    256/8192" in out and "planner    240/8192" in out
+    assert "planner vs planner   over [38.0]" in out

@@ -9,8 +9,10 @@ Usage: python benchmarks/h200/compare.py RESULTS.jsonl [RESULTS.jsonl ...]
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -44,61 +46,56 @@ def merged(paths: list[str]) -> dict[str, list[dict]]:
     return by_model
 
 
-def offered(result: dict) -> dict[float, dict]:
-    """A config's completed points at a finite offered rate, by rate."""
-    return {p["request_rate"]: p for p in result["bench"]["points"]
-            if p.get("completed") and p["request_rate"] != "inf"}
-
-
-def best_at(points: dict[float, dict], rates: set[float]) -> dict:
-    return max((points[r] for r in rates), key=lambda p: p["request_goodput"])
-
-
-def attainment_goodput(result: dict, rates: set[float]) -> float | None:
-    """DistServe's goodput over the given rates of a config (BenchResult.goodput_at_attainment)."""
+def offered(result: dict) -> BenchResult:
+    """A config's sweep with only its completed points at a finite offered rate."""
     bench = BenchResult.from_json(result["bench"])
-    bench.points = [p for p in bench.points if p.request_rate in rates]
-    return bench.goodput_at_attainment()
+    return replace(bench, points=[p for p in bench.points if p.completed and not math.isinf(p.request_rate)])
+
+
+def over(bench: BenchResult, rates: set[float]) -> BenchResult:
+    return replace(bench, points=[p for p in bench.points if p.request_rate in rates])
 
 
 def main(paths: list[str]) -> None:
     for model, results in merged(paths).items():
         print(f"{model}: goodput (req/s) at the SLO, and the share of requests in SLO, per offered rate")
-        for r in results:
-            points = offered(r)
-            attained = {p.request_rate: p.slo_attainment for p in BenchResult.from_json(r["bench"]).points}
+        # One entry per config; two calls may have run one label with different flags.
+        sweeps = [offered(r) for r in results]
+        for r, bench in zip(results, sweeps, strict=True):
             cells = ", ".join(
-                f"{rate:g}: {p['request_goodput']:.2f} {attained[rate]:.0%}{'' if p['slo_met'] else ' (p95 missed)'}"
-                for rate, p in sorted(points.items())
+                f"{p.request_rate:g}: {p.request_goodput:.2f} {p.slo_attainment:.0%}"
+                f"{'' if p.slo_met(bench.workload) else ' (p95 missed)'}"
+                for p in sorted(bench.points, key=lambda p: p.request_rate)
             )
             flags = f"{r['max_num_seqs'] or 'default'}/{r['max_num_batched_tokens'] or 'default'}"
             print(f"  {r['label']:<10} {flags:<17} [{cells}]")
-        planner = next((r for r in results if r["label"] == "planner"), None)
+        planner = next((i for i, r in enumerate(results) if r["label"] == "planner"), None)
         if planner is None:
             continue
         # Each config against the planner over the rates both ran: a best goodput is only
         # comparable over the same ladder, and calls ran different ladders.
         shares = []
-        ours = offered(planner)
-        for r in results:
-            if r is planner:
+        ours = sweeps[planner]
+        for i, (r, theirs) in enumerate(zip(results, sweeps, strict=True)):
+            if i == planner:
                 continue
-            theirs_points = offered(r)
-            common = set(ours) & set(theirs_points)
+            common = {p.request_rate for p in ours.points} & {p.request_rate for p in theirs.points}
             if not common:
                 print(f"  planner vs {r['label']}: no offered rate both ran")
                 continue
-            mine, theirs = best_at(ours, common), best_at(theirs_points, common)
-            share = mine["request_goodput"] / theirs["request_goodput"]
+            mine, their = over(ours, common), over(theirs, common)
+            best_mine, best_their = mine.best_goodput, their.best_goodput
+            assert best_mine and best_their
+            share = best_mine.request_goodput / best_their.request_goodput
             shares.append((share, r["label"]))
-            print(f"  planner vs {r['label']:<9} over {sorted(common)}: {mine['request_goodput']:.2f} "
-                  f"vs {theirs['request_goodput']:.2f} ({share:.1%})")
-            ours_at, theirs_at = attainment_goodput(planner, common), attainment_goodput(r, common)
-            print(f"  {'':<21} goodput at {ATTAINMENT_GOAL:.0%} in SLO: {ours_at} vs {theirs_at} req/s offered")
+            print(f"  planner vs {r['label']:<9} over {sorted(common)}: {best_mine.request_goodput:.2f} "
+                  f"vs {best_their.request_goodput:.2f} ({share:.1%})")
+            print(f"  {'':<21} goodput at {ATTAINMENT_GOAL:.0%} in SLO: {mine.goodput_at_attainment()} vs "
+                  f"{their.goodput_at_attainment()} req/s offered")
         if shares:
             share, label = min(shares)
             print(f"  planner's lowest share: {share:.1%} (of {label})")
-        cmp = planner["bench"].get("prediction_vs_measurement")
+        cmp = results[planner]["bench"].get("prediction_vs_measurement")
         if cmp and cmp["at_request_rate"] in ("inf", float("inf")):
             print(f"  planner saturated: {cmp['measured_output_tokens_per_s']:,.0f} tok/s measured vs "
                   f"{cmp['predicted_output_tokens_per_s']:,.0f} predicted ({cmp['output_tokens_per_s_error']:+.1%})")
